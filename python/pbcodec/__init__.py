@@ -1,0 +1,51 @@
+"""pbcodec: storage and compute for partially-binarized neural-network weights.
+
+Codec primitives (this module):
+
+- :func:`pack_bits` / :func:`unpack_bits`: k-bit codes <-> little-endian bit streams.
+- :func:`pack_signs` / :func:`unpack_signs`: IEEE sign bits <-> packed bits / ±1.0.
+- :func:`rle_encode` / :func:`rle_decode` / :class:`RLE`: the escaped zero-run code.
+- :class:`FormatError`: raised for any malformed serialized input.
+- :mod:`pbcodec.reference`: pure-Python twins of everything, written from docs/format.md.
+
+SIMD kernels are chosen at run time; ``PBCODEC_SIMD=scalar|avx2|avx512`` caps
+the level, and :func:`set_simd_level` changes it at run time.
+"""
+from __future__ import annotations
+
+from . import _core
+from .bitpack import pack_bits, pack_signs, unpack_bits, unpack_signs
+from .errors import FormatError
+from .rle import RLE, rle_decode, rle_encode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FormatError",
+    "RLE",
+    "available_simd_levels",
+    "pack_bits",
+    "pack_signs",
+    "rle_decode",
+    "rle_encode",
+    "set_simd_level",
+    "simd_level",
+    "unpack_bits",
+    "unpack_signs",
+]
+
+
+def simd_level() -> str:
+    """The SIMD level the kernels use now: ``"scalar"``, ``"avx2"`` or ``"avx512"``."""
+    return _core.simd_level()
+
+
+def available_simd_levels() -> list[str]:
+    """Every level this CPU can run, lowest first (``"scalar"`` is always there)."""
+    return list(_core.available_simd_levels())
+
+
+def set_simd_level(level: str) -> None:
+    """Force a SIMD level for this process (tests, benchmarks). ValueError if
+    the CPU lacks it. Results are identical on every level."""
+    _core.set_simd_level(level)

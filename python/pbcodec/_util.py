@@ -1,0 +1,88 @@
+"""Argument checking shared by the public wrappers (no Rust here)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    """Number of rows (product of all but the last axis) of an array shape."""
+    return math.prod(shape[:-1])
+
+
+def check_bits(bits: Any, name: str = "bits") -> int:
+    if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"{name} must be an int in 1..8, got {bits!r}")
+    if not 1 <= int(bits) <= 8:
+        raise ValueError(f"{name} must be in 1..8, got {bits}")
+    return int(bits)
+
+
+def check_count(count: Any) -> int:
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)):
+        raise TypeError(f"count must be a non-negative int, got {count!r}")
+    if count < 0:
+        raise ValueError(f"count must be non-negative, got {count}")
+    return int(count)
+
+
+def as_array(x: Any, name: str) -> np.ndarray:
+    """Any array-like (torch tensors included, via __array__) as an ndarray of ndim >= 1."""
+    a = np.asarray(x)
+    if a.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension (got a scalar)")
+    return a
+
+
+def as_uint8_codes(x: Any, bits: int, name: str = "codes") -> np.ndarray:
+    """C-contiguous uint8 codes. uint8 input is used as is (the core checks the
+    range); other integer dtypes are range-checked here so narrowing never
+    silently truncates."""
+    a = as_array(x, name)
+    if a.dtype == np.bool_:
+        a = a.view(np.uint8)
+    elif a.dtype != np.uint8:
+        if a.dtype.kind not in "ui":
+            raise TypeError(f"{name} must be an unsigned integer array, got dtype {a.dtype}")
+        if a.size:
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= (1 << bits):
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"{name} value {bad} does not fit in {bits} bits (0..{(1 << bits) - 1})")
+        a = a.astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def as_int8(x: Any, name: str = "values") -> np.ndarray:
+    """C-contiguous int8; other integer dtypes must already be in -128..127."""
+    a = as_array(x, name)
+    if a.dtype != np.int8:
+        if a.dtype.kind not in "uib":
+            raise TypeError(f"{name} must be an int8 array, got dtype {a.dtype}")
+        if a.size and a.dtype != np.bool_:
+            lo, hi = int(a.min()), int(a.max())
+            if lo < -128 or hi > 127:
+                raise ValueError(f"{name} value {lo if lo < -128 else hi} does not fit in int8")
+        a = a.astype(np.int8)
+    return np.ascontiguousarray(a)
+
+
+def prepare_out(out: Any, shape: tuple[int, ...], dtype: Any, name: str = "out") -> np.ndarray:
+    """Allocate the result, or check a caller's `out=`: exact dtype and shape,
+    C-contiguous and writeable (results are written in place, never copied)."""
+    dtype = np.dtype(dtype)
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+    return out

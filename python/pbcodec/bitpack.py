@@ -1,0 +1,123 @@
+"""Bit-packing of k-bit codes and IEEE sign bits (docs/format.md §1-2).
+
+All functions work row-wise over the last axis; leading axes are batch axes.
+C-contiguous inputs of the right dtype are passed to the Rust core without a
+copy, and the GIL is released while it runs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._util import as_array, as_uint8_codes, check_bits, check_count, prepare_out, rows_of
+
+# (uint view, +1.0 bits, -1.0 bits) per float dtype name.
+_SIGN_WORDS = {
+    "float16": (np.uint16, 0x3C00, 0xBC00),
+    "bfloat16": (np.uint16, 0x3F80, 0xBF80),
+    "float32": (np.uint32, 0x3F800000, 0xBF800000),
+    "float64": (np.uint64, 0x3FF0000000000000, 0xBFF0000000000000),
+}
+_SIGN_FNS = {
+    np.dtype(np.uint16): (_core.pack_signs16, _core.unpack_signs16),
+    np.dtype(np.uint32): (_core.pack_signs32, _core.unpack_signs32),
+    np.dtype(np.uint64): (_core.pack_signs64, _core.unpack_signs64),
+}
+
+
+def pack_bits(codes: Any, bits: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Pack k-bit codes, each row into one little-endian bit stream.
+
+    codes: integer array ``(..., n)``, every value ``< 2**bits`` (ValueError
+    otherwise; never truncated). bits: 1..8.
+    Returns uint8 ``(..., ceil(n*bits/8))``; code ``i`` of a row occupies bits
+    ``[i*bits, (i+1)*bits)`` counting from the LSB of byte 0, and each row is
+    zero-padded to a whole byte. ``bits=1`` equals
+    ``np.packbits(codes, axis=-1, bitorder="little")``.
+    """
+    bits = check_bits(bits)
+    a = as_uint8_codes(codes, bits)
+    n = a.shape[-1]
+    out = prepare_out(out, a.shape[:-1] + ((n * bits + 7) // 8,), np.uint8)
+    _core.pack_bits(a, rows_of(a.shape), n, bits, out)
+    return out
+
+
+def unpack_bits(packed: Any, bits: int, count: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`pack_bits`.
+
+    packed: uint8 ``(..., ceil(count*bits/8))``. Returns uint8 ``(..., count)``.
+    Padding bits are ignored.
+    """
+    bits = check_bits(bits)
+    count = check_count(count)
+    p = as_array(packed, "packed")
+    if p.dtype != np.uint8:
+        raise TypeError(f"packed must be a uint8 array, got dtype {p.dtype}")
+    need = (count * bits + 7) // 8
+    if p.shape[-1] != need:
+        raise ValueError(f"packed rows have {p.shape[-1]} bytes; {count} codes of {bits} bits need {need}")
+    p = np.ascontiguousarray(p)
+    out = prepare_out(out, p.shape[:-1] + (count,), np.uint8)
+    _core.unpack_bits(p, rows_of(p.shape), count, bits, out)
+    return out
+
+
+def _sign_view(x: Any) -> np.ndarray:
+    """The raw bits of a float array as uint16/32/64 (zero-copy when contiguous)."""
+    if type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+        import torch  # only reached when given a torch tensor
+
+        x = x.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
+    a = np.ascontiguousarray(as_array(x, "x"))
+    name = a.dtype.name
+    if name in _SIGN_WORDS:
+        return a.view(_SIGN_WORDS[name][0])
+    if a.dtype == np.uint16:  # raw bfloat16 (or float16) bits
+        return a
+    raise TypeError(
+        f"pack_signs takes float16, float32, float64 or bfloat16 (or its uint16 bits), got dtype {a.dtype}"
+    )
+
+
+def pack_signs(x: Any, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Pack the IEEE sign bits of a float array ``(..., n)`` into uint8 ``(..., ceil(n/8))``.
+
+    Bit = 1 where the sign bit is set (so ``-0.0`` gives 1), layout of
+    ``pack_bits(..., 1)``. Accepts float16, float32, float64, bfloat16 (torch or
+    ml_dtypes) and uint16 (raw bfloat16 bits).
+    """
+    w = _sign_view(x)
+    n = w.shape[-1]
+    out = prepare_out(out, w.shape[:-1] + ((n + 7) // 8,), np.uint8)
+    _SIGN_FNS[w.dtype][0](w, rows_of(w.shape), n, out)
+    return out
+
+
+def _float_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"unsupported dtype {dtype!r}") from None
+    if dt.name not in _SIGN_WORDS:
+        raise TypeError(f"dtype must be float16, float32, float64 or bfloat16, got {dt}")
+    return dt
+
+
+def unpack_signs(packed: Any, count: int, dtype: Any = np.float32, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Expand packed sign bits ``(..., ceil(count/8))`` to ``±1.0`` of ``dtype``,
+    shape ``(..., count)``: bit 1 → -1.0, bit 0 → +1.0."""
+    count = check_count(count)
+    dt = _float_dtype(dtype)
+    p = as_array(packed, "packed")
+    if p.dtype != np.uint8:
+        raise TypeError(f"packed must be a uint8 array, got dtype {p.dtype}")
+    if p.shape[-1] != (count + 7) // 8:
+        raise ValueError(f"packed rows have {p.shape[-1]} bytes; {count} signs need {(count + 7) // 8}")
+    p = np.ascontiguousarray(p)
+    out = prepare_out(out, p.shape[:-1] + (count,), dt)
+    word, pos, neg = _SIGN_WORDS[dt.name]
+    _SIGN_FNS[np.dtype(word)][1](p, rows_of(p.shape), count, pos, neg, out.view(word))
+    return out

@@ -1,0 +1,370 @@
+//! Bit-packing of k-bit codes and of IEEE sign bits (docs/format.md §1–2).
+//!
+//! Each row is one little-endian bit stream padded to a whole byte. Public
+//! functions take flat row-major slices plus `(rows, n)`, validate sizes, pick
+//! the kernel once per call (`simd::level()`), and run it row by row. When a
+//! packed row is a whole number of bytes, rows are contiguous in both layouts
+//! and the array is processed as one long row (no per-row overhead).
+use crate::error::invalid;
+use crate::simd::{self, Level};
+use crate::Result;
+
+/// Bytes of one packed row of `n` codes of `bits` bits: `ceil(n*bits/8)`.
+pub fn packed_len(n: usize, bits: u32) -> Result<usize> {
+    n.checked_mul(bits as usize)
+        .map(|b| b.div_ceil(8))
+        .ok_or_else(|| crate::Error::Invalid("row too long".into()))
+}
+
+fn check_bits(bits: u32) -> Result<()> {
+    if !(1..=8).contains(&bits) {
+        return invalid(format!("bits must be in 1..8, got {bits}"));
+    }
+    Ok(())
+}
+
+fn check_len(what: &str, got: usize, rows: usize, per_row: usize) -> Result<()> {
+    match rows.checked_mul(per_row) {
+        Some(want) if want == got => Ok(()),
+        _ => invalid(format!("{what} has {got} elements, expected {rows} rows x {per_row}")),
+    }
+}
+
+/// A row kernel set for one SIMD level.
+#[doc(hidden)]
+pub struct Kernels {
+    /// Pack a row; returns the OR of all codes (the caller validates the range).
+    pub pack: unsafe fn(&[u8], u32, &mut [u8]) -> u8,
+    pub unpack: unsafe fn(&[u8], u32, &mut [u8]),
+    pub signs16: unsafe fn(&[u16], &mut [u8]),
+    pub signs32: unsafe fn(&[u32], &mut [u8]),
+    pub signs64: unsafe fn(&[u64], &mut [u8]),
+    pub unsigns16: unsafe fn(&[u8], u16, u16, &mut [u16]),
+    pub unsigns32: unsafe fn(&[u8], u32, u32, &mut [u32]),
+    pub unsigns64: unsafe fn(&[u8], u64, u64, &mut [u64]),
+}
+
+pub(crate) static SCALAR: Kernels = Kernels {
+    pack: pack_row_scalar,
+    unpack: unpack_row_scalar,
+    signs16: signs_row_scalar::<u16>,
+    signs32: signs_row_scalar::<u32>,
+    signs64: signs_row_scalar::<u64>,
+    unsigns16: unsigns_row_scalar::<u16>,
+    unsigns32: unsigns_row_scalar::<u32>,
+    unsigns64: unsigns_row_scalar::<u64>,
+};
+
+/// The kernels for the current level. Non-scalar sets are only returned when
+/// `simd` has verified the CPU features, which is what makes calling them sound.
+pub(crate) fn kernels() -> &'static Kernels {
+    match simd::level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => &crate::bitpack_x86::AVX512,
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => &crate::bitpack_x86::AVX2,
+        _ => &SCALAR,
+    }
+}
+
+/// Run `f(row_in, row_out)` over rows, or once over everything when packed rows
+/// are byte aligned (then the row boundary is invisible in both layouts).
+#[inline]
+fn for_rows<I, O>(
+    input: &[I],
+    out: &mut [O],
+    rows: usize,
+    in_row: usize,
+    out_row: usize,
+    aligned: bool,
+    mut f: impl FnMut(&[I], &mut [O]),
+) {
+    if rows == 0 || in_row == 0 || out_row == 0 {
+        return; // nothing to read or write
+    }
+    if aligned || rows == 1 {
+        f(input, out);
+        return;
+    }
+    for (i, o) in input.chunks_exact(in_row).zip(out.chunks_exact_mut(out_row)) {
+        f(i, o);
+    }
+}
+
+/// Pack `rows x n` codes (each `< 2**bits`) into `rows x packed_len(n, bits)` bytes.
+pub fn pack_bits(codes: &[u8], rows: usize, n: usize, bits: u32, out: &mut [u8]) -> Result<()> {
+    check_bits(bits)?;
+    let pl = packed_len(n, bits)?;
+    check_len("codes", codes.len(), rows, n)?;
+    check_len("out", out.len(), rows, pl)?;
+    let k = kernels();
+    let mut or = 0u8;
+    // SAFETY: kernel set matches a detected CPU level; lengths checked above.
+    for_rows(codes, out, rows, n, pl, (n * bits as usize) % 8 == 0, |c, o| {
+        or |= unsafe { (k.pack)(c, bits, o) }
+    });
+    if bits < 8 && (or >> bits) != 0 {
+        let (i, &v) = codes.iter().enumerate().find(|(_, &v)| (v >> bits) != 0).unwrap();
+        return invalid(format!(
+            "code {v} at flat index {i} does not fit in {bits} bits (max {})",
+            (1u32 << bits) - 1
+        ));
+    }
+    Ok(())
+}
+
+/// Unpack `rows x packed_len(count, bits)` bytes into `rows x count` codes.
+pub fn unpack_bits(packed: &[u8], rows: usize, count: usize, bits: u32, out: &mut [u8]) -> Result<()> {
+    check_bits(bits)?;
+    let pl = packed_len(count, bits)?;
+    check_len("packed", packed.len(), rows, pl)?;
+    check_len("out", out.len(), rows, count)?;
+    let k = kernels();
+    for_rows(packed, out, rows, pl, count, (count * bits as usize) % 8 == 0, |p, o| unsafe {
+        (k.unpack)(p, bits, o)
+    });
+    Ok(())
+}
+
+/// An unsigned word holding an IEEE float's bits (u16: f16/bf16, u32: f32, u64: f64).
+pub trait SignWord: Copy + Send + Sync + 'static {
+    const BITS: u32;
+    fn sign(self) -> u8;
+}
+macro_rules! sign_word {
+    ($t:ty) => {
+        impl SignWord for $t {
+            const BITS: u32 = <$t>::BITS;
+            #[inline(always)]
+            fn sign(self) -> u8 {
+                (self >> (<$t>::BITS - 1)) as u8
+            }
+        }
+    };
+}
+sign_word!(u16);
+sign_word!(u32);
+sign_word!(u64);
+
+/// Dispatch helper: picks the kernel for the word width.
+pub trait SignKernels: SignWord {
+    fn pack_kernel(k: &Kernels) -> unsafe fn(&[Self], &mut [u8]);
+    fn unpack_kernel(k: &Kernels) -> unsafe fn(&[u8], Self, Self, &mut [Self]);
+}
+macro_rules! sign_kernels {
+    ($t:ty, $p:ident, $u:ident) => {
+        impl SignKernels for $t {
+            fn pack_kernel(k: &Kernels) -> unsafe fn(&[Self], &mut [u8]) {
+                k.$p
+            }
+            fn unpack_kernel(k: &Kernels) -> unsafe fn(&[u8], Self, Self, &mut [Self]) {
+                k.$u
+            }
+        }
+    };
+}
+sign_kernels!(u16, signs16, unsigns16);
+sign_kernels!(u32, signs32, unsigns32);
+sign_kernels!(u64, signs64, unsigns64);
+
+/// Pack the sign bits of `rows x n` floats (given as their bit patterns).
+pub fn pack_signs<T: SignKernels>(x: &[T], rows: usize, n: usize, out: &mut [u8]) -> Result<()> {
+    let pl = packed_len(n, 1)?;
+    check_len("x", x.len(), rows, n)?;
+    check_len("out", out.len(), rows, pl)?;
+    let f = T::pack_kernel(kernels());
+    for_rows(x, out, rows, n, pl, n % 8 == 0, |a, o| unsafe { f(a, o) });
+    Ok(())
+}
+
+/// Expand packed sign bits to `pos` (bit 0) / `neg` (bit 1) words: `rows x count`.
+pub fn unpack_signs<T: SignKernels>(
+    packed: &[u8],
+    rows: usize,
+    count: usize,
+    pos: T,
+    neg: T,
+    out: &mut [T],
+) -> Result<()> {
+    let pl = packed_len(count, 1)?;
+    check_len("packed", packed.len(), rows, pl)?;
+    check_len("out", out.len(), rows, count)?;
+    let f = T::unpack_kernel(kernels());
+    for_rows(packed, out, rows, pl, count, count % 8 == 0, |p, o| unsafe { f(p, pos, neg, o) });
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Scalar kernels: the portable path (aarch64 etc.) and the tails of SIMD rows.
+// A row's output begins on a byte boundary; `out.len()` is the exact size.
+
+/// Pack one row: 8 codes -> `bits` bytes through a u64.
+pub(crate) unsafe fn pack_row_scalar(codes: &[u8], bits: u32, out: &mut [u8]) -> u8 {
+    let b = bits as usize;
+    let mut or = 0u8;
+    let mut chunks = codes.chunks_exact(8);
+    let mut o = 0;
+    for c in &mut chunks {
+        let mut acc = 0u64;
+        for (j, &v) in c.iter().enumerate() {
+            or |= v;
+            acc |= (v as u64) << (j * b);
+        }
+        out[o..o + b].copy_from_slice(&acc.to_le_bytes()[..b]);
+        o += b;
+    }
+    let rem = chunks.remainder();
+    if !rem.is_empty() {
+        let mut acc = 0u64;
+        for (j, &v) in rem.iter().enumerate() {
+            or |= v;
+            acc |= (v as u64) << (j * b);
+        }
+        let nb = (rem.len() * b).div_ceil(8);
+        out[o..o + nb].copy_from_slice(&acc.to_le_bytes()[..nb]);
+    }
+    // Codes wider than `bits` spill into neighbours; the caller errors on `or`.
+    or
+}
+
+/// Unpack one row: `bits` bytes -> 8 codes through a u64.
+pub(crate) unsafe fn unpack_row_scalar(packed: &[u8], bits: u32, out: &mut [u8]) {
+    let b = bits as usize;
+    let mask = (1u64 << b) - 1;
+    let mut i = 0;
+    let mut chunks = out.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w[..b].copy_from_slice(&packed[i..i + b]);
+        let acc = u64::from_le_bytes(w);
+        for (j, v) in c.iter_mut().enumerate() {
+            *v = ((acc >> (j * b)) & mask) as u8;
+        }
+        i += b;
+    }
+    let rem = chunks.into_remainder();
+    if !rem.is_empty() {
+        let nb = packed.len() - i;
+        let mut w = [0u8; 8];
+        w[..nb].copy_from_slice(&packed[i..]);
+        let acc = u64::from_le_bytes(w);
+        for (j, v) in rem.iter_mut().enumerate() {
+            *v = ((acc >> (j * b)) & mask) as u8;
+        }
+    }
+}
+
+pub(crate) unsafe fn signs_row_scalar<T: SignWord>(x: &[T], out: &mut [u8]) {
+    for (o, c) in out.iter_mut().zip(x.chunks(8)) {
+        let mut byte = 0u8;
+        for (j, &v) in c.iter().enumerate() {
+            byte |= v.sign() << j;
+        }
+        *o = byte;
+    }
+}
+
+pub(crate) unsafe fn unsigns_row_scalar<T: SignWord>(packed: &[u8], pos: T, neg: T, out: &mut [T]) {
+    for (c, &byte) in out.chunks_mut(8).zip(packed) {
+        for (j, v) in c.iter_mut().enumerate() {
+            *v = if (byte >> j) & 1 != 0 { neg } else { pos };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    /// Bit-by-bit model of §1, independent of the kernels.
+    fn model_pack(codes: &[u8], rows: usize, n: usize, bits: u32) -> Vec<u8> {
+        let pl = (n * bits as usize).div_ceil(8);
+        let mut out = vec![0u8; rows * pl];
+        for r in 0..rows {
+            for i in 0..n {
+                for t in 0..bits as usize {
+                    if (codes[r * n + i] >> t) & 1 == 1 {
+                        let bit = i * bits as usize + t;
+                        out[r * pl + bit / 8] |= 1 << (bit % 8);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn all_levels_match_model() {
+        let mut seed = 7;
+        for lvl in simd::available() {
+            simd::set_level(lvl).unwrap();
+            for bits in 1..=8u32 {
+                for &(rows, n) in &[(1, 0), (3, 0), (0, 5), (1, 1), (2, 7), (3, 63), (2, 64), (2, 65), (1, 200), (5, 129), (1, 1000)] {
+                    let codes: Vec<u8> = (0..rows * n).map(|_| (lcg(&mut seed) % (1 << bits)) as u8).collect();
+                    let want = model_pack(&codes, rows, n, bits);
+                    let mut got = vec![0xAAu8; want.len()];
+                    pack_bits(&codes, rows, n, bits, &mut got).unwrap();
+                    assert_eq!(got, want, "{lvl:?} bits={bits} rows={rows} n={n}");
+                    let mut back = vec![0xAAu8; codes.len()];
+                    unpack_bits(&got, rows, n, bits, &mut back).unwrap();
+                    assert_eq!(back, codes, "{lvl:?} unpack bits={bits} rows={rows} n={n}");
+                }
+            }
+        }
+        simd::set_level(simd::detected()).unwrap();
+    }
+
+    #[test]
+    fn rejects_wide_codes_on_every_level() {
+        for lvl in simd::available() {
+            simd::set_level(lvl).unwrap();
+            for bits in 1..8u32 {
+                for n in [1usize, 8, 64, 100, 300] {
+                    let mut codes = vec![0u8; n];
+                    codes[n - 1] = 1 << bits;
+                    let mut out = vec![0u8; packed_len(n, bits).unwrap()];
+                    assert!(pack_bits(&codes, 1, n, bits, &mut out).is_err(), "{lvl:?} {bits} {n}");
+                }
+            }
+        }
+        simd::set_level(simd::detected()).unwrap();
+    }
+
+    #[test]
+    fn signs_all_levels() {
+        let mut seed = 3;
+        for lvl in simd::available() {
+            simd::set_level(lvl).unwrap();
+            for &(rows, n) in &[(1, 0), (1, 1), (2, 7), (3, 65), (2, 64), (1, 1000), (4, 33)] {
+                let x32: Vec<u32> = (0..rows * n).map(|_| lcg(&mut seed) as u32 ^ ((lcg(&mut seed) as u32) << 31)).collect();
+                let bits: Vec<u8> = x32.iter().map(|v| (v >> 31) as u8).collect();
+                let want = model_pack(&bits, rows, n, 1);
+                let mut got = vec![0u8; want.len()];
+                pack_signs(&x32, rows, n, &mut got).unwrap();
+                assert_eq!(got, want, "{lvl:?} f32 {rows}x{n}");
+                let x16: Vec<u16> = x32.iter().map(|&v| (v >> 16) as u16).collect();
+                pack_signs(&x16, rows, n, &mut got).unwrap();
+                assert_eq!(got, want, "{lvl:?} f16 {rows}x{n}");
+                let x64: Vec<u64> = x32.iter().map(|&v| (v as u64) << 32 | 5).collect();
+                pack_signs(&x64, rows, n, &mut got).unwrap();
+                assert_eq!(got, want, "{lvl:?} f64 {rows}x{n}");
+
+                let mut u32s = vec![0u32; rows * n];
+                unpack_signs(&want, rows, n, 1u32, 2u32, &mut u32s).unwrap();
+                assert!(u32s.iter().zip(&bits).all(|(&v, &b)| v == if b == 1 { 2 } else { 1 }));
+                let mut u16s = vec![0u16; rows * n];
+                unpack_signs(&want, rows, n, 1u16, 2u16, &mut u16s).unwrap();
+                assert!(u16s.iter().zip(&bits).all(|(&v, &b)| v == if b == 1 { 2 } else { 1 }));
+                let mut u64s = vec![0u64; rows * n];
+                unpack_signs(&want, rows, n, 1u64, 2u64, &mut u64s).unwrap();
+                assert!(u64s.iter().zip(&bits).all(|(&v, &b)| v == if b == 1 { 2 } else { 1 }));
+            }
+        }
+        simd::set_level(simd::detected()).unwrap();
+    }
+}

@@ -1,0 +1,219 @@
+//! Serialized forms (docs/format.md §4): little-endian header, streams, CRC-32C.
+//! Parsers check every size against the buffer before allocating anything.
+use crate::crc32c::crc32c;
+use crate::error::format_err;
+use crate::rle::{self, Encoded, Streams};
+use crate::Result;
+
+pub const RLE_MAGIC: &[u8; 4] = b"PBRL";
+pub const RLE_VERSION: u16 = 1;
+const MAX_NDIM: usize = 32;
+const HEADER: usize = 16;
+
+fn index_width(num_codes: u64) -> usize {
+    if num_codes < (1u64 << 32) {
+        4
+    } else {
+        8
+    }
+}
+
+/// Exact `to_bytes()` length, or None on overflow.
+pub fn rle_serialized_len(
+    ndim: usize,
+    rows: usize,
+    num_codes: u64,
+    num_values: u64,
+    count_bits: u32,
+    value_bits: u32,
+) -> Option<u64> {
+    let mut t = HEADER as u64;
+    t = t.checked_add(8u64.checked_mul(ndim as u64)?)?;
+    t = t.checked_add(16)?;
+    t = t.checked_add((index_width(num_codes) as u64).checked_mul(rows as u64)?)?;
+    t = t.checked_add(rle::counts_len(num_codes, count_bits)?)?;
+    t = t.checked_add(rle::values_len(num_values, value_bits)?)?;
+    t.checked_add(4)
+}
+
+/// Serialize; the streams are validated strictly first so only canonical,
+/// decodable data is ever written.
+pub fn rle_to_bytes(s: &Streams, shape: &[usize]) -> Result<Vec<u8>> {
+    if shape.is_empty() || shape.len() > MAX_NDIM {
+        return format_err(format!("ndim must be in 1..{MAX_NDIM}, got {}", shape.len()));
+    }
+    let vo = rle::validate(s, shape, true)?;
+    let rows = rle::rows_of(shape)?;
+    let num_codes = s.code_offsets[rows] as u64;
+    let num_values = vo[rows] as u64;
+    let len = rle_serialized_len(shape.len(), rows, num_codes, num_values, s.count_bits, s.value_bits)
+        .ok_or_else(|| crate::Error::Invalid("array too large to serialize".into()))?;
+    let w = index_width(num_codes);
+    let mut out = Vec::with_capacity(len as usize);
+    out.extend_from_slice(RLE_MAGIC);
+    out.extend_from_slice(&RLE_VERSION.to_le_bytes());
+    out.extend_from_slice(&[s.count_bits as u8, s.value_bits as u8, shape.len() as u8, w as u8]);
+    out.extend_from_slice(&[0u8; 6]);
+    for &d in shape {
+        out.extend_from_slice(&(d as u64).to_le_bytes());
+    }
+    out.extend_from_slice(&num_codes.to_le_bytes());
+    out.extend_from_slice(&num_values.to_le_bytes());
+    for &e in &s.code_offsets[1..] {
+        out.extend_from_slice(&(e as u64).to_le_bytes()[..w]);
+    }
+    out.extend_from_slice(s.counts);
+    out.extend_from_slice(s.values);
+    let crc = crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(out.len() as u64, len);
+    Ok(out)
+}
+
+/// A bounds-checked little-endian reader over the blob.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        match self.pos.checked_add(n) {
+            Some(end) if end <= self.buf.len() => {
+                let s = &self.buf[self.pos..end];
+                self.pos = end;
+                Ok(s)
+            }
+            _ => format_err(format!("truncated: {what} needs {n} bytes at offset {}", self.pos)),
+        }
+    }
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
+    }
+}
+
+/// Parse and fully validate a serialized RLE. Returns the shape and the
+/// encoded streams (with value offsets recomputed by the validating walk).
+pub fn rle_from_bytes(buf: &[u8]) -> Result<(Vec<usize>, Encoded)> {
+    if buf.len() < HEADER + 4 {
+        return format_err(format!("buffer of {} bytes is too short for an RLE blob", buf.len()));
+    }
+    let mut r = Reader { buf, pos: 0 };
+    if r.take(4, "magic")? != RLE_MAGIC {
+        return format_err("bad magic: not a pbcodec RLE blob");
+    }
+    let version = u16::from_le_bytes(r.take(2, "version")?.try_into().unwrap());
+    if version != RLE_VERSION {
+        return format_err(format!("unsupported RLE format version {version} (this build reads {RLE_VERSION})"));
+    }
+    let h = r.take(4, "header")?;
+    let (count_bits, value_bits, ndim, w) = (h[0] as u32, h[1] as u32, h[2] as usize, h[3] as usize);
+    if r.take(6, "reserved")?.iter().any(|&b| b != 0) {
+        return format_err("reserved header bytes are not zero");
+    }
+    if !(1..=8).contains(&count_bits) {
+        return format_err(format!("count_bits {count_bits} out of range 1..8"));
+    }
+    if value_bits != 4 && value_bits != 8 {
+        return format_err(format!("value_bits {value_bits} must be 4 or 8"));
+    }
+    if !(1..=MAX_NDIM).contains(&ndim) {
+        return format_err(format!("ndim {ndim} out of range 1..{MAX_NDIM}"));
+    }
+    if w != 4 && w != 8 {
+        return format_err(format!("index width {w} must be 4 or 8"));
+    }
+    let mut shape = Vec::with_capacity(ndim);
+    for _ in 0..ndim {
+        let d = r.u64("shape")?;
+        shape.push(usize::try_from(d).map_err(|_| crate::Error::Format("dimension too large".into()))?);
+    }
+    let rows = rle::rows_of(&shape).map_err(|e| crate::Error::Format(e.to_string()))?;
+    let num_codes = r.u64("num_codes")?;
+    let num_values = r.u64("num_values")?;
+    if w != index_width(num_codes) {
+        return format_err(format!("index width {w} does not match {num_codes} codes"));
+    }
+    // Every size is checked against the buffer before anything is allocated.
+    let want = rle_serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits);
+    if want != Some(buf.len() as u64) {
+        return format_err(match want {
+            Some(n) if n > buf.len() as u64 => format!("truncated: header describes {n} bytes, buffer has {}", buf.len()),
+            Some(n) => format!("{} trailing bytes after the {n} the header describes", buf.len() as u64 - n),
+            None => "header sizes overflow".to_string(),
+        });
+    }
+    let body = &buf[..buf.len() - 4];
+    let stored = u32::from_le_bytes(buf[buf.len() - 4..].try_into().unwrap());
+    let actual = crc32c(body);
+    if stored != actual {
+        return format_err(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
+    }
+    let ends = r.take(w * rows, "row index")?;
+    let mut code_offsets = Vec::with_capacity(rows + 1);
+    code_offsets.push(0i64);
+    for e in ends.chunks_exact(w) {
+        let mut t = [0u8; 8];
+        t[..w].copy_from_slice(e);
+        let v = u64::from_le_bytes(t);
+        if v > num_codes {
+            return format_err(format!("row end {v} exceeds num_codes {num_codes}"));
+        }
+        code_offsets.push(v as i64);
+    }
+    if rows > 0 && code_offsets[rows] as u64 != num_codes {
+        return format_err("last row end does not equal num_codes");
+    }
+    if rows == 0 && num_codes != 0 {
+        return format_err("num_codes must be 0 for an array with no rows");
+    }
+    let counts = r.take(rle::counts_len(num_codes, count_bits).unwrap() as usize, "counts")?.to_vec();
+    let values = r.take(rle::values_len(num_values, value_bits).unwrap() as usize, "values")?.to_vec();
+    let s = Streams { count_bits, value_bits, counts: &counts, values: &values, code_offsets: &code_offsets };
+    let value_offsets = rle::validate(&s, &shape, true)?;
+    if value_offsets[rows] as u64 != num_values {
+        return format_err(format!("codes hold {} values, header says {num_values}", value_offsets[rows]));
+    }
+    Ok((shape, Encoded { count_bits, value_bits, counts, values, code_offsets, value_offsets }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (Vec<usize>, Encoded) {
+        let x: Vec<i8> = (0..600).map(|i| if i % 7 == 0 { (i % 11) as i8 - 5 } else { 0 }).collect();
+        let shape = vec![3, 200];
+        let e = rle::encode(&x, &shape, Some(3), 8).unwrap();
+        (shape, e)
+    }
+
+    #[test]
+    fn round_trip() {
+        let (shape, e) = sample();
+        let b = rle_to_bytes(&e.streams(), &shape).unwrap();
+        assert_eq!(b.len() as u64, rle_serialized_len(2, 3, e.num_codes(), e.num_values(), 3, 8).unwrap());
+        let (s2, e2) = rle_from_bytes(&b).unwrap();
+        assert_eq!(s2, shape);
+        assert_eq!(e2, e);
+    }
+
+    #[test]
+    fn every_corruption_is_an_error() {
+        let (shape, e) = sample();
+        let b = rle_to_bytes(&e.streams(), &shape).unwrap();
+        for cut in 0..b.len() {
+            assert!(rle_from_bytes(&b[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut ext = b.clone();
+        ext.push(0);
+        assert!(rle_from_bytes(&ext).is_err());
+        for i in 0..b.len() {
+            for bit in 0..8 {
+                let mut c = b.clone();
+                c[i] ^= 1 << bit;
+                assert!(matches!(rle_from_bytes(&c), Err(crate::Error::Format(_))), "flip {i}:{bit}");
+            }
+        }
+    }
+}

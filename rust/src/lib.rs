@@ -1,0 +1,20 @@
+//! pbcodec core: bit-packing, the escaped zero-run code, serialization.
+//!
+//! Pure Rust with no Python dependency; `python.rs` (feature `python`) is the
+//! thin PyO3 layer. All array functions work on flat row-major slices with an
+//! explicit `(rows, n)` view: the row is the last axis of the caller's array.
+
+pub mod bitpack;
+pub mod crc32c;
+pub mod error;
+pub mod format;
+pub mod rle;
+pub mod simd;
+
+#[cfg(target_arch = "x86_64")]
+mod bitpack_x86;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{Error, Result};

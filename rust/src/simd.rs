@@ -1,0 +1,107 @@
+//! The one dispatch point for SIMD kernels.
+//!
+//! The level is detected once at run time. `PBCODEC_SIMD=scalar|avx2|avx512`
+//! selects one (a level the CPU lacks falls back to detection; `set_level`
+//! rejects it), so every path can be forced and tested on one machine.
+//!
+//! AVX-512 is opt-in for now: its kernels pass the same tests as the other
+//! paths wherever the CPU has AVX-512, but the machines this project is built
+//! and tested on (AMD EPYC, AVX2 only) cannot run them, so by default the
+//! dispatcher stops at AVX2. `PBCODEC_SIMD=avx512` enables them.
+use std::sync::atomic::{AtomicU8, Ordering};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Level {
+    Scalar = 1,
+    /// AVX2 + BMI2.
+    Avx2 = 2,
+    /// AVX-512 F/BW/VL/VBMI/VBMI2 (Ice Lake and later, Zen 4).
+    Avx512 = 3,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Level> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(Level::Scalar),
+            "avx2" => Some(Level::Avx2),
+            "avx512" => Some(Level::Avx512),
+            _ => None,
+        }
+    }
+}
+
+/// The best level this CPU supports.
+pub fn detected() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vbmi")
+            && is_x86_feature_detected!("avx512vbmi2")
+            && is_x86_feature_detected!("bmi2")
+        {
+            return Level::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("bmi2") {
+            return Level::Avx2;
+        }
+    }
+    Level::Scalar
+}
+
+/// Every level this CPU can run, lowest first.
+pub fn available() -> Vec<Level> {
+    [Level::Scalar, Level::Avx2, Level::Avx512]
+        .into_iter()
+        .filter(|&l| l <= detected())
+        .collect()
+}
+
+static CURRENT: AtomicU8 = AtomicU8::new(0);
+
+fn from_u8(v: u8) -> Level {
+    match v {
+        3 => Level::Avx512,
+        2 => Level::Avx2,
+        _ => Level::Scalar,
+    }
+}
+
+/// The level kernels use now: the env cap (if valid and supported) or detection.
+#[inline]
+pub fn level() -> Level {
+    let v = CURRENT.load(Ordering::Relaxed);
+    if v != 0 {
+        return from_u8(v);
+    }
+    let det = detected();
+    let lvl = match std::env::var("PBCODEC_SIMD").ok().as_deref().and_then(Level::parse) {
+        Some(req) if req <= det => req,
+        _ => det.min(Level::Avx2),
+    };
+    CURRENT.store(lvl as u8, Ordering::Relaxed);
+    lvl
+}
+
+/// Force a level (tests, benchmarks). Errors if the CPU lacks it.
+pub fn set_level(lvl: Level) -> crate::Result<()> {
+    if lvl > detected() {
+        return crate::error::invalid(format!(
+            "SIMD level {:?} is not supported by this CPU (best: {})",
+            lvl.name(),
+            detected().name()
+        ));
+    }
+    CURRENT.store(lvl as u8, Ordering::Relaxed);
+    Ok(())
+}
