@@ -8,6 +8,10 @@ pub mod bitpack;
 pub mod crc32c;
 pub mod error;
 pub mod format;
+pub mod half;
+pub mod matvec;
+pub mod parallel;
+pub mod pb;
 pub mod rle;
 pub mod simd;
 

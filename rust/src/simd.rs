@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 #[repr(u8)]
 pub enum Level {
     Scalar = 1,
-    /// AVX2 + BMI2.
+    /// AVX2 + FMA + BMI2.
     Avx2 = 2,
     /// AVX-512 F/BW/VL/VBMI/VBMI2 (Ice Lake and later, Zen 4).
     Avx512 = 3,
@@ -44,6 +44,8 @@ pub fn detected() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vbmi")
@@ -52,7 +54,7 @@ pub fn detected() -> Level {
         {
             return Level::Avx512;
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("bmi2") {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("bmi2") {
             return Level::Avx2;
         }
     }

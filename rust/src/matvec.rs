@@ -1,0 +1,588 @@
+//! Decode-fused matrix-vector product y = Ŵ x straight from the compressed
+//! parts (docs/format.md §6.3), never materializing Ŵ.
+//!
+//! Per row i and column group g, with s = ±1 from the sign plane:
+//!   Σ_j (mu + alpha·s_j) x_j = mu·Σ_g x + alpha·Σ_g s_j x_j,
+//! so the dense part needs Σ_g x (precomputed once per call) and one signed
+//! sum per group; the residual adds sigma_i · Σ_salient q_ij x_j, walking the
+//! zero-run codes. Rows are split across the worker pool; each row is computed
+//! by one thread in a fixed order, so results do not depend on thread count.
+use rayon::prelude::*;
+
+use crate::error::{format_err, invalid};
+use crate::pb::{PbRef, n_groups};
+use crate::simd::{self, Level};
+use crate::{parallel, Result};
+
+/// Zero padding after each padded copy of x: covers reading a whole last sign
+/// byte and SIMD tails.
+const PAD: usize = 64;
+
+/// Per-call data shared by all rows.
+struct Shared<'a> {
+    t: &'a PbRef<'a>,
+    batch: usize,
+    /// batch x (n + PAD) copies of x, zero padded.
+    xs: Vec<f32>,
+    stride: usize,
+    /// batch x n_groups sums of x per group.
+    gsum: Vec<f32>,
+}
+
+/// y = Ŵ x for `batch` row vectors in `x` (batch x n), into `out` (batch x m).
+pub fn matvec(t: &PbRef, x: &[f32], batch: usize, out: &mut [f32]) -> Result<()> {
+    t.check_sizes()?;
+    let (m, n) = (t.m, t.n);
+    if x.len() != batch.checked_mul(n).unwrap_or(usize::MAX) {
+        return invalid(format!("x has {} elements, expected {batch} x {n}", x.len()));
+    }
+    if out.len() != batch.checked_mul(m).unwrap_or(usize::MAX) {
+        return invalid(format!("out has {} elements, expected {batch} x {m}", out.len()));
+    }
+    t.check_residual_offsets()?;
+    if m == 0 || batch == 0 {
+        return Ok(());
+    }
+    let stride = n + PAD;
+    let mut xs = vec![0f32; batch * stride];
+    for b in 0..batch {
+        xs[b * stride..b * stride + n].copy_from_slice(&x[b * n..(b + 1) * n]);
+    }
+    let (g, ng) = (t.group_size, n_groups(n, t.group_size));
+    let mut gsum = vec![0f32; batch * ng];
+    for b in 0..batch {
+        for (gi, chunk) in x[b * n..(b + 1) * n].chunks(g.max(1)).enumerate() {
+            gsum[b * ng + gi] = chunk.iter().sum();
+        }
+    }
+    let sh = Shared { t, batch, xs, stride, gsum };
+    let level = simd::level();
+    // Rows per task: big enough to amortize scheduling, small enough to balance.
+    let rows_per_task = 32usize;
+    let mut yt = vec![0f32; m * batch]; // row-major m x batch, transposed at the end
+    parallel::pool().install(|| {
+        yt.par_chunks_mut(rows_per_task * batch).enumerate().try_for_each(|(blk, ys)| {
+            let mut scratch = Scratch::default();
+            for (r, y) in ys.chunks_mut(batch).enumerate() {
+                row(&sh, blk * rows_per_task + r, level, &mut scratch, y)?;
+            }
+            Ok::<(), crate::Error>(())
+        })
+    })?;
+    for i in 0..m {
+        for b in 0..batch {
+            out[b * m + i] = yt[i * batch + b];
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Scratch {
+    /// Per 8-code chunk: lane positions, lane values (f32), lane masks.
+    pos: Vec<i32>,
+    val: Vec<f32>,
+    msk: Vec<i32>,
+    /// batch x n_groups signed sums.
+    ssum: Vec<f32>,
+}
+
+fn row(sh: &Shared, i: usize, level: Level, sc: &mut Scratch, y: &mut [f32]) -> Result<()> {
+    let t = sh.t;
+    let ng = n_groups(t.n, t.group_size);
+    sc.ssum.clear();
+    sc.ssum.resize(sh.batch * ng, 0.0);
+    let mut rsum = [0f32; 64];
+    let rs = &mut rsum[..sh.batch.min(64)];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if level >= Level::Avx2 {
+            // SAFETY: level >= Avx2 means AVX2+FMA+BMI2 were detected.
+            unsafe {
+                x86::signed_sums(sh, i, &mut sc.ssum);
+                return finish(sh, i, sc, y, |sh, i, sc, b0, rs| x86::residual(sh, i, sc, b0, rs), rs);
+            }
+        }
+    }
+    let _ = level;
+    scalar_signed_sums(sh, i, &mut sc.ssum);
+    finish(sh, i, sc, y, |sh, i, _sc, b0, rs| scalar_residual(sh, i, b0, rs), rs)
+}
+
+/// Combine group sums and the residual into y for each batch row. The residual
+/// is done in chunks of up to 64 batch rows.
+fn finish(
+    sh: &Shared,
+    i: usize,
+    sc: &mut Scratch,
+    y: &mut [f32],
+    mut resid: impl FnMut(&Shared, usize, &mut Scratch, usize, &mut [f32]) -> Result<()>,
+    rs: &mut [f32],
+) -> Result<()> {
+    let t = sh.t;
+    let ng = n_groups(t.n, t.group_size);
+    let (mu, alpha, sigma) = (&t.mu[i * ng..(i + 1) * ng], &t.alpha[i * ng..(i + 1) * ng], t.sigma[i]);
+    let mut b0 = 0;
+    while b0 < sh.batch {
+        let nb = (sh.batch - b0).min(rs.len());
+        let rs = &mut rs[..nb];
+        rs.fill(0.0);
+        resid(sh, i, sc, b0, rs)?;
+        for (k, r) in rs.iter().enumerate() {
+            let b = b0 + k;
+            let mut acc = 0f32;
+            for gi in 0..ng {
+                acc += mu[gi] * sh.gsum[b * ng + gi] + alpha[gi] * sc.ssum[b * ng + gi];
+            }
+            y[b] = acc + sigma * r;
+        }
+        b0 += nb;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ scalar
+
+fn scalar_signed_sums(sh: &Shared, i: usize, ssum: &mut [f32]) {
+    let t = sh.t;
+    let (n, g, ng) = (t.n, t.group_size, n_groups(t.n, t.group_size));
+    let signs = &t.signs[i * n.div_ceil(8)..(i + 1) * n.div_ceil(8)];
+    for b in 0..sh.batch {
+        let x = &sh.xs[b * sh.stride..b * sh.stride + n];
+        for gi in 0..ng {
+            let mut acc = 0f32;
+            for j in gi * g..((gi + 1) * g).min(n) {
+                let neg = (signs[j / 8] >> (j % 8)) & 1 == 1;
+                acc += if neg { -x[j] } else { x[j] };
+            }
+            ssum[b * ng + gi] = acc;
+        }
+    }
+}
+
+/// Walk row i's codes (validating as it goes) and accumulate Σ q x for batch
+/// rows b0.. into rs.
+fn scalar_residual(sh: &Shared, i: usize, b0: usize, rs: &mut [f32]) -> Result<()> {
+    let t = sh.t;
+    let r = &t.res;
+    let (c0, c1) = (r.code_offsets[i] as u64, r.code_offsets[i + 1] as u64);
+    let (v0, v1) = (t.value_offsets[i] as usize, t.value_offsets[i + 1] as usize);
+    let b = r.count_bits as u64;
+    let esc = (1u64 << b) - 1;
+    let mut pos = 0u64;
+    let mut vi = v0;
+    for c in c0..c1 {
+        let bit = c * b;
+        let mut w = [0u8; 2];
+        let byte = (bit / 8) as usize;
+        let avail = (r.counts.len() - byte).min(2);
+        w[..avail].copy_from_slice(&r.counts[byte..byte + avail]);
+        let code = (u16::from_le_bytes(w) as u64 >> (bit % 8)) & esc;
+        if code == esc {
+            pos += esc;
+            continue;
+        }
+        pos += code;
+        if pos >= t.n as u64 || vi >= v1 {
+            return format_err(format!("row {i}: residual codes run past the row or its values"));
+        }
+        let q = value_at(r.values, r.value_bits, vi) as f32;
+        for (k, acc) in rs.iter_mut().enumerate() {
+            *acc += q * sh.xs[(b0 + k) * sh.stride + pos as usize];
+        }
+        vi += 1;
+        pos += 1;
+    }
+    if vi != v1 || pos > t.n as u64 {
+        return format_err(format!("row {i}: residual codes do not match the row's values"));
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn value_at(values: &[u8], value_bits: u32, i: usize) -> i8 {
+    if value_bits == 8 {
+        values[i] as i8
+    } else {
+        (((values[i / 2] >> (4 * (i & 1))) << 4) as i8) >> 4
+    }
+}
+
+// --------------------------------------------------------------------- x86
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{value_at, Scratch, Shared};
+    use crate::error::format_err;
+    use crate::pb::n_groups;
+    use crate::Result;
+
+    /// For each 8-lane mask: lane l holds the index of its value among the set
+    /// lanes below it (an "expand" permutation for _mm256_permutevar8x32).
+    static EXPAND: [[i32; 8]; 256] = {
+        let mut t = [[0i32; 8]; 256];
+        let mut m = 0;
+        while m < 256 {
+            let mut c = 0;
+            let mut l = 0;
+            while l < 8 {
+                t[m][l] = c;
+                if (m >> l) & 1 == 1 {
+                    c += 1;
+                }
+                l += 1;
+            }
+            m += 1;
+        }
+        t
+    };
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Σ_g s_j x_j for every group and batch row. Byte-aligned groups (group
+    /// size a multiple of 8, or one group) use the SIMD path; others fall back.
+    #[target_feature(enable = "avx2,fma,bmi2")]
+    pub unsafe fn signed_sums(sh: &Shared, i: usize, ssum: &mut [f32]) {
+        let t = sh.t;
+        let (n, g) = (t.n, t.group_size);
+        let ng = n_groups(n, g);
+        if ng > 1 && g % 8 != 0 {
+            return super::scalar_signed_sums(sh, i, ssum);
+        }
+        let nbytes = n.div_ceil(8);
+        let signs = &t.signs[i * nbytes..(i + 1) * nbytes];
+        let one = _mm256_set1_ps(1.0);
+        let mone = _mm256_set1_ps(-1.0);
+        // Shift amounts that move bit (8q + l) of a 32-bit word to bit 31 of lane l.
+        let sh32 = [
+            _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
+            _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+            _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
+            _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+        ];
+        for b in 0..sh.batch {
+            let x = sh.xs.as_ptr().add(b * sh.stride);
+            for gi in 0..ng {
+                // Bytes of this group; the last group's partial byte has zero
+                // padding bits and x is zero padded, so whole bytes are safe.
+                let k0 = gi * g / 8;
+                let k1 = (((gi + 1) * g).min(n)).div_ceil(8);
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut k = k0;
+                while k + 4 <= k1 {
+                    let w = (signs.as_ptr().add(k) as *const u32).read_unaligned();
+                    let v = _mm256_set1_epi32(w as i32);
+                    for q in 0..4 {
+                        let m = _mm256_castsi256_ps(_mm256_sllv_epi32(v, sh32[q]));
+                        let s = _mm256_blendv_ps(one, mone, m);
+                        acc[q] = _mm256_fmadd_ps(s, _mm256_loadu_ps(x.add(8 * k + 8 * q)), acc[q]);
+                    }
+                    k += 4;
+                }
+                while k < k1 {
+                    let v = _mm256_set1_epi32(*signs.get_unchecked(k) as i32);
+                    let m = _mm256_castsi256_ps(_mm256_sllv_epi32(v, sh32[0]));
+                    let s = _mm256_blendv_ps(one, mone, m);
+                    acc[0] = _mm256_fmadd_ps(s, _mm256_loadu_ps(x.add(8 * k)), acc[0]);
+                    k += 1;
+                }
+                let a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+                ssum[b * ng + gi] = hsum(a);
+            }
+        }
+    }
+
+    /// 8 codes of `CB` bits starting at stream bit `bit`, one per lane.
+    #[inline(always)]
+    unsafe fn load_codes<const CB: u32>(counts: &[u8], bit: u64) -> __m256i {
+        let byte = (bit >> 3) as usize;
+        let w = if byte + 8 <= counts.len() {
+            (counts.as_ptr().add(byte) as *const u64).read_unaligned()
+        } else {
+            let mut t = [0u8; 8];
+            let avail = counts.len().saturating_sub(byte);
+            t[..avail].copy_from_slice(&counts[byte..byte + avail]);
+            u64::from_le_bytes(t)
+        } >> (bit & 7);
+        let mask = _mm256_set1_epi32(((1u32 << CB) - 1) as i32);
+        let c = CB as i32;
+        if CB <= 3 || (CB == 4) {
+            // 8 codes fit in the low 32 bits (8*CB <= 32).
+            let v = _mm256_set1_epi32(w as u32 as i32);
+            let s = _mm256_setr_epi32(0, c, 2 * c, 3 * c, 4 * c, 5 * c, 6 * c, 7 * c);
+            _mm256_and_si256(_mm256_srlv_epi32(v, s), mask)
+        } else {
+            let v = _mm256_set1_epi64x(w as i64);
+            let lo = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, c as i64, 2 * c as i64, 3 * c as i64));
+            let hi = _mm256_srlv_epi64(v, _mm256_setr_epi64x(4 * c as i64, 5 * c as i64, 6 * c as i64, 7 * c as i64));
+            // Low dwords of each qword, in order: lo0 lo1 lo2 lo3 hi0 hi1 hi2 hi3.
+            let idx = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+            let lo = _mm256_permutevar8x32_epi32(lo, idx);
+            let hi = _mm256_permutevar8x32_epi32(hi, idx);
+            _mm256_and_si256(_mm256_blend_epi32::<0xF0>(lo, hi), mask)
+        }
+    }
+
+    /// Inclusive prefix sum of 8 i32 lanes.
+    #[inline(always)]
+    unsafe fn prefix8(s: __m256i) -> __m256i {
+        let t = _mm256_add_epi32(s, _mm256_slli_si256::<4>(s));
+        let t = _mm256_add_epi32(t, _mm256_slli_si256::<8>(t));
+        let carry = _mm256_shuffle_epi32::<0xFF>(_mm256_permute2x128_si256::<0x08>(t, t));
+        _mm256_add_epi32(t, carry)
+    }
+
+    /// 8 values starting at value index `vi` as f32 lanes (lanes past the
+    /// stream end read as 0).
+    #[inline(always)]
+    unsafe fn load_values(values: &[u8], value_bits: u32, vi: usize) -> __m256 {
+        if value_bits == 8 {
+            let q = if vi + 8 <= values.len() {
+                _mm_loadl_epi64(values.as_ptr().add(vi) as *const __m128i)
+            } else {
+                let mut t = [0u8; 8];
+                let avail = values.len().saturating_sub(vi).min(8);
+                t[..avail].copy_from_slice(&values[vi..vi + avail]);
+                _mm_loadl_epi64(t.as_ptr() as *const __m128i)
+            };
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
+        } else {
+            let byte = vi / 2;
+            let w = if byte + 8 <= values.len() {
+                (values.as_ptr().add(byte) as *const u64).read_unaligned()
+            } else {
+                let mut t = [0u8; 8];
+                let avail = values.len().saturating_sub(byte).min(8);
+                t[..avail].copy_from_slice(&values[byte..byte + avail]);
+                u64::from_le_bytes(t)
+            } >> (4 * (vi & 1));
+            let v = _mm256_set1_epi32(w as u32 as i32);
+            let v = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+            // Sign-extend each nibble: move it to the top, arithmetic shift back.
+            _mm256_cvtepi32_ps(_mm256_srai_epi32::<28>(_mm256_slli_epi32::<28>(v)))
+        }
+    }
+
+    /// Decode row i's residual into per-chunk (positions, values, masks), then
+    /// accumulate Σ q·x for batch rows b0.. with masked gathers.
+    pub unsafe fn residual(sh: &Shared, i: usize, sc: &mut Scratch, b0: usize, rs: &mut [f32]) -> Result<()> {
+        match sh.t.res.count_bits {
+            1 => residual_cb::<1>(sh, i, sc, b0, rs),
+            2 => residual_cb::<2>(sh, i, sc, b0, rs),
+            3 => residual_cb::<3>(sh, i, sc, b0, rs),
+            4 => residual_cb::<4>(sh, i, sc, b0, rs),
+            5 => residual_cb::<5>(sh, i, sc, b0, rs),
+            6 => residual_cb::<6>(sh, i, sc, b0, rs),
+            7 => residual_cb::<7>(sh, i, sc, b0, rs),
+            _ => residual_cb::<8>(sh, i, sc, b0, rs),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,bmi2")]
+    unsafe fn residual_cb<const CB: u32>(
+        sh: &Shared,
+        i: usize,
+        sc: &mut Scratch,
+        b0: usize,
+        rs: &mut [f32],
+    ) -> Result<()> {
+        let t = sh.t;
+        let r = &t.res;
+        let n = t.n;
+        // Decode once per row (the first batch chunk), reuse for the others.
+        if b0 == 0 {
+            let (c0, c1) = (r.code_offsets[i] as u64, r.code_offsets[i + 1] as u64);
+            let (v0, v1) = (t.value_offsets[i] as usize, t.value_offsets[i + 1] as usize);
+            let chunks = (c1 - c0).div_ceil(8) as usize;
+            sc.pos.clear();
+            sc.val.clear();
+            sc.msk.clear();
+            sc.pos.reserve(chunks * 8);
+            sc.val.reserve(chunks * 8);
+            sc.msk.reserve(chunks * 8);
+            let esc = _mm256_set1_epi32(((1u32 << CB) - 1) as i32);
+            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mut base = _mm256_setzero_si256();
+            let mut vi = v0;
+            let mut c = c0;
+            while c < c1 {
+                let rem = (c1 - c).min(8) as i32;
+                let codes = load_codes::<CB>(r.counts, c * CB as u64);
+                let valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lane);
+                let isval = _mm256_andnot_si256(_mm256_cmpeq_epi32(codes, esc), valid);
+                // step = code + 1 for values, ESC for escapes, 0 past the row's codes
+                let step = _mm256_and_si256(_mm256_sub_epi32(codes, isval), valid);
+                let incl = _mm256_add_epi32(prefix8(step), base);
+                base = _mm256_permutevar8x32_epi32(incl, _mm256_set1_epi32(7));
+                // Positions only grow, so bounding the running end bounds every
+                // value position in the chunk: checked before any gather.
+                let end = _mm256_cvtsi256_si32(base) as u32 as usize;
+                let m = _mm256_movemask_ps(_mm256_castsi256_ps(isval)) as usize;
+                let nv = m.count_ones() as usize;
+                if end > n || vi + nv > v1 {
+                    return format_err(format!("row {i}: residual codes run past the row or its values"));
+                }
+                let pos = _mm256_sub_epi32(incl, _mm256_set1_epi32(1));
+                let vals = load_values(r.values, r.value_bits, vi);
+                let perm = _mm256_loadu_si256(EXPAND[m].as_ptr() as *const __m256i);
+                let vals = _mm256_permutevar8x32_ps(vals, perm);
+                let k = sc.pos.len();
+                sc.pos.set_len(k + 8);
+                sc.val.set_len(k + 8);
+                sc.msk.set_len(k + 8);
+                _mm256_storeu_si256(sc.pos.as_mut_ptr().add(k) as *mut __m256i, pos);
+                _mm256_storeu_ps(sc.val.as_mut_ptr().add(k), vals);
+                _mm256_storeu_si256(sc.msk.as_mut_ptr().add(k) as *mut __m256i, isval);
+                vi += nv;
+                c += 8;
+            }
+            if vi != v1 {
+                return format_err(format!("row {i}: residual codes hold {} values, offsets say {}", vi - v0, v1 - v0));
+            }
+        }
+        for (k, acc_out) in rs.iter_mut().enumerate() {
+            let x = sh.xs.as_ptr().add((b0 + k) * sh.stride);
+            let mut acc0 = _mm256_setzero_ps();
+            let mut acc1 = _mm256_setzero_ps();
+            let chunks = sc.pos.len() / 8;
+            let mut j = 0;
+            while j + 2 <= chunks {
+                for (u, acc) in [(0usize, &mut acc0), (1, &mut acc1)] {
+                    let o = 8 * (j + u);
+                    let pos = _mm256_loadu_si256(sc.pos.as_ptr().add(o) as *const __m256i);
+                    let msk = _mm256_castsi256_ps(_mm256_loadu_si256(sc.msk.as_ptr().add(o) as *const __m256i));
+                    let xv = _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), x, pos, msk);
+                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(sc.val.as_ptr().add(o)), xv, *acc);
+                }
+                j += 2;
+            }
+            if j < chunks {
+                let o = 8 * j;
+                let pos = _mm256_loadu_si256(sc.pos.as_ptr().add(o) as *const __m256i);
+                let msk = _mm256_castsi256_ps(_mm256_loadu_si256(sc.msk.as_ptr().add(o) as *const __m256i));
+                let xv = _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), x, pos, msk);
+                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(sc.val.as_ptr().add(o)), xv, acc0);
+            }
+            *acc_out = hsum(_mm256_add_ps(acc0, acc1));
+        }
+        let _ = value_at;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::{compress, Params, ScaleType};
+
+    fn rand_vec(len: usize, seed: &mut u64) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    fn check(m: usize, n: usize, p: &Params, batch: usize, seed: &mut u64) {
+        let w = rand_vec(m * n, seed);
+        let t = compress(&w, m, n, None, p).unwrap();
+        let mut wh = vec![0f32; m * n];
+        t.view().decompress(&mut wh).unwrap();
+        let x = rand_vec(batch * n, seed);
+        for lvl in simd::available() {
+            simd::set_level(lvl).unwrap();
+            let mut y = vec![0f32; batch * m];
+            matvec(&t.view(), &x, batch, &mut y).unwrap();
+            for b in 0..batch {
+                for i in 0..m {
+                    let (mut e, mut mag) = (0f64, 0f64);
+                    for j in 0..n {
+                        e += wh[i * n + j] as f64 * x[b * n + j] as f64;
+                        mag += (wh[i * n + j] as f64 * x[b * n + j] as f64).abs();
+                    }
+                    let got = y[b * m + i] as f64;
+                    assert!((got - e).abs() <= 1e-5 * mag + 1e-6, "{lvl:?} {m}x{n} {p:?} b={b} i={i}: {got} vs {e}");
+                }
+            }
+        }
+        simd::set_level(simd::detected()).unwrap();
+    }
+
+    #[test]
+    fn matches_decompressed_product() {
+        let mut seed = 5;
+        for cb in 1..=8u32 {
+            for vb in [4u32, 8] {
+                for (gs, n) in [(None, 67usize), (Some(32), 256), (Some(8), 100), (Some(7), 50), (None, 1000)] {
+                    let p = Params {
+                        salient: 0.15,
+                        salient_bits: vb,
+                        count_bits: Some(cb),
+                        group_size: gs,
+                        select_tensor: cb % 2 == 0,
+                        shift: true,
+                        scale: ScaleType::F16,
+                    };
+                    for batch in [1usize, 3] {
+                        check(5, n, &p, batch, &mut seed);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn big_batch_and_many_rows() {
+        let mut seed = 9;
+        let p = Params {
+            salient: 0.1,
+            salient_bits: 8,
+            count_bits: None,
+            group_size: None,
+            select_tensor: false,
+            shift: true,
+            scale: ScaleType::F32,
+        };
+        check(70, 300, &p, 70, &mut seed);
+    }
+
+    #[test]
+    fn corrupted_stream_is_an_error_not_a_crash() {
+        let mut seed = 1;
+        let w = rand_vec(4 * 64, &mut seed);
+        let p = Params {
+            salient: 0.2,
+            salient_bits: 8,
+            count_bits: Some(4),
+            group_size: None,
+            select_tensor: false,
+            shift: true,
+            scale: ScaleType::F16,
+        };
+        let t = compress(&w, 4, 64, None, &p).unwrap();
+        let x = vec![1f32; 64];
+        for lvl in simd::available() {
+            simd::set_level(lvl).unwrap();
+            for byte in 0..t.residual.counts.len() {
+                let mut bad = t.clone();
+                bad.residual.counts[byte] = 0xEE; // codes 14: runs past the row
+                let mut y = vec![0f32; 4];
+                let _ = matvec(&bad.view(), &x, 1, &mut y); // Ok or Err, never UB
+            }
+            let mut bad = t.clone();
+            bad.residual.value_offsets[4] += 1;
+            let mut y = vec![0f32; 4];
+            assert!(matvec(&bad.view(), &x, 1, &mut y).is_err());
+        }
+        simd::set_level(simd::detected()).unwrap();
+    }
+}

@@ -1,0 +1,597 @@
+//! The partially-binarized tensor (docs/format.md §6–7): compression,
+//! decompression and the serialized form. The matrix-vector kernel is in
+//! `matvec.rs`.
+use rayon::prelude::*;
+
+use crate::crc32c::crc32c;
+use crate::error::{format_err, invalid};
+use crate::half::{f16_to_f32, f64_to_f16};
+use crate::{format, parallel, rle, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleType {
+    F16,
+    F32,
+}
+
+impl ScaleType {
+    pub fn from_bits(bits: u32) -> Option<ScaleType> {
+        match bits {
+            16 => Some(ScaleType::F16),
+            32 => Some(ScaleType::F32),
+            _ => None,
+        }
+    }
+    pub fn bits(self) -> u32 {
+        match self {
+            ScaleType::F16 => 16,
+            ScaleType::F32 => 32,
+        }
+    }
+    fn width(self) -> usize {
+        self.bits() as usize / 8
+    }
+    /// Round a float64 to this type (nearest-even); the result is returned as
+    /// the f32 holding that exact value. Non-finite results are an error.
+    fn round(self, v: f64) -> Result<f32> {
+        let r = match self {
+            ScaleType::F16 => f16_to_f32(f64_to_f16(v)),
+            ScaleType::F32 => v as f32,
+        };
+        if !r.is_finite() {
+            return invalid(format!(
+                "a scale ({v:e}) overflows {}; use scale_dtype='float32'",
+                if self == ScaleType::F16 { "float16" } else { "float32" }
+            ));
+        }
+        Ok(r)
+    }
+}
+
+/// Compression parameters (docs/format.md §6.1).
+#[derive(Debug, Clone)]
+pub struct Params {
+    pub salient: f64,
+    pub salient_bits: u32,
+    /// None: "auto".
+    pub count_bits: Option<u32>,
+    /// None: the whole row.
+    pub group_size: Option<usize>,
+    /// false: "row" (same count per row), true: "tensor" (one threshold).
+    pub select_tensor: bool,
+    pub shift: bool,
+    pub scale: ScaleType,
+}
+
+/// A compressed matrix. Scales are kept as f32 holding exact float16/float32 values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PbTensor {
+    pub m: usize,
+    pub n: usize,
+    pub group_size: usize,
+    pub scale: ScaleType,
+    /// `m x ceil(n/8)` sign bits (1 = -1).
+    pub signs: Vec<u8>,
+    /// `m x n_groups`.
+    pub mu: Vec<f32>,
+    pub alpha: Vec<f32>,
+    /// `m`.
+    pub sigma: Vec<f32>,
+    /// Residual codes, shape `(m, n)`, `value_bits = salient_bits`.
+    pub residual: rle::Encoded,
+}
+
+/// A borrowed view of a compressed matrix: what decompress, matvec and the
+/// serializer read (the Python binding builds one over numpy arrays, no copy).
+#[derive(Debug, Clone, Copy)]
+pub struct PbRef<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub group_size: usize,
+    pub scale: ScaleType,
+    pub signs: &'a [u8],
+    pub mu: &'a [f32],
+    pub alpha: &'a [f32],
+    pub sigma: &'a [f32],
+    pub res: rle::Streams<'a>,
+    pub value_offsets: &'a [i64],
+}
+
+pub fn n_groups(n: usize, group_size: usize) -> usize {
+    if n == 0 {
+        0
+    } else {
+        n.div_ceil(group_size)
+    }
+}
+
+/// Largest residual code magnitude for `salient_bits`.
+fn qmax(salient_bits: u32) -> i32 {
+    (1 << (salient_bits - 1)) - 1
+}
+
+/// Mark the `k` largest scores of `scores` (ties: smaller index) in `mark`.
+/// Keys pack (bit-inverted score, index) so that ascending order is the
+/// selection order; scores are non-negative floats, whose bits are monotonic.
+fn select_top(scores: impl Iterator<Item = f32>, count: usize, k: usize, mark: &mut [u8]) {
+    if k == 0 {
+        return;
+    }
+    if k >= count {
+        mark.fill(1);
+        return;
+    }
+    if count <= 1usize << 32 {
+        let mut keys: Vec<u64> =
+            scores.enumerate().map(|(j, s)| ((!s.to_bits() as u64) << 32) | j as u64).collect();
+        keys.select_nth_unstable(k - 1);
+        for &key in &keys[..k] {
+            mark[(key & 0xFFFF_FFFF) as usize] = 1;
+        }
+    } else {
+        let mut keys: Vec<u128> =
+            scores.enumerate().map(|(j, s)| ((!s.to_bits() as u128) << 64) | j as u128).collect();
+        keys.select_nth_unstable(k - 1);
+        for &key in &keys[..k] {
+            mark[key as u64 as usize] = 1;
+        }
+    }
+}
+
+/// Outputs of one row of §6.1 steps 4–5.
+struct RowOut<'a> {
+    signs: &'a mut [u8],
+    mu: &'a mut [f32],
+    alpha: &'a mut [f32],
+    q: &'a mut [i8],
+}
+
+fn binarize_row(w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowOut) -> Result<f32> {
+    let n = w.len();
+    out.signs.fill(0);
+    out.q.fill(0);
+    for (gi, g0) in (0..n).step_by(g.max(1)).enumerate() {
+        let g1 = (g0 + g).min(n);
+        let (mut sum, mut c) = (0f64, 0usize);
+        for j in g0..g1 {
+            if sal[j] == 0 {
+                sum += w[j] as f64;
+                c += 1;
+            }
+        }
+        let mu = p.scale.round(if p.shift && c > 0 { sum / c as f64 } else { 0.0 })?;
+        let mut asum = 0f64;
+        for j in g0..g1 {
+            if sal[j] == 0 {
+                asum += (w[j] as f64 - mu as f64).abs();
+            }
+        }
+        let alpha = p.scale.round(if c > 0 { asum / c as f64 } else { 0.0 })?;
+        for j in g0..g1 {
+            if w[j] < mu {
+                out.signs[j / 8] |= 1 << (j % 8);
+            }
+        }
+        out.mu[gi] = mu;
+        out.alpha[gi] = alpha;
+    }
+    let resid = |j: usize| {
+        let gi = j / g;
+        let s = if (out.signs[j / 8] >> (j % 8)) & 1 == 1 { -1.0 } else { 1.0 };
+        w[j] as f64 - (out.mu[gi] as f64 + s * out.alpha[gi] as f64)
+    };
+    let qm = qmax(p.salient_bits);
+    let mut rmax = 0f64;
+    for j in 0..n {
+        if sal[j] != 0 {
+            rmax = rmax.max(resid(j).abs());
+        }
+    }
+    let sigma = p.scale.round(rmax / qm as f64)?;
+    if sigma > 0.0 {
+        for j in 0..n {
+            if sal[j] != 0 {
+                let v = (resid(j) / sigma as f64).round_ties_even();
+                out.q[j] = v.clamp(-qm as f64, qm as f64) as i8;
+            }
+        }
+    }
+    Ok(sigma)
+}
+
+/// Compress a row-major `m x n` float32 matrix (docs/format.md §6.1).
+pub fn compress(w: &[f32], m: usize, n: usize, importance: Option<&[f32]>, p: &Params) -> Result<PbTensor> {
+    if w.len() != m.checked_mul(n).unwrap_or(usize::MAX) {
+        return invalid(format!("weight has {} elements, expected {m} x {n}", w.len()));
+    }
+    if !(0.0..=1.0).contains(&p.salient) {
+        return invalid(format!("salient must be in [0, 1], got {}", p.salient));
+    }
+    if p.salient_bits != 4 && p.salient_bits != 8 {
+        return invalid(format!("salient_bits must be 4 or 8, got {}", p.salient_bits));
+    }
+    if let Some(cb) = p.count_bits {
+        rle::check_params(cb, 8)?;
+    }
+    let g = match p.group_size {
+        _ if n == 0 => 1,
+        None => n,
+        Some(g) if (1..=n).contains(&g) => g,
+        Some(g) => return invalid(format!("group_size must be in 1..{n}, got {g}")),
+    };
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return invalid(format!("weight[{}, {}] is not finite ({})", i / n.max(1), i % n.max(1), w[i]));
+    }
+    if let Some(imp) = importance {
+        if imp.len() != n {
+            return invalid(format!("importance has {} entries, expected n = {n}", imp.len()));
+        }
+        if let Some(j) = imp.iter().position(|v| !(v.is_finite() && *v >= 0.0)) {
+            return invalid(format!("importance[{j}] = {} must be finite and >= 0", imp[j]));
+        }
+    }
+    let score = |i: usize, j: usize| -> f32 {
+        let a = w[i * n + j].abs();
+        match importance {
+            Some(imp) => a * imp[j],
+            None => a,
+        }
+    };
+    let pool = parallel::pool();
+    let mut sal = vec![0u8; m * n];
+    if p.select_tensor {
+        let k = (p.salient * (m * n) as f64).round_ties_even() as usize;
+        select_top((0..m * n).map(|f| score(f / n, f % n)), m * n, k.min(m * n), &mut sal);
+    } else if n > 0 {
+        let k = ((p.salient * n as f64).round_ties_even() as usize).min(n);
+        pool.install(|| {
+            sal.par_chunks_mut(n).enumerate().for_each(|(i, row)| select_top((0..n).map(|j| score(i, j)), n, k, row))
+        });
+    }
+    let ng = n_groups(n, g);
+    let nb = n.div_ceil(8);
+    let mut signs = vec![0u8; m * nb];
+    let mut mu = vec![0f32; m * ng];
+    let mut alpha = vec![0f32; m * ng];
+    let mut sigma = vec![0f32; m];
+    let mut q = vec![0i8; m * n];
+    if n > 0 {
+        pool.install(|| {
+            signs
+                .par_chunks_mut(nb)
+                .zip(mu.par_chunks_mut(ng))
+                .zip(alpha.par_chunks_mut(ng))
+                .zip(q.par_chunks_mut(n))
+                .zip(sigma.par_iter_mut())
+                .enumerate()
+                .try_for_each(|(i, ((((s, mu), a), q), sg))| {
+                    let out = RowOut { signs: s, mu, alpha: a, q };
+                    *sg = binarize_row(&w[i * n..(i + 1) * n], &sal[i * n..(i + 1) * n], g, p, out)?;
+                    Ok::<(), crate::Error>(())
+                })
+        })?;
+    }
+    let residual = rle::encode(&q, &[m, n], p.count_bits, p.salient_bits)?;
+    Ok(PbTensor { m, n, group_size: g, scale: p.scale, signs, mu, alpha, sigma, residual })
+}
+
+impl PbTensor {
+    pub fn view(&self) -> PbRef<'_> {
+        PbRef {
+            m: self.m,
+            n: self.n,
+            group_size: self.group_size,
+            scale: self.scale,
+            signs: &self.signs,
+            mu: &self.mu,
+            alpha: &self.alpha,
+            sigma: &self.sigma,
+            res: self.residual.streams(),
+            value_offsets: &self.residual.value_offsets,
+        }
+    }
+}
+
+impl PbRef<'_> {
+    pub fn n_groups(&self) -> usize {
+        n_groups(self.n, self.group_size)
+    }
+
+    /// Check that every part has the size the shape implies (cheap; the
+    /// residual's stream contents are checked by the kernels that walk them).
+    pub fn check_sizes(&self) -> Result<()> {
+        let ng = self.n_groups();
+        let ok = self.signs.len() == self.m * self.n.div_ceil(8)
+            && self.mu.len() == self.m * ng
+            && self.alpha.len() == self.m * ng
+            && self.sigma.len() == self.m
+            && (self.n == 0 || (1..=self.n).contains(&self.group_size))
+            && self.res.code_offsets.len() == self.m + 1
+            && self.value_offsets.len() == self.m + 1;
+        if !ok {
+            return format_err("PBTensor parts have inconsistent sizes");
+        }
+        Ok(())
+    }
+
+    /// Offsets start at 0, never decrease and stay inside their streams: what
+    /// the kernels rely on before walking any row (O(rows)).
+    pub fn check_residual_offsets(&self) -> Result<()> {
+        let (co, vo) = (self.res.code_offsets, self.value_offsets);
+        let mono = |o: &[i64]| o.first() == Some(&0) && o.windows(2).all(|w| w[0] <= w[1]);
+        if !mono(co) || !mono(vo) {
+            return format_err("residual offsets must start at 0 and be non-decreasing");
+        }
+        let nc = *co.last().unwrap() as u64;
+        if rle::counts_len(nc, self.res.count_bits) != Some(self.res.counts.len() as u64) {
+            return format_err("residual code stream length does not match its offsets");
+        }
+        let cap = if self.res.value_bits == 8 { self.res.values.len() } else { 2 * self.res.values.len() };
+        if *vo.last().unwrap() as u64 > cap as u64 {
+            return format_err("residual value offsets point past the value stream");
+        }
+        Ok(())
+    }
+
+    /// §6.2 into `out` (`m x n` float32).
+    pub fn decompress(&self, out: &mut [f32]) -> Result<()> {
+        self.check_sizes()?;
+        let (m, n, g, ng) = (self.m, self.n, self.group_size, self.n_groups());
+        if out.len() != m * n {
+            return invalid(format!("out has {} elements, expected {m} x {n}", out.len()));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut q = vec![0i8; m * n];
+        rle::decode(&self.res, self.value_offsets, &[m, n], &mut q)?;
+        let nb = n.div_ceil(8);
+        parallel::pool().install(|| {
+            out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+                let signs = &self.signs[i * nb..];
+                let sigma = self.sigma[i];
+                for (j, o) in row.iter_mut().enumerate() {
+                    let (mu, alpha) = (self.mu[i * ng + j / g], self.alpha[i * ng + j / g]);
+                    let b = if (signs[j / 8] >> (j % 8)) & 1 == 1 { mu - alpha } else { mu + alpha };
+                    *o = b + sigma * q[i * n + j] as f32;
+                }
+            })
+        });
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------ serialization
+
+pub const PB_MAGIC: &[u8; 4] = b"PBTN";
+pub const PB_VERSION: u16 = 1;
+const PB_HEADER: usize = 40;
+
+fn put_scales(out: &mut Vec<u8>, v: &[f32], scale: ScaleType) {
+    for &x in v {
+        match scale {
+            ScaleType::F16 => out.extend_from_slice(&f64_to_f16(x as f64).to_le_bytes()),
+            ScaleType::F32 => out.extend_from_slice(&x.to_le_bytes()),
+        }
+    }
+}
+
+fn get_scales(b: &[u8], scale: ScaleType) -> Vec<f32> {
+    match scale {
+        ScaleType::F16 => b.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+        ScaleType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+    }
+}
+
+/// Scales must be finite, representable in the scale type, and `alpha`, `sigma` >= 0.
+fn check_scales(t: &PbRef) -> Result<()> {
+    let fits = |v: f32| match t.scale {
+        ScaleType::F16 => f16_to_f32(f64_to_f16(v as f64)).to_bits() == v.to_bits(),
+        ScaleType::F32 => true,
+    };
+    for (name, v, nonneg) in [("mu", &t.mu, false), ("alpha", &t.alpha, true), ("sigma", &t.sigma, true)] {
+        if let Some(i) = v.iter().position(|&x| !x.is_finite() || (nonneg && x < 0.0) || !fits(x)) {
+            return format_err(format!("{name}[{i}] = {} is not a valid scale", v[i]));
+        }
+    }
+    Ok(())
+}
+
+/// Residual codes must be in -Q..Q (the compressor never emits -2^(b-1)).
+fn check_codes(r: &rle::Streams, num_values: usize) -> Result<()> {
+    let qm = qmax(r.value_bits);
+    let nv = num_values;
+    let bad = if r.value_bits == 8 {
+        r.values.iter().position(|&v| (v as i8 as i32) < -qm)
+    } else {
+        (0..nv).find(|&i| ((((r.values[i / 2] >> (4 * (i & 1))) << 4) as i8 >> 4) as i32) < -qm)
+    };
+    if let Some(i) = bad {
+        return format_err(format!("residual value {i} is outside -{qm}..{qm}"));
+    }
+    Ok(())
+}
+
+fn check_sign_padding(signs: &[u8], m: usize, n: usize) -> Result<()> {
+    let nb = n.div_ceil(8);
+    if n % 8 != 0 {
+        for i in 0..m {
+            if signs[i * nb + nb - 1] >> (n % 8) != 0 {
+                return format_err(format!("row {i}: nonzero padding bits in the sign plane"));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn to_bytes(t: &PbRef) -> Result<Vec<u8>> {
+    t.check_sizes()?;
+    check_scales(t)?;
+    check_sign_padding(t.signs, t.m, t.n)?;
+    // rle_to_bytes validates the streams strictly; the value range check needs
+    // the value count it implies.
+    let rb = format::rle_to_bytes(&t.res, &[t.m, t.n])?;
+    check_codes(&t.res, *t.value_offsets.last().unwrap_or(&0) as usize)?;
+    let mut out = Vec::with_capacity(PB_HEADER + t.signs.len() + rb.len() + 4 * (2 * t.mu.len() + t.m) + 4);
+    out.extend_from_slice(PB_MAGIC);
+    out.extend_from_slice(&PB_VERSION.to_le_bytes());
+    out.extend_from_slice(&[1u8, t.scale.bits() as u8]);
+    for v in [t.m as u64, t.n as u64, t.group_size as u64, rb.len() as u64] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out.extend_from_slice(t.signs);
+    put_scales(&mut out, t.mu, t.scale);
+    put_scales(&mut out, t.alpha, t.scale);
+    put_scales(&mut out, t.sigma, t.scale);
+    out.extend_from_slice(&rb);
+    let crc = crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    Ok(out)
+}
+
+/// Exact serialized size without building the blob.
+pub fn serialized_len(t: &PbRef) -> Option<u64> {
+    let rl = format::rle_serialized_len(
+        2,
+        t.m,
+        *t.res.code_offsets.last()? as u64,
+        *t.value_offsets.last()? as u64,
+        t.res.count_bits,
+        t.res.value_bits,
+    )?;
+    let w = t.scale.width() as u64;
+    (PB_HEADER as u64 + 4)
+        .checked_add(t.signs.len() as u64)?
+        .checked_add((2 * t.mu.len() as u64 + t.m as u64).checked_mul(w)?)?
+        .checked_add(rl)
+}
+
+pub fn from_bytes(buf: &[u8]) -> Result<PbTensor> {
+    if buf.len() < PB_HEADER + 4 {
+        return format_err(format!("buffer of {} bytes is too short for a PBTensor", buf.len()));
+    }
+    if &buf[..4] != PB_MAGIC {
+        return format_err("bad magic: not a pbcodec PBTensor blob");
+    }
+    let version = u16::from_le_bytes([buf[4], buf[5]]);
+    if version != PB_VERSION {
+        return format_err(format!("unsupported PBTensor format version {version} (this build reads {PB_VERSION})"));
+    }
+    if buf[6] != 1 {
+        return format_err(format!("dense_bits {} is not supported (this build reads 1)", buf[6]));
+    }
+    let scale = ScaleType::from_bits(buf[7] as u32)
+        .ok_or_else(|| crate::Error::Format(format!("scale width {} must be 16 or 32", buf[7])))?;
+    let rd = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap());
+    let too_big = || crate::Error::Format("header sizes overflow".into());
+    let m = usize::try_from(rd(8)).map_err(|_| too_big())?;
+    let n = usize::try_from(rd(16)).map_err(|_| too_big())?;
+    let g = usize::try_from(rd(24)).map_err(|_| too_big())?;
+    let rl = usize::try_from(rd(32)).map_err(|_| too_big())?;
+    if n == 0 && g != 1 {
+        return format_err(format!("group_size must be 1 for n = 0, got {g}"));
+    }
+    if n > 0 && !(1..=n).contains(&g) {
+        return format_err(format!("group_size {g} out of range 1..{n}"));
+    }
+    let ng = n_groups(n, g);
+    let w = scale.width();
+    let signs_len = m.checked_mul(n.div_ceil(8)).ok_or_else(too_big)?;
+    let scales_len = m.checked_mul(ng).and_then(|v| v.checked_mul(2)).and_then(|v| v.checked_add(m))
+        .and_then(|v| v.checked_mul(w)).ok_or_else(too_big)?;
+    let total = [signs_len, scales_len, rl, PB_HEADER + 4]
+        .iter()
+        .try_fold(0usize, |a, &b| a.checked_add(b))
+        .ok_or_else(too_big)?;
+    if total != buf.len() {
+        return format_err(format!("length mismatch: header describes {total} bytes, buffer has {}", buf.len()));
+    }
+    let stored = u32::from_le_bytes(buf[buf.len() - 4..].try_into().unwrap());
+    let actual = crc32c(&buf[..buf.len() - 4]);
+    if stored != actual {
+        return format_err(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
+    }
+    let mut o = PB_HEADER;
+    let mut take = |len: usize| {
+        let s = &buf[o..o + len];
+        o += len;
+        s
+    };
+    let signs = take(signs_len).to_vec();
+    let mu = get_scales(take(m * ng * w), scale);
+    let alpha = get_scales(take(m * ng * w), scale);
+    let sigma = get_scales(take(m * w), scale);
+    let (shape, residual) = format::rle_from_bytes(take(rl))?;
+    if shape != [m, n] {
+        return format_err(format!("residual has shape {shape:?}, expected [{m}, {n}]"));
+    }
+    let t = PbTensor { m, n, group_size: g, scale, signs, mu, alpha, sigma, residual };
+    check_sign_padding(&t.signs, m, n)?;
+    check_scales(&t.view())?;
+    check_codes(&t.residual.streams(), t.residual.num_values() as usize)?;
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gaussian(m: usize, n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..m * n)
+            .map(|_| {
+                let mut u = || {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+                };
+                ((-2.0 * u().ln()).sqrt() * (std::f64::consts::TAU * u()).cos()) as f32
+            })
+            .collect()
+    }
+
+    fn params() -> Params {
+        Params {
+            salient: 0.1,
+            salient_bits: 8,
+            count_bits: None,
+            group_size: None,
+            select_tensor: false,
+            shift: true,
+            scale: ScaleType::F16,
+        }
+    }
+
+    #[test]
+    fn compress_round_trip_and_accuracy() {
+        let (m, n) = (16, 200);
+        let w = gaussian(m, n, 1);
+        for (gs, tensor, scale) in [(None, false, ScaleType::F16), (Some(64), true, ScaleType::F32), (Some(7), false, ScaleType::F16)] {
+            let p = Params { group_size: gs, select_tensor: tensor, scale, ..params() };
+            let t = compress(&w, m, n, None, &p).unwrap();
+            assert_eq!(t.residual.num_values() as usize <= m * n / 10 + m, true);
+            let b = to_bytes(&t.view()).unwrap();
+            assert_eq!(b.len() as u64, serialized_len(&t.view()).unwrap());
+            let t2 = from_bytes(&b).unwrap();
+            assert_eq!(t2, t);
+            let mut wh = vec![0f32; m * n];
+            t.view().decompress(&mut wh).unwrap();
+            let err: f64 = w.iter().zip(&wh).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let pow: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
+            assert!(10.0 * (pow / err).log10() > 6.0, "snr too low");
+            for cut in [0, 10, 39, 40, b.len() / 2, b.len() - 1] {
+                assert!(from_bytes(&b[..cut]).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn salient_positions_are_accurate() {
+        let (m, n) = (4, 100);
+        let mut w = gaussian(m, n, 2);
+        w[17] = 40.0; // a huge outlier must be salient and reconstructed well
+        let t = compress(&w, m, n, None, &params()).unwrap();
+        let mut wh = vec![0f32; m * n];
+        t.view().decompress(&mut wh).unwrap();
+        assert!((wh[17] - 40.0).abs() < 0.5, "{}", wh[17]);
+    }
+}
