@@ -434,14 +434,56 @@ def bench_unpack(cfg: Cfg, level: str, rng) -> list[dict]:
     return out
 
 
-def call_overhead(cfg: Cfg) -> float:
-    """Median time of a tiny public unpack_bits call (64 codes): the fixed
-    per-call cost (argument checks, dispatch) included in every in-cache row."""
+def call_overheads(cfg: Cfg, rng) -> dict[str, float]:
+    """Median time of tiny public calls (one row of 64 elements): the fixed
+    per-call cost (argument checks, dispatch) that every in-cache row includes."""
+    codes = np.zeros((1, 64), np.uint8)
     packed = np.zeros((1, 8), np.uint8)
-    o = np.empty((1, 64), np.uint8)
-    st = measure({"ours": lambda: pbcodec.unpack_bits(packed, 1, 64, out=o)},
-                 budget_s=cfg.budget_s, sample_s=cfg.sample_s)
-    return st["ours"].median
+    x = rng.standard_normal((1, 64), dtype=np.float32)
+    sparse = sparse_int8((1, 64), 0.1, rng)
+    rle = pbcodec.rle_encode(sparse, 4)
+    o_codes, o_packed, o_int8 = np.empty((1, 64), np.uint8), np.empty((1, 8), np.uint8), np.empty((1, 64), np.int8)
+    st = measure({
+        "pack_signs f32": lambda: pbcodec.pack_signs(x, out=o_packed),
+        "pack_bits 1": lambda: pbcodec.pack_bits(codes, 1, out=o_packed),
+        "unpack_bits 1": lambda: pbcodec.unpack_bits(packed, 1, 64, out=o_codes),
+        "rle_encode cb=4": lambda: pbcodec.rle_encode(sparse, 4),
+        "rle_decode cb=4": lambda: pbcodec.rle_decode(rle, out=o_int8),
+        "numpy: np.copyto": lambda: np.copyto(o_codes, codes),
+    }, budget_s=cfg.budget_s, sample_s=cfg.sample_s)
+    return {k: v.median for k, v in st.items()}
+
+
+def bench_unpack_l2(cfg: Cfg, level: str, rng) -> list[dict]:
+    """unpack_bits 1/2/4 with input + output about half of L2, so the
+    values-per-cycle figure is not limited by L3 (64 KiB of 1-bit input is
+    already 576 KiB of traffic) nor dominated by call overhead."""
+    out = []
+    l2 = cache_bytes(2) or (512 << 10)
+    for k in (1, 2, 4):
+        rows = max(1, (l2 // 2) // (N_COLS + N_COLS * k // 8))
+        packed = random_bytes(rows * N_COLS * k // 8, rng).reshape(rows, N_COLS * k // 8)
+        o = touched((rows, N_COLS), np.uint8)
+        st = measure({"ours": lambda: pbcodec.unpack_bits(packed, k, N_COLS, out=o)},
+                     budget_s=cfg.budget_s, sample_s=cfg.sample_s)
+        out.append(dict(group="unpack_l2", level=level, op=f"unpack_bits {k}", cls="in (L2/2)", bits=k,
+                        values=o.size, moved=packed.nbytes + o.nbytes, ours=st["ours"], peer=None, copy=None,
+                        shape=shape_str(packed.shape)))
+    return out
+
+
+def cache_bytes(level: int) -> int | None:
+    """Size of the data/unified cache of that level for cpu0, from sysfs."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for idx in os.listdir(base):
+            d = os.path.join(base, idx)
+            if idx.startswith("index") and open(os.path.join(d, "level")).read().strip() == str(level) \
+                    and open(os.path.join(d, "type")).read().strip() in ("Unified", "Data"):
+                return parse_size(open(os.path.join(d, "size")).read().strip())
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def nominal_mhz() -> float | None:
@@ -455,25 +497,59 @@ def nominal_mhz() -> float | None:
     return None
 
 
-def print_level_tables(cfg: Cfg, level: str, recs: list[dict], overhead: float, mhz: float | None):
+def memory_baselines(cfg: Cfg) -> None:
+    """Single-core memory bandwidth references for reading the %copy column.
+    glibc's memcpy switches to non-temporal (streaming) stores above a size
+    threshold of a few MiB, so a plain large np.copyto writes without first
+    reading the destination lines; the same copy in 1 MiB pieces stays below
+    that threshold and uses ordinary stores, as a kernel without streaming
+    stores does (each written line is read first: 3 memory transfers per 2)."""
+    src, dst = cfg.copy_src, cfg.copy_dst
+    nbytes = src.nbytes
+    piece = 1 << 20
+
+    def pieces():
+        for s in range(0, nbytes, piece):
+            np.copyto(dst[s:s + piece], src[s:s + piece])
+
+    st = measure({"np.copyto(dst, src)  [the %copy reference]": lambda: np.copyto(dst, src),
+                  "np.copyto in 1 MiB pieces": pieces,
+                  "read only: np.bitwise_or.reduce(src as uint64)": lambda: np.bitwise_or.reduce(src.view(np.uint64)),
+                  "write only: dst.fill(1)": lambda: dst.fill(1)},
+                 repeats=cfg.out_repeats, calibrate=False)
+    moved = [2 * nbytes, 2 * nbytes, nbytes, nbytes]
+    ref = moved[0] / st["np.copyto(dst, src)  [the %copy reference]"].median
+    rows = [[name, fmt_time(v.median), f"{m / v.median / 1e9:.1f}", f"{100 * m / v.median / ref:.0f}%"]
+            for (name, v), m in zip(st.items(), moved)]
+    print_table(f"memory baselines, one core, {fmt_bytes(nbytes)} buffers", ["operation", "median", "GB/s", "%copy"],
+                rows, ["GB/s counts bytes read + bytes written by the operation"])
+
+
+def print_level_tables(cfg: Cfg, level: str, recs: list[dict], l2recs: list[dict], overheads: dict,
+                       mhz: float | None):
     copy_bytes = cfg.sizes[1][1]
     for group, title in (("signs", "pack_signs (float32)"), ("pack", "pack_bits"), ("unpack", "unpack_bits")):
         g = [r for r in recs if r["group"] == group]
         print_table(f"{title}  [simd={level}]", HEADER, table_rows(g, copy_bytes), copy_note(g, copy_bytes), left=4)
+    overhead = overheads["unpack_bits 1"]
     rows = []
-    for r in recs:
-        if r["group"] == "unpack" and r["cls"] == "in" and r["bits"] in (1, 2, 4):
-            t = r["ours"].median
-            gv = r["values"] / t / 1e9
-            gv_x = r["values"] / max(t - overhead, 1e-12) / 1e9
-            rows.append([f"unpack_bits {r['bits']}", r["shape"], fmt_time(t), f"{gv:.2f}",
-                         f"{gv * 1e3 / mhz:.1f}" if mhz else "-", f"{gv_x * 1e3 / mhz:.1f}" if mhz else "-"])
+    main = [r for r in recs if r["group"] == "unpack" and r["cls"] == "in" and r["bits"] in (1, 2, 4)]
+    for r in sorted(main + l2recs, key=lambda r: r["bits"]):
+        t = r["ours"].median
+        gv = r["values"] / t / 1e9
+        gv_x = r["values"] / max(t - overhead, 1e-12) / 1e9
+        rows.append([r["op"], r["cls"], r["shape"], fmt_bytes(r["moved"]), fmt_time(t), f"{gv:.2f}",
+                     f"{gv * 1e3 / mhz:.1f}" if mhz else "-", f"{gv_x * 1e3 / mhz:.1f}" if mhz else "-"])
     clock = f"{mhz:.0f} MHz nominal (/proc/cpuinfo 'cpu MHz'; the real boost clock may differ)" if mhz else "unknown"
     print_table(f"in-cache unpack throughput  [simd={level}]",
-                ["op", "packed shape", "ours", "G val/s", "val/cycle", "val/cycle excl. call"], rows,
+                ["op", "size", "packed shape", "in+out", "ours", "G val/s", "val/cycle", "val/cycle excl. call"],
+                rows,
                 [f"clock: {clock}; target >= 20 values/cycle",
                  f"'excl. call' subtracts {fmt_time(overhead)}, the median time of a 64-code public unpack_bits call"],
-                left=2)
+                left=3)
+    print_table(f"fixed per-call cost of the public API  [simd={level}]", ["call (1 row of 64 elements)", "median"],
+                [[k, fmt_time(v)] for k, v in overheads.items()],
+                ["included in every 'ours' time above; it matters for in-cache rows of a few microseconds"])
 
 
 def bench_rle(cfg: Cfg, rng) -> list[dict]:
@@ -564,37 +640,41 @@ def bench_bits_per_position(cfg: Cfg, rng) -> list[list]:
 
 def print_targets(cfg: Cfg, recs: list[dict], bits_res: list[dict], mhz: float | None, overheads: dict):
     copy_bytes = cfg.sizes[1][1]
-    rows = []
+    order = ["in-cache unpack >= 20 val/cycle", "pack_signs f32 >= 5x numpy (in cache)",
+             ">= 80% of copy bandwidth (out of cache)", "rle_decode >= 1 G out val/s @10%",
+             "rle_encode >= 0.5 G in val/s", "auto within 4% of H(p)+8p"]
+    rows: dict[str, list] = {t: [] for t in order}
 
     def add(target, what, value, ok):
-        rows.append([target, what, value, "met" if ok else "MISSED"])
+        rows[target].append([target, what, value, "met" if ok else "MISSED"])
 
     for r in recs:
         lvl = r["level"]
-        if r["group"] == "unpack" and r["cls"] == "in" and r["bits"] in (1, 2, 4) and mhz:
+        if r["group"] in ("unpack", "unpack_l2") and r["cls"] != "out" and r["bits"] in (1, 2, 4) and mhz:
             vpc = r["values"] / r["ours"].median / (mhz * 1e6)
-            vpc_x = r["values"] / max(r["ours"].median - overheads[lvl], 1e-12) / (mhz * 1e6)
-            add("in-cache unpack >= 20 val/cycle", f"[{lvl}] {r['op']}",
-                f"{vpc:.1f} ({vpc_x:.1f} excl. call)", vpc >= 20)
+            vpc_x = r["values"] / max(r["ours"].median - overheads[lvl]["unpack_bits 1"], 1e-12) / (mhz * 1e6)
+            add(order[0], f"[{lvl}] {r['op']} ({r['cls']}, {r['shape']})", f"{vpc:.1f} ({vpc_x:.1f} excl. call)",
+                vpc >= 20)
         if r["group"] == "signs" and r["cls"] == "in":
             ratio = r["peer"].median / r["ours"].median
-            add("pack_signs f32 >= 5x numpy (in cache)", f"[{lvl}] {r['op']}", fmt_ratio(ratio), ratio >= 5)
+            ratio_x = r["peer"].median / max(r["ours"].median - overheads[lvl]["pack_signs f32"], 1e-12)
+            add(order[1], f"[{lvl}] {r['op']}", f"{fmt_ratio(ratio)} ({fmt_ratio(ratio_x)} excl. call)", ratio >= 5)
         if r["group"] in ("signs", "pack", "unpack") and r["cls"] == "out":
             pc = pct_copy(r, copy_bytes)
-            add(">= 80% of copy bandwidth (out of cache)", f"[{lvl}] {r['op']}", f"{pc:.0f}%", pc >= 80)
+            add(order[2], f"[{lvl}] {r['op']}", f"{pc:.0f}%", pc >= 80)
         if r["group"] == "rle_decode" and abs(r["density"] - 0.10) < 1e-9:
             g = gvals(r)
-            add("rle_decode >= 1 G out val/s @10%", f"{r['cls']} {r['op']}", f"{g:.2f}", g >= 1)
+            add(order[3], f"{r['cls']} {r['op']}", f"{g:.2f}", g >= 1)
         if r["group"] == "rle_encode":
             g = gvals(r)
-            add("rle_encode >= 0.5 G in val/s", f"{r['cls']} {r['op']} p={100 * r['density']:.0f}%", f"{g:.2f}",
-                g >= 0.5)
+            add(order[4], f"{r['cls']} {r['op']} p={100 * r['density']:.0f}%", f"{g:.2f}", g >= 0.5)
     for b in bits_res:
         if b["cb"] == "auto":
             for key, name in (("streams", "streams"), ("total", ".nbytes")):
                 over = 100 * (b[key] / b["bound"] - 1)
-                add("auto within 4% of H(p)+8p", f"p={100 * b['p']:.0f}% ({name})", f"{over:+.2f}%", over <= 4)
-    print_table("Targets", ["target", "measurement", "value", "status"], rows, left=2)
+                add(order[5], f"p={100 * b['p']:.0f}% ({name})", f"{over:+.2f}%", over <= 4)
+    print_table("Targets (status judged on the raw public-API number)", ["target", "measurement", "value", "status"],
+                [row for t in order for row in rows[t]], left=2)
 
 
 def parse_size(s: str) -> int:
@@ -664,13 +744,16 @@ def main(argv=None) -> int:
     print(f"  sizes: in = {fmt_bytes(in_bytes)} of input, out = {fmt_bytes(out_bytes)} of input; rows of {N_COLS}; "
           f"out-of-cache repeats {cfg.out_repeats}; medians; ratio = peer/ours (>1: pbcodec faster)", flush=True)
 
+    memory_baselines(cfg)
     overheads = {}
     try:
         for level in levels:
             pbcodec.set_simd_level(level)
             recs = bench_signs(cfg, level, rng) + bench_pack(cfg, level, rng) + bench_unpack(cfg, level, rng)
-            overheads[level] = call_overhead(cfg)
-            print_level_tables(cfg, level, recs, overheads[level], mhz)
+            l2recs = bench_unpack_l2(cfg, level, rng)
+            RECORDS.extend(l2recs)
+            overheads[level] = call_overheads(cfg, rng)
+            print_level_tables(cfg, level, recs, l2recs, overheads[level], mhz)
     finally:
         pbcodec.set_simd_level(start_level)
     rle_recs = bench_rle(cfg, rng)

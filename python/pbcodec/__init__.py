@@ -5,6 +5,8 @@ Codec primitives (this module):
 - :func:`pack_bits` / :func:`unpack_bits`: k-bit codes <-> little-endian bit streams.
 - :func:`pack_signs` / :func:`unpack_signs`: IEEE sign bits <-> packed bits / ±1.0.
 - :func:`rle_encode` / :func:`rle_decode` / :class:`RLE`: the escaped zero-run code.
+- :func:`compress` / :class:`PBTensor`: partially-binarized matrices with a
+  decode-fused, multi-threaded :meth:`PBTensor.matvec`.
 - :class:`FormatError`: raised for any malformed serialized input.
 - :mod:`pbcodec.reference`: pure-Python twins of everything, written from docs/format.md.
 
@@ -16,13 +18,19 @@ from __future__ import annotations
 from . import _core
 from .bitpack import pack_bits, pack_signs, unpack_bits, unpack_signs
 from .errors import FormatError
+from .pb import PBTensor, compress, snr_db
 from .rle import RLE, rle_decode, rle_encode
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FormatError",
+    "PBTensor",
     "RLE",
+    "compress",
+    "get_num_threads",
+    "set_num_threads",
+    "snr_db",
     "available_simd_levels",
     "pack_bits",
     "pack_signs",
@@ -49,3 +57,16 @@ def set_simd_level(level: str) -> None:
     """Force a SIMD level for this process (tests, benchmarks). ValueError if
     the CPU lacks it. Results are identical on every level."""
     _core.set_simd_level(level)
+
+
+def set_num_threads(n: int) -> None:
+    """Worker threads for multi-threaded kernels (default: ``PBCODEC_NUM_THREADS``
+    or all cores). Results are identical for any thread count."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of threads must be a positive int, got {n!r}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Current number of worker threads."""
+    return int(_core.get_num_threads())

@@ -56,7 +56,8 @@ pub fn matvec(t: &PbRef, x: &[f32], batch: usize, out: &mut [f32]) -> Result<()>
         }
     }
     let sh = Shared { t, batch, xs, stride, gsum };
-    let level = simd::level();
+    // The SIMD residual walk keeps positions in i32 lanes (see x86::residual_cb).
+    let level = if n < (1 << 23) { simd::level() } else { Level::Scalar };
     // Rows per task: big enough to amortize scheduling, small enough to balance.
     let rows_per_task = 32usize;
     let mut yt = vec![0f32; m * batch]; // row-major m x batch, transposed at the end
@@ -214,7 +215,7 @@ fn value_at(values: &[u8], value_bits: u32, i: usize) -> i8 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{value_at, Scratch, Shared};
+    use super::{Scratch, Shared};
     use crate::error::format_err;
     use crate::pb::n_groups;
     use crate::Result;
@@ -386,6 +387,89 @@ mod x86 {
         }
     }
 
+    /// One chunk of 8 codes: value-lane mask, positions (clamped into the
+    /// padded x, so a malformed stream can never read outside it), and the
+    /// values expanded to their lanes.
+    #[inline(always)]
+    unsafe fn chunk<const CB: u32>(
+        r: &crate::rle::Streams,
+        c: u64,
+        valid: __m256i,
+        base: &mut __m256i,
+        vi: &mut usize,
+        lim: __m256i,
+    ) -> (__m256i, __m256i, __m256) {
+        let esc = _mm256_set1_epi32(((1u32 << CB) - 1) as i32);
+        let codes = load_codes::<CB>(r.counts, c * CB as u64);
+        let isval = _mm256_andnot_si256(_mm256_cmpeq_epi32(codes, esc), valid);
+        // step = code + 1 for values, ESC for escapes, 0 past the row's codes
+        let step = _mm256_and_si256(_mm256_sub_epi32(codes, isval), valid);
+        let incl = _mm256_add_epi32(prefix8(step), *base);
+        *base = _mm256_permutevar8x32_epi32(incl, _mm256_set1_epi32(7));
+        let pos = _mm256_min_epu32(_mm256_sub_epi32(incl, _mm256_set1_epi32(1)), lim);
+        let m = _mm256_movemask_ps(_mm256_castsi256_ps(isval)) as usize;
+        let vals = load_values(r.values, r.value_bits, *vi);
+        let perm = _mm256_loadu_si256(EXPAND[m].as_ptr() as *const __m256i);
+        *vi += m.count_ones() as usize;
+        (isval, pos, _mm256_permutevar8x32_ps(vals, perm))
+    }
+
+    /// Walk codes [c0, c1). FUSED (batch 1): gather x and accumulate as we go,
+    /// returning Σ q·x. Otherwise: store each chunk's lanes into `sc` (whose
+    /// capacity the caller reserved) for the per-batch-row gather pass.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn decode_row<const CB: u32, const FUSED: bool>(
+        r: &crate::rle::Streams,
+        c0: u64,
+        c1: u64,
+        base: &mut __m256i,
+        vi: &mut usize,
+        lim: __m256i,
+        x: *const f32,
+        sc: &mut Scratch,
+    ) -> f32 {
+        let (pp, vp, mp) = (sc.pos.as_mut_ptr(), sc.val.as_mut_ptr(), sc.msk.as_mut_ptr());
+        let ones = _mm256_set1_epi32(-1);
+        // Two accumulators: consecutive chunks' FMAs do not wait on each other.
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut k = 0usize;
+        let mut c = c0;
+        macro_rules! emit {
+            ($m:expr, $p:expr, $v:expr, $acc:ident) => {
+                if FUSED {
+                    let xv = _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), x, $p, _mm256_castsi256_ps($m));
+                    $acc = _mm256_fmadd_ps($v, xv, $acc);
+                } else {
+                    _mm256_storeu_si256(pp.add(k) as *mut __m256i, $p);
+                    _mm256_storeu_ps(vp.add(k), $v);
+                    _mm256_storeu_si256(mp.add(k) as *mut __m256i, $m);
+                    k += 8;
+                }
+            };
+        }
+        while c + 16 <= c1 {
+            let (m, p, v) = chunk::<CB>(r, c, ones, base, vi, lim);
+            emit!(m, p, v, acc0);
+            let (m, p, v) = chunk::<CB>(r, c + 8, ones, base, vi, lim);
+            emit!(m, p, v, acc1);
+            c += 16;
+        }
+        if c + 8 <= c1 {
+            let (m, p, v) = chunk::<CB>(r, c, ones, base, vi, lim);
+            emit!(m, p, v, acc0);
+            c += 8;
+        }
+        if c < c1 {
+            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let valid = _mm256_cmpgt_epi32(_mm256_set1_epi32((c1 - c) as i32), lane);
+            let (m, p, v) = chunk::<CB>(r, c, valid, base, vi, lim);
+            emit!(m, p, v, acc1);
+        }
+        let _ = k;
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
     #[target_feature(enable = "avx2,fma,bmi2")]
     unsafe fn residual_cb<const CB: u32>(
         sh: &Shared,
@@ -397,56 +481,49 @@ mod x86 {
         let t = sh.t;
         let r = &t.res;
         let n = t.n;
+        let lim = _mm256_set1_epi32((n + super::PAD - 1) as i32);
+        let fused = sh.batch == 1;
+        let x0 = sh.xs.as_ptr();
         // Decode once per row (the first batch chunk), reuse for the others.
         if b0 == 0 {
             let (c0, c1) = (r.code_offsets[i] as u64, r.code_offsets[i + 1] as u64);
             let (v0, v1) = (t.value_offsets[i] as usize, t.value_offsets[i + 1] as usize);
+            // A valid row has at most n codes (each consumes >= 1 position);
+            // with n < 2^23 the i32 position lanes can then never wrap.
+            if c1 - c0 > n as u64 {
+                return format_err(format!("row {i}: {} residual codes for {n} columns", c1 - c0));
+            }
             let chunks = (c1 - c0).div_ceil(8) as usize;
-            sc.pos.clear();
-            sc.val.clear();
-            sc.msk.clear();
-            sc.pos.reserve(chunks * 8);
-            sc.val.reserve(chunks * 8);
-            sc.msk.reserve(chunks * 8);
-            let esc = _mm256_set1_epi32(((1u32 << CB) - 1) as i32);
-            let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            if !fused {
+                for v in [&mut sc.pos, &mut sc.msk] {
+                    v.clear();
+                    v.reserve(chunks * 8);
+                }
+                sc.val.clear();
+                sc.val.reserve(chunks * 8);
+            }
             let mut base = _mm256_setzero_si256();
             let mut vi = v0;
-            let mut c = c0;
-            while c < c1 {
-                let rem = (c1 - c).min(8) as i32;
-                let codes = load_codes::<CB>(r.counts, c * CB as u64);
-                let valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lane);
-                let isval = _mm256_andnot_si256(_mm256_cmpeq_epi32(codes, esc), valid);
-                // step = code + 1 for values, ESC for escapes, 0 past the row's codes
-                let step = _mm256_and_si256(_mm256_sub_epi32(codes, isval), valid);
-                let incl = _mm256_add_epi32(prefix8(step), base);
-                base = _mm256_permutevar8x32_epi32(incl, _mm256_set1_epi32(7));
-                // Positions only grow, so bounding the running end bounds every
-                // value position in the chunk: checked before any gather.
-                let end = _mm256_cvtsi256_si32(base) as u32 as usize;
-                let m = _mm256_movemask_ps(_mm256_castsi256_ps(isval)) as usize;
-                let nv = m.count_ones() as usize;
-                if end > n || vi + nv > v1 {
-                    return format_err(format!("row {i}: residual codes run past the row or its values"));
-                }
-                let pos = _mm256_sub_epi32(incl, _mm256_set1_epi32(1));
-                let vals = load_values(r.values, r.value_bits, vi);
-                let perm = _mm256_loadu_si256(EXPAND[m].as_ptr() as *const __m256i);
-                let vals = _mm256_permutevar8x32_ps(vals, perm);
-                let k = sc.pos.len();
-                sc.pos.set_len(k + 8);
-                sc.val.set_len(k + 8);
-                sc.msk.set_len(k + 8);
-                _mm256_storeu_si256(sc.pos.as_mut_ptr().add(k) as *mut __m256i, pos);
-                _mm256_storeu_ps(sc.val.as_mut_ptr().add(k), vals);
-                _mm256_storeu_si256(sc.msk.as_mut_ptr().add(k) as *mut __m256i, isval);
-                vi += nv;
-                c += 8;
+            let acc = if fused {
+                decode_row::<CB, true>(r, c0, c1, &mut base, &mut vi, lim, x0, sc)
+            } else {
+                decode_row::<CB, false>(r, c0, c1, &mut base, &mut vi, lim, x0, sc)
+            };
+            let end = _mm256_cvtsi256_si32(base) as u32 as usize;
+            if end > n || vi != v1 {
+                return format_err(format!(
+                    "row {i}: residual codes end at {end} (row length {n}) with {} values (offsets say {})",
+                    vi - v0,
+                    v1 - v0
+                ));
             }
-            if vi != v1 {
-                return format_err(format!("row {i}: residual codes hold {} values, offsets say {}", vi - v0, v1 - v0));
+            if fused {
+                rs[0] = acc;
+                return Ok(());
             }
+            sc.pos.set_len(chunks * 8);
+            sc.val.set_len(chunks * 8);
+            sc.msk.set_len(chunks * 8);
         }
         for (k, acc_out) in rs.iter_mut().enumerate() {
             let x = sh.xs.as_ptr().add((b0 + k) * sh.stride);
@@ -473,7 +550,6 @@ mod x86 {
             }
             *acc_out = hsum(_mm256_add_ps(acc0, acc1));
         }
-        let _ = value_at;
         Ok(())
     }
 }

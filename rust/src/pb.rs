@@ -233,7 +233,8 @@ pub fn compress(w: &[f32], m: usize, n: usize, importance: Option<&[f32]>, p: &P
     let score = |i: usize, j: usize| -> f32 {
         let a = w[i * n + j].abs();
         match importance {
-            Some(imp) => a * imp[j],
+            // + 0.0 turns a -0.0 product into +0.0: keys rank by bit pattern.
+            Some(imp) => a * imp[j] + 0.0,
             None => a,
         }
     };

@@ -8,7 +8,8 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyType};
 
-use crate::{bitpack, format, rle, simd, Error};
+use crate::pb::{self, PbRef, ScaleType};
+use crate::{bitpack, format, parallel, rle, simd, Error};
 
 static FORMAT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
@@ -216,6 +217,164 @@ fn set_simd_level(py: Python<'_>, name: &str) -> PyResult<()> {
     simd::set_level(lvl).py(py)
 }
 
+// ------------------------------------------------------------ PB tensors
+
+/// (m, n, group_size, scale_bits, count_bits, value_bits)
+type PbMeta = (usize, usize, usize, u32, u32, u32);
+/// (signs, mu, alpha, sigma as f32, counts, values, code_offsets, value_offsets)
+type PbArrays<'py> = (
+    PyReadonlyArrayDyn<'py, u8>,
+    PyReadonlyArrayDyn<'py, f32>,
+    PyReadonlyArrayDyn<'py, f32>,
+    PyReadonlyArrayDyn<'py, f32>,
+    PyReadonlyArrayDyn<'py, u8>,
+    PyReadonlyArrayDyn<'py, u8>,
+    PyReadonlyArrayDyn<'py, i64>,
+    PyReadonlyArrayDyn<'py, i64>,
+);
+
+fn pb_view<'a>(meta: PbMeta, a: &'a PbArrays<'_>) -> PyResult<PbRef<'a>> {
+    let (m, n, group_size, scale_bits, count_bits, value_bits) = meta;
+    let scale = ScaleType::from_bits(scale_bits).ok_or_else(|| PyValueError::new_err("scale bits must be 16 or 32"))?;
+    Ok(PbRef {
+        m,
+        n,
+        group_size,
+        scale,
+        signs: ro(&a.0, "signs")?,
+        mu: ro(&a.1, "mu")?,
+        alpha: ro(&a.2, "alpha")?,
+        sigma: ro(&a.3, "sigma")?,
+        res: rle::Streams {
+            count_bits,
+            value_bits,
+            counts: ro(&a.4, "counts")?,
+            values: ro(&a.5, "values")?,
+            code_offsets: ro(&a.6, "code_offsets")?,
+        },
+        value_offsets: ro(&a.7, "value_offsets")?,
+    })
+}
+
+type PbOut<'py> = (
+    PbMeta,
+    (
+        Bound<'py, PyArray1<u8>>,
+        Bound<'py, PyArray1<f32>>,
+        Bound<'py, PyArray1<f32>>,
+        Bound<'py, PyArray1<f32>>,
+        Bound<'py, PyArray1<u8>>,
+        Bound<'py, PyArray1<u8>>,
+        Bound<'py, PyArray1<i64>>,
+        Bound<'py, PyArray1<i64>>,
+    ),
+);
+
+fn pb_to_py(py: Python<'_>, t: pb::PbTensor) -> PbOut<'_> {
+    let r = t.residual;
+    (
+        (t.m, t.n, t.group_size, t.scale.bits(), r.count_bits, r.value_bits),
+        (
+            PyArray1::from_vec(py, t.signs),
+            PyArray1::from_vec(py, t.mu),
+            PyArray1::from_vec(py, t.alpha),
+            PyArray1::from_vec(py, t.sigma),
+            PyArray1::from_vec(py, r.counts),
+            PyArray1::from_vec(py, r.values),
+            PyArray1::from_vec(py, r.code_offsets),
+            PyArray1::from_vec(py, r.value_offsets),
+        ),
+    )
+}
+
+/// `count_bits == 0`: auto; `group_size == 0`: whole row.
+#[allow(clippy::too_many_arguments)]
+#[pyfunction]
+fn pb_compress<'py>(
+    py: Python<'py>,
+    w: PyReadonlyArrayDyn<'py, f32>,
+    m: usize,
+    n: usize,
+    importance: Option<PyReadonlyArrayDyn<'py, f32>>,
+    salient: f64,
+    salient_bits: u32,
+    count_bits: u32,
+    group_size: usize,
+    select_tensor: bool,
+    shift: bool,
+    scale_bits: u32,
+) -> PyResult<PbOut<'py>> {
+    let ws = ro(&w, "weight")?;
+    let imp = match &importance {
+        Some(a) => Some(ro(a, "importance")?),
+        None => None,
+    };
+    let scale = ScaleType::from_bits(scale_bits).ok_or_else(|| PyValueError::new_err("scale bits must be 16 or 32"))?;
+    let p = pb::Params {
+        salient,
+        salient_bits,
+        count_bits: (count_bits != 0).then_some(count_bits),
+        group_size: (group_size != 0).then_some(group_size),
+        select_tensor,
+        shift,
+        scale,
+    };
+    let t = py.detach(|| pb::compress(ws, m, n, imp, &p)).py(py)?;
+    Ok(pb_to_py(py, t))
+}
+
+#[pyfunction]
+fn pb_decompress(py: Python<'_>, meta: PbMeta, arrays: PbArrays<'_>, mut out: PyReadwriteArrayDyn<'_, f32>) -> PyResult<()> {
+    let v = pb_view(meta, &arrays)?;
+    let o = rw(&mut out, "out")?;
+    py.detach(|| v.decompress(o)).py(py)
+}
+
+#[pyfunction]
+fn pb_matvec(
+    py: Python<'_>,
+    meta: PbMeta,
+    arrays: PbArrays<'_>,
+    x: PyReadonlyArrayDyn<'_, f32>,
+    batch: usize,
+    mut out: PyReadwriteArrayDyn<'_, f32>,
+) -> PyResult<()> {
+    let v = pb_view(meta, &arrays)?;
+    let xs = ro(&x, "x")?;
+    let o = rw(&mut out, "out")?;
+    py.detach(|| crate::matvec::matvec(&v, xs, batch, o)).py(py)
+}
+
+#[pyfunction]
+fn pb_to_bytes<'py>(py: Python<'py>, meta: PbMeta, arrays: PbArrays<'py>) -> PyResult<Bound<'py, PyBytes>> {
+    let v = pb_view(meta, &arrays)?;
+    let b = py.detach(|| pb::to_bytes(&v)).py(py)?;
+    Ok(PyBytes::new(py, &b))
+}
+
+#[pyfunction]
+fn pb_nbytes(meta: PbMeta, arrays: PbArrays<'_>) -> PyResult<u64> {
+    let v = pb_view(meta, &arrays)?;
+    pb::serialized_len(&v).ok_or_else(|| PyValueError::new_err("size overflows"))
+}
+
+#[pyfunction]
+fn pb_from_bytes<'py>(py: Python<'py>, buf: PyReadonlyArrayDyn<'py, u8>) -> PyResult<PbOut<'py>> {
+    let b = ro(&buf, "buf")?;
+    let t = py.detach(|| pb::from_bytes(b)).py(py)?;
+    Ok(pb_to_py(py, t))
+}
+
+#[pyfunction]
+fn set_num_threads(py: Python<'_>, n: usize) -> PyResult<()> {
+    parallel::set_num_threads(n).py(py)
+}
+
+#[pyfunction]
+fn get_num_threads() -> usize {
+    parallel::num_threads()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pack_bits, m)?)?;
@@ -235,6 +394,18 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;
+    for f in [
+        wrap_pyfunction!(pb_compress, m)?,
+        wrap_pyfunction!(pb_decompress, m)?,
+        wrap_pyfunction!(pb_matvec, m)?,
+        wrap_pyfunction!(pb_to_bytes, m)?,
+        wrap_pyfunction!(pb_nbytes, m)?,
+        wrap_pyfunction!(pb_from_bytes, m)?,
+        wrap_pyfunction!(set_num_threads, m)?,
+        wrap_pyfunction!(get_num_threads, m)?,
+    ] {
+        m.add_function(f)?;
+    }
     m.add("__doc__", "pbcodec compiled core (internal; use the pbcodec package)")?;
     Ok(())
 }

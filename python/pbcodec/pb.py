@@ -1,0 +1,297 @@
+"""Partially-binarized tensors: compress, decompress, decode-fused matvec
+(docs/format.md §6-7)."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from ._util import prepare_out
+from .rle import RLE
+
+_SCALE_BITS = {np.dtype(np.float16): 16, np.dtype(np.float32): 32}
+
+
+def _scale_dtype(x: Any) -> np.dtype:
+    try:
+        dt = np.dtype(x)
+    except TypeError:
+        raise ValueError(f"scale_dtype must be 'float16' or 'float32', got {x!r}") from None
+    if dt not in _SCALE_BITS:
+        raise ValueError(f"scale_dtype must be 'float16' or 'float32', got {dt}")
+    return dt
+
+
+def _as_weight(weight: Any) -> np.ndarray:
+    """2-D float32, C-contiguous. float16 converts exactly; torch tensors (any
+    float dtype, incl. bfloat16) go through ``.float()``."""
+    if type(weight).__module__.startswith("torch"):
+        weight = weight.detach().cpu().float().numpy()
+    w = np.asarray(weight)
+    if w.dtype not in (np.float32, np.float16):
+        raise TypeError(f"weight must be a float32 or float16 array, got dtype {w.dtype}")
+    if w.ndim != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {w.shape}")
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+class PBTensor:
+    """A partially-binarized matrix ``Ŵ = B + S`` (docs/format.md §6).
+
+    Attributes
+    ----------
+    shape : (m, n)
+    signs : uint8 ``(m, ceil(n/8))``, packed sign plane (bit 1 = -1).
+    mu, alpha : float16/float32 ``(m, n_groups)``, per row/group shift and scale.
+    sigma : float16/float32 ``(m,)``, per-row residual scale.
+    residual : :class:`RLE` of shape ``(m, n)``, residual codes (value_bits = salient_bits).
+    group_size : int, columns per group.
+    """
+
+    __slots__ = ("shape", "signs", "mu", "alpha", "sigma", "residual", "group_size", "_cache")
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        signs: np.ndarray,
+        mu: np.ndarray,
+        alpha: np.ndarray,
+        sigma: np.ndarray,
+        residual: RLE,
+        group_size: int,
+    ) -> None:
+        m, n = (int(d) for d in shape)
+        dt = _scale_dtype(np.asarray(mu).dtype)
+        ng = 0 if n == 0 else -(-n // int(group_size))
+        object.__setattr__(self, "_cache", None)
+        self.shape = (m, n)
+        self.signs = np.ascontiguousarray(signs, dtype=np.uint8).reshape(m, (n + 7) // 8)
+        self.mu = np.ascontiguousarray(mu, dtype=dt).reshape(m, ng)
+        self.alpha = np.ascontiguousarray(alpha, dtype=dt).reshape(m, ng)
+        self.sigma = np.ascontiguousarray(sigma, dtype=dt).reshape(m)
+        if not isinstance(residual, RLE):
+            raise TypeError("residual must be a pbcodec.RLE")
+        self.residual = residual
+        self.group_size = int(group_size)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, "_cache", None)  # parts changed: drop float32 scales
+        object.__setattr__(self, name, value)
+
+    # -- derived ---------------------------------------------------------
+    @property
+    def salient_bits(self) -> int:
+        return self.residual.value_bits
+
+    @property
+    def scale_dtype(self) -> np.dtype:
+        return self.mu.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Exact length of :meth:`to_bytes`."""
+        return int(_core.pb_nbytes(*self._parts()))
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``8 * nbytes / (m * n)``: everything counted (header, scales, index, checksums)."""
+        m, n = self.shape
+        return 8.0 * self.nbytes / (m * n) if m * n else 0.0
+
+    def _parts(self) -> tuple:
+        if self._cache is None:
+            f32 = tuple(np.ascontiguousarray(a, dtype=np.float32).ravel() for a in (self.mu, self.alpha, self.sigma))
+            object.__setattr__(self, "_cache", f32)
+        r = self.residual
+        meta = (
+            self.shape[0],
+            self.shape[1],
+            self.group_size,
+            _SCALE_BITS[self.mu.dtype],
+            r.count_bits,
+            r.value_bits,
+        )
+        arrays = (
+            np.ascontiguousarray(self.signs).ravel(),
+            *self._cache,
+            r.counts,
+            r.values.view(np.uint8),
+            r.code_offsets,
+            r.value_offsets,
+        )
+        return meta, arrays
+
+    # -- operations --------------------------------------------------------
+    def decompress(self, dtype: Any = np.float32, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Rebuild ``Ŵ`` ``(m, n)`` (float32 arithmetic, §6.2), returned as ``dtype``."""
+        dt = np.dtype(dtype)
+        if dt == np.float32:
+            res = prepare_out(out, self.shape, np.float32)
+            _core.pb_decompress(*self._parts(), res)
+            return res
+        full = np.empty(self.shape, np.float32)
+        _core.pb_decompress(*self._parts(), full)
+        res = prepare_out(out, self.shape, dt)
+        res[...] = full
+        return res
+
+    def matvec(self, x: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """``y = x @ Ŵ.T`` from the compressed data, without building ``Ŵ``.
+
+        x: float32 ``(n,)`` or ``(batch, n)`` (other float dtypes are converted).
+        Returns float32 ``(m,)`` or ``(batch, m)``. All rows of the batch share one
+        pass over the weights; multi-threaded over rows (:func:`pbcodec.set_num_threads`),
+        GIL released, identical results for any thread count.
+        """
+        m, n = self.shape
+        xa = np.asarray(x)
+        if xa.dtype != np.float32:
+            if xa.dtype.kind != "f":
+                raise TypeError(f"x must be a float array, got dtype {xa.dtype}")
+            xa = xa.astype(np.float32)
+        if xa.ndim not in (1, 2) or xa.shape[-1] != n:
+            raise ValueError(f"x must have shape ({n},) or (batch, {n}), got {xa.shape}")
+        xa = np.ascontiguousarray(xa)
+        batch = 1 if xa.ndim == 1 else xa.shape[0]
+        res = prepare_out(out, (m,) if xa.ndim == 1 else (batch, m), np.float32)
+        _core.pb_matvec(*self._parts(), xa, batch, res)
+        return res
+
+    def to_bytes(self) -> bytes:
+        """Serialize (docs/format.md §7): magic, version, parts, embedded RLE, CRC-32C."""
+        return _core.pb_to_bytes(*self._parts())
+
+    @classmethod
+    def from_bytes(cls, buf: bytes | bytearray | memoryview) -> "PBTensor":
+        """Parse and validate; raises :class:`pbcodec.FormatError` on anything malformed."""
+        return _from_core(_core.pb_from_bytes(np.frombuffer(buf, dtype=np.uint8)))
+
+    def stats(self) -> dict:
+        """Size breakdown in bits per weight and the codec parameters."""
+        m, n = self.shape
+        mn = max(m * n, 1)
+        r = self.residual
+        w = self.mu.dtype.itemsize
+        scales = (self.mu.size + self.alpha.size + self.sigma.size) * w
+        codes, values = r.counts.nbytes, r.values.nbytes
+        other = self.nbytes - self.signs.nbytes - scales - codes - values
+        return {
+            "shape": self.shape,
+            "bits_per_weight": self.bits_per_weight,
+            "signs_bpw": 8 * self.signs.nbytes / mn,
+            "scales_bpw": 8 * scales / mn,
+            "residual_codes_bpw": 8 * codes / mn,
+            "residual_values_bpw": 8 * values / mn,
+            "index_and_headers_bpw": 8 * other / mn,
+            "salient_fraction": r.num_values / mn,
+            "salient_bits": self.salient_bits,
+            "count_bits": r.count_bits,
+            "group_size": self.group_size,
+            "scale_dtype": str(self.mu.dtype),
+            "nbytes": self.nbytes,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PBTensor):
+            return NotImplemented
+        return (
+            self.shape == other.shape
+            and self.group_size == other.group_size
+            and self.mu.dtype == other.mu.dtype
+            and np.array_equal(self.signs, other.signs)
+            and all(np.array_equal(getattr(self, a).view(np.uint8), getattr(other, a).view(np.uint8)) for a in ("mu", "alpha", "sigma"))
+            and self.residual == other.residual
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"PBTensor(shape={self.shape}, bits_per_weight={self.bits_per_weight:.3f}, "
+            f"salient_bits={self.salient_bits}, group_size={self.group_size}, "
+            f"salient={self.residual.num_values}/{self.shape[0] * self.shape[1]})"
+        )
+
+
+def _from_core(res: tuple) -> PBTensor:
+    (m, n, g, scale_bits, cb, vb), (signs, mu, alpha, sigma, counts, values, co, vo) = res
+    dt = np.float16 if scale_bits == 16 else np.float32
+    residual = RLE((m, n), cb, vb, counts, values.view(np.int8) if vb == 8 else values, co, vo)
+    # Scales come back as float32 holding exact float16/float32 values.
+    return PBTensor((m, n), signs, mu.astype(dt), alpha.astype(dt), sigma.astype(dt), residual, g)
+
+
+def compress(
+    weight: Any,
+    *,
+    salient: float = 0.1,
+    salient_bits: int = 8,
+    count_bits: int | str = "auto",
+    group_size: int | None = None,
+    select: str = "row",
+    importance: Any = None,
+    shift: bool = True,
+    scale_dtype: Any = "float16",
+) -> PBTensor:
+    """Compress a weight matrix ``(out_features, in_features)`` by partial binarization.
+
+    The ``salient`` fraction of largest scores (``|W|``, or ``|W| * importance[j]``)
+    keeps a ``salient_bits`` (8 or 4) residual code; every weight gets a sign bit
+    with per row/group ``mu``, ``alpha`` (PB-LLM's rule: mean and mean absolute
+    deviation of the non-salient weights). ``select="row"`` gives every row the
+    same salient count; ``"tensor"`` uses one threshold over the matrix.
+    Deterministic: the same input gives the same bytes (docs/format.md §6.1).
+
+    weight: float32/float16 2-D array-like (torch tensors accepted).
+    importance: optional per-input-channel weights ``(in_features,)``, finite, >= 0.
+    """
+    w = _as_weight(weight)
+    m, n = w.shape
+    if isinstance(salient, bool) or not isinstance(salient, (int, float, np.floating, np.integer)):
+        raise TypeError(f"salient must be a number in [0, 1], got {salient!r}")
+    if salient_bits not in (4, 8) or isinstance(salient_bits, bool):
+        raise ValueError(f"salient_bits must be 4 or 8, got {salient_bits!r}")
+    if isinstance(count_bits, str):
+        if count_bits != "auto":
+            raise ValueError(f"count_bits must be 1..8 or 'auto', got {count_bits!r}")
+        cb = 0
+    else:
+        if isinstance(count_bits, bool) or not 1 <= int(count_bits) <= 8:
+            raise ValueError(f"count_bits must be 1..8 or 'auto', got {count_bits!r}")
+        cb = int(count_bits)
+    if select not in ("row", "tensor"):
+        raise ValueError(f"select must be 'row' or 'tensor', got {select!r}")
+    if group_size is None:
+        gs = 0
+    else:
+        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+            raise TypeError(f"group_size must be an int or None, got {group_size!r}")
+        gs = int(group_size)
+        if n > 0 and not 1 <= gs <= n:
+            raise ValueError(f"group_size must be in 1..{n}, got {gs}")
+        gs = gs if n > 0 else 0
+    imp = None
+    if importance is not None:
+        if type(importance).__module__.startswith("torch"):
+            importance = importance.detach().cpu().float().numpy()
+        imp = np.ascontiguousarray(np.asarray(importance, dtype=np.float32))
+        if imp.shape != (n,):
+            raise ValueError(f"importance must have shape ({n},), got {imp.shape}")
+    sbits = _SCALE_BITS[_scale_dtype(scale_dtype)]
+    res = _core.pb_compress(w, m, n, imp, float(salient), int(salient_bits), cb, gs, select == "tensor", bool(shift), sbits)
+    return _from_core(res)
+
+
+def snr_db(weight: Any, weight_hat: Any) -> float:
+    """Signal-to-noise ratio in dB: ``10·log10(mean(W²) / mean((W − Ŵ)²))`` (float64).
+    ``inf`` when the two are equal."""
+    w = np.asarray(weight, dtype=np.float64)
+    wh = np.asarray(weight_hat, dtype=np.float64)
+    if w.shape != wh.shape:
+        raise ValueError(f"shapes differ: {w.shape} vs {wh.shape}")
+    err = float(np.mean((w - wh) ** 2)) if w.size else 0.0
+    sig = float(np.mean(w**2)) if w.size else 0.0
+    if err == 0.0:
+        return float("inf")
+    return 10.0 * float(np.log10(sig / err)) if sig > 0 else float("-inf")
