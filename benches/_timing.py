@@ -63,18 +63,21 @@ def measure(
     min_repeats: int = 5,
     max_repeats: int = 400,
     calibrate: bool = True,
+    warmup: bool = True,
 ) -> dict[str, Stat]:
     """Time every candidate, interleaved; return per-call `Stat`s.
 
     calibrate=True (in-cache work): each candidate gets its own `inner`, and
     `repeats` (if not given) is chosen so each candidate runs about `budget_s`.
     calibrate=False (out-of-cache work): one call per sample, `repeats` samples.
-    Every candidate is called once first as a warm-up (code paths, page faults
-    of buffers the caller did not touch yet); that call is not timed.
+    With warmup=True every candidate is first called once, untimed (code paths,
+    first-touch page faults of memory the allocator has not handed out before);
+    pass False when the caller has just called them all anyway.
     """
     names = list(fns)
-    for name in names:
-        fns[name]()
+    if warmup:
+        for name in names:
+            fns[name]()
     inner = {name: (_calibrate(fns[name], sample_s) if calibrate else 1) for name in names}
     if repeats is None:
         if calibrate:

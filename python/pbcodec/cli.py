@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
 
             run(seed=args.seed)
         return 0
-    except (ValueError, OSError) as e:  # one clear line, non-zero status
+    except (ValueError, TypeError, OSError) as e:  # one clear line, non-zero status
         print(f"pbcodec: error: {e}", file=sys.stderr)
         return 1
 

@@ -24,13 +24,13 @@ def _scale_dtype(x: Any) -> np.dtype:
 
 
 def _as_weight(weight: Any) -> np.ndarray:
-    """2-D float32, C-contiguous. float16 converts exactly; torch tensors (any
-    float dtype, incl. bfloat16) go through ``.float()``."""
+    """2-D float32, C-contiguous. float16 converts exactly, float64 is rounded
+    to float32; torch tensors (any float dtype, incl. bfloat16) go through ``.float()``."""
     if type(weight).__module__.startswith("torch"):
         weight = weight.detach().cpu().float().numpy()
     w = np.asarray(weight)
-    if w.dtype not in (np.float32, np.float16):
-        raise TypeError(f"weight must be a float32 or float16 array, got dtype {w.dtype}")
+    if w.dtype.kind != "f":
+        raise TypeError(f"weight must be a float array (float32/float16), got dtype {w.dtype}")
     if w.ndim != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {w.shape}")
     return np.ascontiguousarray(w, dtype=np.float32)
@@ -243,7 +243,8 @@ def compress(
     same salient count; ``"tensor"`` uses one threshold over the matrix.
     Deterministic: the same input gives the same bytes (docs/format.md §6.1).
 
-    weight: float32/float16 2-D array-like (torch tensors accepted).
+    weight: float32/float16 2-D array-like (float64 is rounded to float32; torch
+    tensors accepted).
     importance: optional per-input-channel weights ``(in_features,)``, finite, >= 0.
     """
     w = _as_weight(weight)
