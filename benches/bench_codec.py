@@ -9,12 +9,15 @@ Groups (one table each): pack_signs (float32), pack_bits and unpack_bits
 densities 1/5/10/20 %. Every op runs at two size classes, on 2-D inputs of
 shape (rows, 4096):
 
-* ``in``:  about IN bytes of *input* (default 64 KiB), so input and output stay
-  in L2. Many samples (~0.2 s per candidate), each timing enough back-to-back
-  calls to last ~2 ms; Python call overhead of the public API is included.
+* ``in``:  about IN bytes of *input* (default 64 KiB), so the data stay in
+  cache (L2 is 512 KiB per core here; 1-bit unpack writes 512 KiB, so its
+  traffic spills to L3: the values-per-cycle table adds rows sized to half of
+  L2). Many samples (~0.2 s per candidate), each timing enough back-to-back
+  calls to last ~2 ms; the public API's fixed per-call cost (a few us, shown
+  in its own table) is included.
 * ``out``: at least OUT bytes of input (default 256 MiB; for unpack the input is
   the packed stream, so bits=1 writes 2 GiB), far beyond the 32 MiB L3.
-  5 samples of one call each.
+  5 samples of one call each (--quick: 64 MiB, 3 samples, RLE at 10% only).
 
 Our output goes to a preallocated, already-touched ``out=`` array (no page
 faults). The numpy peers do the same where numpy can: np.signbit and the
@@ -27,7 +30,8 @@ Peers: bits=1 -> np.packbits / np.unpackbits(bitorder="little"); bits 2..7 ->
 a vectorised shift-and-mask ("SWAR") numpy codec: 8 codes are one uint64 word,
 merged (or split) in three shift/mask steps (8->16->32->64-bit lanes), then the
 word's first `bits` bytes are the packed group; processed in L2-sized chunks
-(this was the fastest numpy variant tried). bits=8 is the identity, so its
+(the fastest numpy variant tried: the literal "widen each code to uint64 and
+shift by j*bits" form was 1.5-10x slower). bits=8 is the identity, so its
 peer is np.copyto. pack_signs -> np.packbits(np.signbit(x), bitorder="little")
 in L2-sized row chunks. RLE -> vectorised numpy encode (flatnonzero, gaps,
 divmod by ESC, escape fill + scatter, SWAR packing) and decode (SWAR
@@ -44,6 +48,14 @@ interleaved with the same row. noise: interquartile range / median of ours.
 All numbers in one table come from the same run; compare ratios, not absolute
 times across runs (the machine is shared). "values per cycle" uses the nominal
 clock from /proc/cpuinfo, not the real (boost) clock.
+
+The %copy reference depends on the size: glibc's memcpy uses streaming
+(non-temporal) stores only above its x86_non_temporal_threshold (192 MiB on
+the dev machine; printed under "memory baselines" when ld.so reports it), and
+those skip reading each destination line before writing it. So with the
+default 256 MiB the reference is a streaming-store copy, while --quick's
+64 MiB reference is an ordinary-store copy: %copy of a --quick run is not
+comparable with a full run. The "memory baselines" table shows both kinds.
 """
 from __future__ import annotations
 
@@ -296,6 +308,9 @@ class Cfg:
         self.budget_s = 0.04 if quick else 0.2
         self.sample_s = 1e-3 if quick else 2e-3
         self.bits_rows = 1024 if quick else 4096
+        # numpy's RLE peers take seconds per call out of cache; --quick keeps
+        # only the density the decode target names there (all densities in cache).
+        self.rle_out_densities = (0.10,) if quick else DENSITIES
         self.copy_src = touched(out_bytes, np.uint8)
         self.copy_dst = touched(out_bytes, np.uint8)
 
@@ -501,11 +516,11 @@ def nominal_mhz() -> float | None:
 
 def memory_baselines(cfg: Cfg) -> None:
     """Single-core memory bandwidth references for reading the %copy column.
-    glibc's memcpy switches to non-temporal (streaming) stores above a size
-    threshold of a few MiB, so a plain large np.copyto writes without first
-    reading the destination lines; the same copy in 1 MiB pieces stays below
-    that threshold and uses ordinary stores, as a kernel without streaming
-    stores does (each written line is read first: 3 memory transfers per 2)."""
+    glibc's memcpy switches to non-temporal (streaming) stores above
+    x86_non_temporal_threshold, so a plain np.copyto larger than that writes
+    without first reading the destination lines; the same copy in 1 MiB pieces
+    stays below it and uses ordinary stores, like a kernel without streaming
+    stores (each written line is read first: 3 memory transfers per 2 counted)."""
     src, dst = cfg.copy_src, cfg.copy_dst
     nbytes = src.nbytes
     piece = 1 << 20
@@ -523,8 +538,32 @@ def memory_baselines(cfg: Cfg) -> None:
     ref = moved[0] / st["np.copyto(dst, src)  [the %copy reference]"].median
     rows = [[name, fmt_time(v.median), f"{m / v.median / 1e9:.1f}", f"{100 * m / v.median / ref:.0f}%"]
             for (name, v), m in zip(st.items(), moved)]
+    notes = ["GB/s counts bytes read + bytes written by the operation"]
+    nt = glibc_nt_threshold()
+    if nt is not None:
+        kind = "streaming" if nbytes > nt else "ordinary"
+        notes.append(f"glibc x86_non_temporal_threshold = {fmt_bytes(nt)}: the plain copy of {fmt_bytes(nbytes)} "
+                     f"uses {kind} stores")
     print_table(f"memory baselines, one core, {fmt_bytes(nbytes)} buffers", ["operation", "median", "GB/s", "%copy"],
-                rows, ["GB/s counts bytes read + bytes written by the operation"])
+                rows, notes)
+
+
+def glibc_nt_threshold() -> int | None:
+    """glibc's memcpy streaming-store threshold, from `ld.so --list-tunables` (None if unavailable)."""
+    import subprocess
+
+    for ld in ("/lib64/ld-linux-x86-64.so.2", "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"):
+        try:
+            txt = subprocess.run([ld, "--list-tunables"], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in txt.splitlines():
+            if "x86_non_temporal_threshold" in line:
+                try:
+                    return int(line.split(":")[1].split()[0], 0)
+                except (IndexError, ValueError):
+                    return None
+    return None
 
 
 def print_level_tables(cfg: Cfg, level: str, recs: list[dict], l2recs: list[dict], overheads: dict,
@@ -559,7 +598,7 @@ def bench_rle(cfg: Cfg, rng) -> list[dict]:
     level = pbcodec.simd_level()
     for cls, size in cfg.sizes:
         rows = max(1, -(-size // N_COLS))
-        for p in DENSITIES:
+        for p in (DENSITIES if cls == "in" else cfg.rle_out_densities):
             x = sparse_int8((rows, N_COLS), p, rng)
             for cb in (4, "auto"):
                 ref = pbcodec.rle_encode(x, cb)
@@ -722,7 +761,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="smoke-test mode: 64 MiB out-of-cache size, fewer repeats (well under a minute)")
+                    help="smoke-test mode: 64 MiB out-of-cache size, 3 repeats, out-of-cache RLE at 10%% only")
     ap.add_argument("--sizes", default=None,
                     help="IN,OUT input sizes in bytes, K/M/G suffixes allowed (default 64K,256M; --quick 64K,64M)")
     ap.add_argument("--levels", choices=("all", "current"), default="current",

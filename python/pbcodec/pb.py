@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _core
 from ._util import prepare_out
+from .errors import FormatError
 from .rle import RLE
 
 _SCALE_BITS = {np.dtype(np.float16): 16, np.dtype(np.float32): 32}
@@ -166,6 +167,70 @@ class PBTensor:
     def from_bytes(cls, buf: bytes | bytearray | memoryview) -> "PBTensor":
         """Parse and validate; raises :class:`pbcodec.FormatError` on anything malformed."""
         return _from_core(_core.pb_from_bytes(np.frombuffer(buf, dtype=np.uint8)))
+
+    @classmethod
+    def from_parts(
+        cls,
+        shape: tuple[int, int],
+        *,
+        signs: Any,
+        mu: Any,
+        alpha: Any,
+        sigma: Any,
+        counts: Any,
+        values: Any,
+        code_offsets: Any,
+        group_size: int,
+        count_bits: int,
+        salient_bits: int,
+    ) -> "PBTensor":
+        """Build from raw component arrays (a file's tensors, a state_dict) and
+        validate them like :meth:`from_bytes` does (:class:`FormatError` on any
+        inconsistency). Unaligned or non-contiguous inputs are copied; the
+        residual's value offsets are recomputed from its codes."""
+        m, n = (int(d) for d in shape)
+        mu_a = np.asarray(mu)
+        if mu_a.dtype not in _SCALE_BITS:
+            raise FormatError(f"scales must be float16 or float32, got {mu_a.dtype}")
+        dt = mu_a.dtype
+
+        def arr(a: Any, dtype: Any, name: str) -> np.ndarray:
+            a = np.asarray(a)
+            if a.dtype != np.dtype(dtype):
+                raise FormatError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
+            return np.require(a.ravel(), requirements=["C", "A"])
+
+        if int(salient_bits) not in (4, 8) or not 1 <= int(count_bits) <= 8:
+            raise FormatError(f"bad residual parameters: count_bits={count_bits}, salient_bits={salient_bits}")
+        vals = arr(values, np.int8 if int(salient_bits) == 8 else np.uint8, "values")
+        co = arr(code_offsets, np.int64, "code_offsets")
+        parts = (
+            (m, n, int(group_size), _SCALE_BITS[dt], int(count_bits), int(salient_bits)),
+            (
+                arr(signs, np.uint8, "signs"),
+                arr(mu, dt, "mu").astype(np.float32),
+                arr(alpha, dt, "alpha").astype(np.float32),
+                arr(sigma, dt, "sigma").astype(np.float32),
+                arr(counts, np.uint8, "counts"),
+                vals.view(np.uint8),
+                co,
+                np.zeros(m + 1, np.int64),  # recomputed by the validating walk
+            ),
+        )
+        if co.shape != (m + 1,):
+            raise FormatError(f"code_offsets must have {m + 1} entries, got {co.size}")
+        vo = _core.pb_validate(*parts)
+        ng = 0 if n == 0 else -(-n // int(group_size))
+        residual = RLE((m, n), int(count_bits), int(salient_bits), parts[1][4], vals, co, vo)
+        return cls(
+            (m, n),
+            parts[1][0].reshape(m, (n + 7) // 8),
+            np.asarray(mu).reshape(m, ng),
+            np.asarray(alpha).reshape(m, ng),
+            np.asarray(sigma).reshape(m),
+            residual,
+            int(group_size),
+        )
 
     def stats(self) -> dict:
         """Size breakdown in bits per weight and the codec parameters."""

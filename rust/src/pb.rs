@@ -425,14 +425,24 @@ fn check_sign_padding(signs: &[u8], m: usize, n: usize) -> Result<()> {
     Ok(())
 }
 
-pub fn to_bytes(t: &PbRef) -> Result<Vec<u8>> {
+/// Every check `from_bytes` makes, on parts from elsewhere (a file's tensors):
+/// sizes, scales, sign padding, canonical residual streams and code range.
+/// Returns the residual's value offsets (recomputed by the validating walk).
+pub fn validate(t: &PbRef) -> Result<Vec<i64>> {
     t.check_sizes()?;
     check_scales(t)?;
     check_sign_padding(t.signs, t.m, t.n)?;
-    // rle_to_bytes validates the streams strictly; the value range check needs
-    // the value count it implies.
+    let vo = rle::validate(&t.res, &[t.m, t.n], true)?;
+    check_codes(&t.res, *vo.last().unwrap_or(&0) as usize)?;
+    Ok(vo)
+}
+
+pub fn to_bytes(t: &PbRef) -> Result<Vec<u8>> {
+    let vo = validate(t)?;
+    if vo != t.value_offsets {
+        return format_err("residual value_offsets do not match its codes");
+    }
     let rb = format::rle_to_bytes(&t.res, &[t.m, t.n])?;
-    check_codes(&t.res, *t.value_offsets.last().unwrap_or(&0) as usize)?;
     let mut out = Vec::with_capacity(PB_HEADER + t.signs.len() + rb.len() + 4 * (2 * t.mu.len() + t.m) + 4);
     out.extend_from_slice(PB_MAGIC);
     out.extend_from_slice(&PB_VERSION.to_le_bytes());

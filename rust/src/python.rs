@@ -32,11 +32,23 @@ impl<T> IntoPy<T> for crate::Result<T> {
     }
 }
 
+/// Rust slices must be aligned: an unaligned numpy view (e.g. of a memory-mapped
+/// file) is rejected here; the Python layer copies such arrays first.
+fn aligned<T>(s: &[T], name: &str) -> PyResult<()> {
+    if (s.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+        return Err(PyValueError::new_err(format!("{name} is not aligned in memory")));
+    }
+    Ok(())
+}
 fn ro<'a, T: numpy::Element>(a: &'a PyReadonlyArrayDyn<'_, T>, name: &str) -> PyResult<&'a [T]> {
-    a.as_slice().map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
+    let s = a.as_slice().map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))?;
+    aligned(s, name)?;
+    Ok(s)
 }
 fn rw<'a, T: numpy::Element>(a: &'a mut PyReadwriteArrayDyn<'_, T>, name: &str) -> PyResult<&'a mut [T]> {
-    a.as_slice_mut().map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))
+    let s = a.as_slice_mut().map_err(|_| PyValueError::new_err(format!("{name} must be C-contiguous")))?;
+    aligned(s, name)?;
+    Ok(s)
 }
 
 #[pyfunction]
@@ -352,6 +364,14 @@ fn pb_to_bytes<'py>(py: Python<'py>, meta: PbMeta, arrays: PbArrays<'py>) -> PyR
     Ok(PyBytes::new(py, &b))
 }
 
+/// Validate parts (from a file); returns the recomputed value offsets.
+#[pyfunction]
+fn pb_validate<'py>(py: Python<'py>, meta: PbMeta, arrays: PbArrays<'py>) -> PyResult<Bound<'py, PyArray1<i64>>> {
+    let v = pb_view(meta, &arrays)?;
+    let vo = py.detach(|| pb::validate(&v)).py(py)?;
+    Ok(PyArray1::from_vec(py, vo))
+}
+
 #[pyfunction]
 fn pb_nbytes(meta: PbMeta, arrays: PbArrays<'_>) -> PyResult<u64> {
     let v = pb_view(meta, &arrays)?;
@@ -400,6 +420,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(pb_matvec, m)?,
         wrap_pyfunction!(pb_to_bytes, m)?,
         wrap_pyfunction!(pb_nbytes, m)?,
+        wrap_pyfunction!(pb_validate, m)?,
         wrap_pyfunction!(pb_from_bytes, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
