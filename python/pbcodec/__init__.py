@@ -7,6 +7,7 @@ Codec primitives (this module):
 - :func:`rle_encode` / :func:`rle_decode` / :class:`RLE`: the escaped zero-run code.
 - :func:`compress` / :class:`PBTensor`: partially-binarized matrices with a
   decode-fused, multi-threaded :meth:`PBTensor.matvec`.
+- :func:`save_file` / :func:`load_file`: safetensors files holding compressed tensors.
 - :class:`FormatError`: raised for any malformed serialized input.
 - :mod:`pbcodec.reference`: pure-Python twins of everything, written from docs/format.md.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 from . import _core
 from .bitpack import pack_bits, pack_signs, unpack_bits, unpack_signs
 from .errors import FormatError
+from .files import load_file, load_metadata, save_file
 from .pb import PBTensor, compress, snr_db
 from .rle import RLE, rle_decode, rle_encode
 
@@ -29,6 +31,9 @@ __all__ = [
     "RLE",
     "compress",
     "get_num_threads",
+    "load_file",
+    "load_metadata",
+    "save_file",
     "set_num_threads",
     "snr_db",
     "available_simd_levels",
