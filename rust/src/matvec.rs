@@ -250,6 +250,8 @@ mod x86 {
 
     /// Σ_g s_j x_j for every group and batch row. Byte-aligned groups (group
     /// size a multiple of 8, or one group) use the SIMD path; others fall back.
+    /// Batch rows go in passes of up to 4, so each sign mask is built once per
+    /// pass and feeds every row of it.
     #[target_feature(enable = "avx2,fma,bmi2")]
     pub unsafe fn signed_sums(sh: &Shared, i: usize, ssum: &mut [f32]) {
         let t = sh.t;
@@ -258,6 +260,23 @@ mod x86 {
         if ng > 1 && g % 8 != 0 {
             return super::scalar_signed_sums(sh, i, ssum);
         }
+        let mut b0 = 0;
+        while b0 < sh.batch {
+            match sh.batch - b0 {
+                1 => signed_sums_nb::<1>(sh, i, b0, ssum),
+                2 => signed_sums_nb::<2>(sh, i, b0, ssum),
+                3 => signed_sums_nb::<3>(sh, i, b0, ssum),
+                _ => signed_sums_nb::<4>(sh, i, b0, ssum),
+            }
+            b0 += 4;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn signed_sums_nb<const NB: usize>(sh: &Shared, i: usize, b0: usize, ssum: &mut [f32]) {
+        let t = sh.t;
+        let (n, g) = (t.n, t.group_size);
+        let ng = n_groups(n, g);
         let nbytes = n.div_ceil(8);
         let signs = &t.signs[i * nbytes..(i + 1) * nbytes];
         let one = _mm256_set1_ps(1.0);
@@ -269,34 +288,44 @@ mod x86 {
             _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
             _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0),
         ];
-        for b in 0..sh.batch {
-            let x = sh.xs.as_ptr().add(b * sh.stride);
-            for gi in 0..ng {
-                // Bytes of this group; the last group's partial byte has zero
-                // padding bits and x is zero padded, so whole bytes are safe.
-                let k0 = gi * g / 8;
-                let k1 = (((gi + 1) * g).min(n)).div_ceil(8);
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut k = k0;
-                while k + 4 <= k1 {
-                    let w = (signs.as_ptr().add(k) as *const u32).read_unaligned();
-                    let v = _mm256_set1_epi32(w as i32);
-                    for q in 0..4 {
-                        let m = _mm256_castsi256_ps(_mm256_sllv_epi32(v, sh32[q]));
-                        let s = _mm256_blendv_ps(one, mone, m);
-                        acc[q] = _mm256_fmadd_ps(s, _mm256_loadu_ps(x.add(8 * k + 8 * q)), acc[q]);
-                    }
-                    k += 4;
-                }
-                while k < k1 {
-                    let v = _mm256_set1_epi32(*signs.get_unchecked(k) as i32);
-                    let m = _mm256_castsi256_ps(_mm256_sllv_epi32(v, sh32[0]));
+        let mut xp = [std::ptr::null::<f32>(); NB];
+        for (u, p) in xp.iter_mut().enumerate() {
+            *p = sh.xs.as_ptr().add((b0 + u) * sh.stride);
+        }
+        for gi in 0..ng {
+            // Bytes of this group; the last group's partial byte has zero
+            // padding bits and x is zero padded, so whole bytes are safe.
+            let k0 = gi * g / 8;
+            let k1 = (((gi + 1) * g).min(n)).div_ceil(8);
+            // Independent FMA chains: four for one batch row, two per row
+            // otherwise (the rows themselves interleave).
+            let nacc = if NB == 1 { 4 } else { 2 };
+            let mut acc = [[_mm256_setzero_ps(); 4]; NB];
+            let mut k = k0;
+            while k + 4 <= k1 {
+                let w = (signs.as_ptr().add(k) as *const u32).read_unaligned();
+                let v = _mm256_set1_epi32(w as i32);
+                for q in 0..4 {
+                    let m = _mm256_castsi256_ps(_mm256_sllv_epi32(v, sh32[q]));
                     let s = _mm256_blendv_ps(one, mone, m);
-                    acc[0] = _mm256_fmadd_ps(s, _mm256_loadu_ps(x.add(8 * k)), acc[0]);
-                    k += 1;
+                    for u in 0..NB {
+                        acc[u][q % nacc] = _mm256_fmadd_ps(s, _mm256_loadu_ps(xp[u].add(8 * k + 8 * q)), acc[u][q % nacc]);
+                    }
                 }
-                let a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-                ssum[b * ng + gi] = hsum(a);
+                k += 4;
+            }
+            while k < k1 {
+                let v = _mm256_set1_epi32(*signs.get_unchecked(k) as i32);
+                let m = _mm256_castsi256_ps(_mm256_sllv_epi32(v, sh32[0]));
+                let s = _mm256_blendv_ps(one, mone, m);
+                for u in 0..NB {
+                    acc[u][0] = _mm256_fmadd_ps(s, _mm256_loadu_ps(xp[u].add(8 * k)), acc[u][0]);
+                }
+                k += 1;
+            }
+            for u in 0..NB {
+                let a = _mm256_add_ps(_mm256_add_ps(acc[u][0], acc[u][1]), _mm256_add_ps(acc[u][2], acc[u][3]));
+                ssum[(b0 + u) * ng + gi] = hsum(a);
             }
         }
     }
