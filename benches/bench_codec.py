@@ -20,11 +20,12 @@ shape (rows, 4096):
   5 samples of one call each (--quick: 64 MiB, 3 samples, RLE at 10% only).
 
 Our output goes to a preallocated, already-touched ``out=`` array (no page
-faults). The numpy peers do the same where numpy can: np.signbit and the
-shift-and-mask peers write into preallocated buffers; np.packbits /
-np.unpackbits (no ``out=``) and both RLE peers allocate their results, as any
-numpy user's code would. Before timing, every peer's output is asserted equal
-to pbcodec's on that very data, so both sides do the same work.
+faults). The numpy peers do the same where numpy can: the shift-and-mask
+peers, np.copyto and (out of cache) np.signbit write into preallocated
+buffers; np.packbits / np.unpackbits (no ``out=``) and both RLE peers allocate
+their results, as any numpy user's code would. Before timing, every peer's
+output is asserted equal to pbcodec's on that very data, so both sides do the
+same work.
 
 Peers: bits=1 -> np.packbits / np.unpackbits(bitorder="little"); bits 2..7 ->
 a vectorised shift-and-mask ("SWAR") numpy codec: 8 codes are one uint64 word,
@@ -33,9 +34,10 @@ word's first `bits` bytes are the packed group; processed in L2-sized chunks
 (the fastest numpy variant tried: the literal "widen each code to uint64 and
 shift by j*bits" form was 1.5-10x slower). bits=8 is the identity, so its
 peer is np.copyto. pack_signs -> np.packbits(np.signbit(x), bitorder="little")
-in L2-sized row chunks. RLE -> vectorised numpy encode (flatnonzero, gaps,
-divmod by ESC, escape fill + scatter, SWAR packing) and decode (SWAR
-unpacking, cumulative sums, fancy-index scatter).
+(out of cache in 128-row chunks, so the bool temporary stays in cache).
+RLE -> vectorised numpy encode (flatnonzero, gaps, divmod by ESC, escape fill
++ scatter, SWAR packing) and decode (SWAR unpacking, cumulative sums,
+fancy-index scatter).
 
 How to read a table
 -------------------
@@ -181,9 +183,13 @@ def np_unpack_bits(packed: np.ndarray, k: int, count: int, out: np.ndarray) -> n
 
 
 def np_pack_signs(x: np.ndarray, signs: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """np.packbits(np.signbit(x), axis=-1, bitorder="little"), in row chunks so the
-    bool temporary `signs` (preallocated, chunk rows) stays in cache."""
+    """np.packbits(np.signbit(x), axis=-1, bitorder="little"); large inputs go in
+    row chunks so the bool temporary `signs` (preallocated) stays in cache."""
     step = signs.shape[0]
+    if x.shape[0] <= step:
+        # In cache the plain expression is the fastest form (a small temporary
+        # costs no page faults, and out= plus a copy into `out` only add calls).
+        return np.packbits(np.signbit(x), axis=-1, bitorder="little")
     for r in range(0, x.shape[0], step):
         e = min(x.shape[0], r + step)
         sb = signs[: e - r]

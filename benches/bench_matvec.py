@@ -3,6 +3,7 @@ equal-work peers.
 
 Run:  python benches/bench_matvec.py [--quick] [--full] [--threads N]
                                      [--shapes 4096x4096,11008x4096,4096x11008]
+                                     [--cold-mib 256] [--lib-defaults]
 
 What is measured
 ----------------
@@ -10,7 +11,14 @@ Shapes m x n (out x in features), default 4096x4096, 11008x4096, 4096x11008,
 float32 Gaussian weights. Default grid: salient 10 % / 8-bit residuals at batch
 1, 4 and 16, plus 5 %/8-bit and 10 %/4-bit at batch 1 only; --full runs
 {5, 10 %} x {8, 4 bits} x {1, 4, 16}. --quick: 4096x4096 only, 10 %/8-bit,
-fewer samples per candidate (the cold working sets stay >= 256 MiB).
+fewer samples per candidate (the cold working sets stay >= 256 MiB). Default
+~2.5 min, --quick ~25 s, peak RSS ~2.4 GiB (default) on the 2-core dev box.
+
+Threads: pbcodec, OpenBLAS (via threadpoolctl) and torch all get --threads
+(default: pbcodec's default, all cores). Unless --lib-defaults is given, the
+script sets OPENBLAS_THREAD_TIMEOUT=4 and OMP_WAIT_POLICY=PASSIVE (when not set
+already) so idle library threads sleep instead of spinning: with their default
+spin-waits the candidates slowed each other 3-8x on 2 cores (see LIB_ENV).
 
 Candidates ("peers"), all fed the very same float32 x (generated once per
 shape and batch, reused for every call: it is a few KiB, cache-resident either
@@ -26,7 +34,9 @@ way) and writing into preallocated outputs where the API allows:
                  it gets only a few samples, see the n column).
 * decompress+f32 t.decompress(out=buf) then the fastest (m,n)-layout numpy
                  product on buf, timed together (buf preallocated and reused,
-                 which favours the peer: no page faults).
+                 which favours the peer: no page faults). Its bits/w column is
+                 what it reads from the compressed tensor; it also writes and
+                 re-reads the dense float32 buf.
 * torch int8     torch.ao.quantization.quantize_dynamic(Sequential(Linear(n, m,
                  bias=False)), {Linear}, qint8) with weight W (per-tensor int8
                  weights, activations quantized per call: included in its time).
@@ -34,8 +44,9 @@ way) and writing into preallocated outputs where the API allows:
 
 Before timing, pbcodec's output is checked against t.decompress() @ x (relative
 L2 error < 1e-4, else the run aborts), so pbcodec and the decompress peer do the
-same work; every peer's relative L2 error against the exact float32 W @ x is
-printed (pbcodec's is the codec's quantization error, torch's the int8 one).
+same work; every peer's relative L2 error against W @ x (computed in float64
+from the float32 W) is printed: pbcodec's is the codec's quantization error
+(~0.4 for Gaussian weights: 90 % of them keep only a sign), torch's the int8 one.
 
 Cold: each candidate cycles round robin through enough distinct copies of its
 own matrix that *its own* working set is >= 256 MiB (8x the 32 MiB L3), so
@@ -62,9 +73,16 @@ Roofline: bytes a cold pbcodec call must read (t.nbytes) / the read bandwidth of
 a single-threaded np.copyto of a 256 MiB buffer (bytes *read* / time; a copy
 also writes as many bytes, so this is half the read+write traffic), measured at
 the start and the end of this run (median of both). "% roofline" =
-roofline_time / measured time. Batch scaling: time(batch b) / time(batch 1).
-The machine is shared and noisy: compare ratios within one run, not absolute
-times across runs.
+roofline_time / measured time. A single-threaded copy is not the fastest
+reader: the table also gives the read bandwidth numpy's own cold float32 GEMV
+reaches in the same measurement ("f32 GB/s") and pbcodec's time against that
+stricter roofline ("% f32 roof"). hot % roof close to cold % roof means the
+kernel is compute-bound, not memory-bound.
+Batch scaling: time(batch b) / time(batch 1), cold and hot.
+Targets: checked at the end (batch 1, 10 %/8-bit, cold), MET / MISS per line.
+The last lines give the CPU time other processes used during the run (from
+/proc/stat): the machine is shared and noisy, so compare ratios within one run,
+not absolute times across runs.
 """
 from __future__ import annotations
 
@@ -81,7 +99,19 @@ import sys
 import time
 import warnings
 
-import numpy as np
+# Idle worker threads must sleep, not spin, or the candidates slow each other down:
+# after a call, OpenBLAS workers busy-wait ~2^28 cycles (~0.1 s) and libgomp's (torch)
+# a few ms by default; on this 2-core machine that steals the cores from the next
+# candidate (and from other processes), which we measured as 3-8x slowdowns that are
+# charged to whoever runs next. Sleeping idle threads cost each library only a thread
+# wake-up (tens of us) per call. Must be set before numpy / torch load their libraries;
+# --lib-defaults keeps the libraries' own settings. pbcodec's rayon pool parks by itself.
+LIB_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+if "--lib-defaults" not in sys.argv:
+    for _k, _v in LIB_ENV.items():
+        os.environ.setdefault(_k, _v)
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # _timing, when run as a script
 from _timing import Stat, fmt_bytes, fmt_ratio, print_table  # noqa: E402
@@ -139,6 +169,20 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "?"
+
+
+def cpu_ticks() -> tuple[float, float, float]:
+    """(busy, steal, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return (0.0, 0.0, 0.0)
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    steal = v[7] if len(v) > 7 else 0
+    total = sum(v[:8])
+    return ((total - idle - steal) / hz, steal / hz, total / hz)
 
 
 def peak_rss() -> int:
@@ -401,6 +445,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help=f"comma-separated MxN list (default {DEFAULT_SHAPES})")
     ap.add_argument("--threads", type=int, default=pbcodec.get_num_threads(),
                     help="threads for pbcodec, OpenBLAS and torch (default: pbcodec's default, all cores)")
+    ap.add_argument("--lib-defaults", action="store_true",
+                    help="keep OpenBLAS' and OpenMP's spin-waiting idle threads (see LIB_ENV)")
     ap.add_argument("--cold-mib", type=int, default=COLD_BYTES // MIB, help="cold working set per candidate (MiB)")
     args = ap.parse_args()
     args.cold_bytes = args.cold_mib * MIB
@@ -430,12 +476,13 @@ def main() -> None:
              else "torch NOT installed (torch int8 peer skipped)"))
     if threadpool_limits is None:
         print("threadpoolctl missing: OpenBLAS uses its default thread count")
-    try:
-        print(f"load average at start: {os.getloadavg()}")
-    except OSError:
-        pass
+    print("library settings: " + ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in LIB_ENV)
+          + (" (library defaults kept)" if args.lib_defaults else " (idle threads sleep; see LIB_ENV)"))
+    print(f"load average at start: {tuple(round(v, 2) for v in os.getloadavg())}")
+    ticks0, cpu0 = cpu_ticks(), os.times()
     cold_note = "" if args.cold_bytes >= COLD_BYTES else " (reduced from 256 MiB: cold numbers are less cold)"
-    print(f"cold working set per candidate >= {fmt_bytes(args.cold_bytes)}{cold_note}; "
+    print(f"same x for every call and candidate; cold working set per candidate >= "
+          f"{fmt_bytes(args.cold_bytes)}{cold_note}; "
           f"cold: up to {args.rounds} samples, hot: up to {args.hot_rounds}x{HOT_INNER}, "
           f"<= {args.budget:g} s per candidate and measurement (min {args.min_n} samples; numpy f16 min 1)")
 
@@ -465,15 +512,21 @@ def main() -> None:
     for (m, n, s, bits, b), r in results.items():
         roof = r["nbytes"] / bw
         c, h = r["cold"][PB].median, r["hot"][PB].median
+        gemv_bw = 4 * m * n / r["cold"][NP32].median  # what numpy's own cold GEMV streams, same measurement
         rows.append([f"{m}x{n}", f"{s:.0%}/{bits}b", str(b), fmt_bytes(r["nbytes"]), ms(roof), ms(c),
-                     f"{roof / c:.0%}", ms(h), f"{roof / h:.0%}", f"{r['nbytes'] / c / 1e9:.1f}"])
+                     f"{roof / c:.0%}", ms(h), f"{roof / h:.0%}", f"{r['nbytes'] / c / 1e9:.1f}",
+                     f"{gemv_bw / 1e9:.1f}", f"{r['nbytes'] / gemv_bw / c:.0%}"])
     print_table("Roofline: compressed bytes / copy read bandwidth", ["shape", "config", "batch", "t.nbytes",
-                "roof ms", "cold ms", "% roof", "hot ms", "hot % roof", "cold GB/s"], rows,
+                "roof ms", "cold ms", "% roof", "hot ms", "hot % roof", "cold GB/s", "f32 GB/s", "% f32 roof"],
+                rows,
                 [f"read bandwidth = bytes read / time of a single-threaded np.copyto of "
                  f"{fmt_bytes(max(args.cold_bytes, COLD_BYTES))}: start {statistics.median(bw0) / 1e9:.1f}, "
                  f"end {statistics.median(bw1) / 1e9:.1f}, used (median of all) {bw / 1e9:.1f} GB/s "
                  f"(copy traffic read+write = 2x).",
-                 "% roof = roofline time / measured time; cold GB/s = t.nbytes / cold time."], left=3)
+                 "% roof = roofline time / measured time; cold GB/s = t.nbytes / cold time.",
+                 "f32 GB/s = dense float32 bytes / numpy f32 cold time (same measurement): the read bandwidth a",
+                 "multi-threaded GEMV reaches; % f32 roof = pbcodec's cold time against that (stricter) roofline."],
+                left=3)
 
     # --- batch scaling ---
     rows = []
@@ -523,12 +576,15 @@ def main() -> None:
             check(f"{m}x{n} batch 16 <= 4x batch 1", sc <= 4, f"{sc:.2f}x")
     check("compress 4096x4096 Gaussian <= 0.5 s (median of 3)", t_comp <= 0.5, f"{t_comp:.3f} s")
     check("bits/weight 4096x4096 Gaussian 10%/8-bit <= 2.35", bpw_g <= 2.35, f"{bpw_g:.3f}")
-    try:
-        load = f", load average at end: {os.getloadavg()}"
-    except OSError:
-        load = ""
-    print(f"\nall targets met: {ok_all}. total {time.perf_counter() - t_start:.0f} s, "
-          f"peak RSS {fmt_bytes(peak_rss())}{load}")
+    wall = time.perf_counter() - t_start
+    ticks1, cpu1 = cpu_ticks(), os.times()
+    ours = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    others = max(0.0, (ticks1[0] - ticks0[0]) - ours)
+    steal = ticks1[1] - ticks0[1]
+    print(f"\nall targets met: {ok_all}. total {wall:.0f} s, peak RSS {fmt_bytes(peak_rss())}, "
+          f"load average at end: {tuple(round(v, 2) for v in os.getloadavg())}")
+    print(f"CPU time during the run: this process {ours:.0f} s, other processes {others:.1f} s "
+          f"({others / wall:.2f} cores on average), steal {steal:.1f} s")
 
 
 if __name__ == "__main__":

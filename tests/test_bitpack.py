@@ -239,3 +239,11 @@ def test_simd_level_api():
     assert pbcodec.simd_level() in levels
     with pytest.raises(ValueError):
         pbcodec.set_simd_level("sse9")
+
+
+def test_torch_bfloat16_tensor(simd):
+    torch = pytest.importorskip("torch")
+    f = torch.randn(3, 77)
+    f[0, 0] = -0.0
+    got = pbcodec.pack_signs(f.to(torch.bfloat16))
+    np.testing.assert_array_equal(got, np.packbits(np.signbit(f.numpy()), axis=-1, bitorder="little"))

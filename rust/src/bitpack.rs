@@ -97,6 +97,12 @@ pub fn pack_bits(codes: &[u8], rows: usize, n: usize, bits: u32, out: &mut [u8])
     let pl = packed_len(n, bits)?;
     check_len("codes", codes.len(), rows, n)?;
     check_len("out", out.len(), rows, pl)?;
+    if bits == 8 {
+        // The identity, and every u8 fits: a plain memcpy (glibc picks streaming
+        // stores for large copies).
+        out.copy_from_slice(codes);
+        return Ok(());
+    }
     let k = kernels();
     let mut or = 0u8;
     // SAFETY: kernel set matches a detected CPU level; lengths checked above.
@@ -119,6 +125,10 @@ pub fn unpack_bits(packed: &[u8], rows: usize, count: usize, bits: u32, out: &mu
     let pl = packed_len(count, bits)?;
     check_len("packed", packed.len(), rows, pl)?;
     check_len("out", out.len(), rows, count)?;
+    if bits == 8 {
+        out.copy_from_slice(packed);
+        return Ok(());
+    }
     let k = kernels();
     for_rows(packed, out, rows, pl, count, (count * bits as usize) % 8 == 0, |p, o| unsafe {
         (k.unpack)(p, bits, o)

@@ -338,6 +338,47 @@ unsafe fn unpack_row_avx2(packed: &[u8], bits: u32, out: &mut [u8]) {
             }
             blocks
         }
+        4 => {
+            // Split nibbles, interleave them back in code order; the in-lane
+            // unpacks leave 128-bit halves swapped, which the permutes fix.
+            let m = _mm256_set1_epi8(0x0F);
+            let blocks = out.len() / 64;
+            for i in 0..blocks {
+                let v = ld256(src.add(32 * i));
+                let lo = _mm256_and_si256(v, m);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m);
+                let a = _mm256_unpacklo_epi8(lo, hi);
+                let b = _mm256_unpackhi_epi8(lo, hi);
+                st256(dst.add(64 * i), _mm256_permute2x128_si256::<0x20>(a, b));
+                st256(dst.add(64 * i + 32), _mm256_permute2x128_si256::<0x31>(a, b));
+            }
+            2 * blocks
+        }
+        2 => {
+            // Four 2-bit fields per byte, interleaved in two levels (bytes, then
+            // 16-bit pairs) back into code order.
+            let m = _mm256_set1_epi8(3);
+            let blocks = out.len() / 128;
+            for i in 0..blocks {
+                let v = ld256(src.add(32 * i));
+                let f0 = _mm256_and_si256(v, m);
+                let f1 = _mm256_and_si256(_mm256_srli_epi16::<2>(v), m);
+                let f2 = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m);
+                let f3 = _mm256_and_si256(_mm256_srli_epi16::<6>(v), m);
+                let (a, b) = (_mm256_unpacklo_epi8(f0, f1), _mm256_unpacklo_epi8(f2, f3));
+                let (c, d) = (_mm256_unpackhi_epi8(f0, f1), _mm256_unpackhi_epi8(f2, f3));
+                let q0 = _mm256_unpacklo_epi16(a, b);
+                let q1 = _mm256_unpackhi_epi16(a, b);
+                let q2 = _mm256_unpacklo_epi16(c, d);
+                let q3 = _mm256_unpackhi_epi16(c, d);
+                let o = dst.add(128 * i);
+                st256(o, _mm256_permute2x128_si256::<0x20>(q0, q1));
+                st256(o.add(32), _mm256_permute2x128_si256::<0x20>(q2, q3));
+                st256(o.add(64), _mm256_permute2x128_si256::<0x31>(q0, q1));
+                st256(o.add(96), _mm256_permute2x128_si256::<0x31>(q2, q3));
+            }
+            4 * blocks
+        }
         _ => {
             // Each u16 lane j gets the two source bytes holding code j; a
             // multiply by 2^(8-offset) moves the code to bits 8.., then >> 8.

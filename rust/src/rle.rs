@@ -138,47 +138,6 @@ impl BitWriter {
     }
 }
 
-/// Total codes of the whole array for each `b` in 1..=8 (index b-1), and the
-/// number of values. Divisions by the constant ESC values compile to multiplies.
-pub fn code_counts(x: &[i8], rows: usize, n: usize) -> ([u64; 8], u64) {
-    let mut codes = [0u64; 8];
-    let mut nvals = 0u64;
-    for r in 0..rows {
-        let row = &x[r * n..(r + 1) * n];
-        let mut next = 0usize;
-        for_each_nonzero(row, |p| {
-            let run = (p - next) as u64;
-            codes[0] += run + 1;
-            codes[1] += run / 3 + 1;
-            codes[2] += run / 7 + 1;
-            codes[3] += run / 15 + 1;
-            codes[4] += run / 31 + 1;
-            codes[5] += run / 63 + 1;
-            codes[6] += run / 127 + 1;
-            codes[7] += run / 255 + 1;
-            nvals += 1;
-            next = p + 1;
-        });
-    }
-    (codes, nvals)
-}
-
-/// The `count_bits` that makes the serialized form smallest (ties: smaller).
-pub fn auto_count_bits(x: &[i8], shape: &[usize], value_bits: u32) -> Result<u32> {
-    let n = *shape.last().unwrap_or(&0);
-    let rows = rows_of(shape)?;
-    let (codes, nvals) = code_counts(x, rows, n);
-    let mut best = (u64::MAX, 1u32);
-    for b in 1..=8u32 {
-        let size = format::rle_serialized_len(shape.len(), rows, codes[b as usize - 1], nvals, b, value_bits)
-            .unwrap_or(u64::MAX);
-        if size < best.0 {
-            best = (size, b);
-        }
-    }
-    Ok(best.1)
-}
-
 /// Rows of an array shape: the product of all but the last axis. Rows and the
 /// element count must be below 2^63 (exact products: a zero dimension makes
 /// them 0 whatever the others are), and ndim in 1..=32 (docs/format.md §4).
@@ -199,6 +158,10 @@ pub fn rows_of(shape: &[usize]) -> Result<usize> {
 }
 
 /// Encode `x` (row-major, `shape`) with the given `count_bits` (None: auto).
+///
+/// One scan collects every nonzero's preceding run length; "auto" then picks
+/// the width from the run-length histogram (no second scan of `x`), and the
+/// codes are emitted from the runs.
 pub fn encode(x: &[i8], shape: &[usize], count_bits: Option<u32>, value_bits: u32) -> Result<Encoded> {
     let rows = rows_of(shape)?;
     let n = *shape.last().unwrap();
@@ -211,49 +174,80 @@ pub fn encode(x: &[i8], shape: &[usize], count_bits: Option<u32>, value_bits: u3
             return invalid(format!("value {v} at flat index {i} does not fit in 4 bits (-8..7)"));
         }
     }
-    let b = match count_bits {
-        Some(b) => b,
-        None => auto_count_bits(x, shape, value_bits)?,
-    };
-    let esc = (1usize << b) - 1;
-    // Capacity guess for ~10% density; Vec growth handles the rest.
-    let mut w = BitWriter { buf: Vec::with_capacity(x.len() / 16 + 16), acc: 0, nacc: 0 };
+    // Pass 1: runs (zeros before each nonzero), values, values per row.
+    let mut runs: Vec<u32> = Vec::with_capacity(x.len() / 8 + 16);
     let mut vals: Vec<u8> = Vec::with_capacity(x.len() / 8 + 16);
-    let mut code_offsets = Vec::with_capacity(rows + 1);
     let mut value_offsets = Vec::with_capacity(rows + 1);
-    code_offsets.push(0i64);
     value_offsets.push(0i64);
-    let (mut ncodes, mut nvals) = (0usize, 0usize);
-    let mut nib_acc = 0u8; // pending low nibble for 4-bit values
+    // Runs >= 255 are rare; their exact code counts per width are summed here.
+    let mut hist = [0u64; 255];
+    let mut long_codes = [0u64; 8];
     for r in 0..rows {
         let row = &x[r * n..(r + 1) * n];
         let mut next = 0usize;
         for_each_nonzero(row, |p| {
             let run = p - next;
+            runs.push(run as u32);
+            vals.push(row[p] as u8);
+            if run < 255 {
+                hist[run] += 1;
+            } else {
+                for (b, c) in long_codes.iter_mut().enumerate() {
+                    *c += (run / ((1usize << (b + 1)) - 1)) as u64 + 1;
+                }
+            }
+            next = p + 1;
+        });
+        value_offsets.push(vals.len() as i64);
+    }
+    let nvals = vals.len() as u64;
+    let b = match count_bits {
+        Some(b) => b,
+        None => {
+            // Exact total codes for every width, then the smallest serialized size.
+            let mut best = (u64::MAX, 1u32);
+            for b in 1..=8u32 {
+                let esc = (1u64 << b) - 1;
+                let mut codes = long_codes[b as usize - 1];
+                for (run, &h) in hist.iter().enumerate() {
+                    codes += h * (run as u64 / esc + 1);
+                }
+                let size = format::rle_serialized_len(shape.len(), rows, codes, nvals, b, value_bits).unwrap_or(u64::MAX);
+                if size < best.0 {
+                    best = (size, b);
+                }
+            }
+            best.1
+        }
+    };
+    // Pass 2: codes from the runs.
+    let esc = (1usize << b) - 1;
+    let mut w = BitWriter { buf: Vec::with_capacity(runs.len() * b as usize / 8 + 16), acc: 0, nacc: 0 };
+    let mut code_offsets = Vec::with_capacity(rows + 1);
+    code_offsets.push(0i64);
+    let mut ncodes = 0usize;
+    let mut k = 0usize;
+    for r in 0..rows {
+        let end = value_offsets[r + 1] as usize;
+        while k < end {
+            let run = runs[k] as usize;
             let (q, rem) = if run < esc { (0, run) } else { (run / esc, run % esc) };
             if q > 0 {
                 w.put_ones(q, b);
             }
             w.put(rem as u64, b);
             ncodes += q + 1;
-            let v = row[p] as u8;
-            if value_bits == 8 {
-                vals.push(v);
-            } else if nvals % 2 == 0 {
-                nib_acc = v & 0xF;
-            } else {
-                vals.push(nib_acc | (v << 4));
-            }
-            nvals += 1;
-            next = p + 1;
-        });
+            k += 1;
+        }
         code_offsets.push(ncodes as i64);
-        value_offsets.push(nvals as i64);
     }
-    if value_bits == 4 && nvals % 2 == 1 {
-        vals.push(nib_acc);
-    }
-    Ok(Encoded { count_bits: b, value_bits, counts: w.finish(), values: vals, code_offsets, value_offsets })
+    let values = if value_bits == 8 {
+        vals
+    } else {
+        // Two's-complement nibbles, low nibble first.
+        vals.chunks(2).map(|c| (c[0] & 0xF) | (c.get(1).map_or(0, |v| v & 0xF) << 4)).collect()
+    };
+    Ok(Encoded { count_bits: b, value_bits, counts: w.finish(), values, code_offsets, value_offsets })
 }
 
 // ------------------------------------------------------------------ decode
