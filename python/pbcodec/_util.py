@@ -9,10 +9,14 @@ import numpy as np
 
 def rows_of(shape: tuple[int, ...]) -> int:
     """Number of rows (product of all but the last axis) of an array shape."""
+    if len(shape) <= 2:  # the common cases, without math.prod's overhead
+        return shape[0] if len(shape) == 2 else 1
     return math.prod(shape[:-1])
 
 
 def check_bits(bits: Any, name: str = "bits") -> int:
+    if type(bits) is int and 1 <= bits <= 8:  # fast path: the checks below cost ~0.4 us
+        return bits
     if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, (int, np.integer)):
         raise TypeError(f"{name} must be an int in 1..8, got {bits!r}")
     if not 1 <= int(bits) <= 8:
@@ -21,6 +25,8 @@ def check_bits(bits: Any, name: str = "bits") -> int:
 
 
 def check_count(count: Any) -> int:
+    if type(count) is int and count >= 0:
+        return count
     if isinstance(count, (bool, np.bool_)) or not isinstance(count, (int, np.integer)):
         raise TypeError(f"count must be a non-negative int, got {count!r}")
     if count < 0:
@@ -41,9 +47,11 @@ def as_uint8_codes(x: Any, bits: int, name: str = "codes") -> np.ndarray:
     range); other integer dtypes are range-checked here so narrowing never
     silently truncates."""
     a = as_array(x, name)
+    if a.dtype.char == "B":  # the common case, first: dtype comparisons cost ~0.3 us each
+        return np.ascontiguousarray(a)
     if a.dtype == np.bool_:
         a = a.view(np.uint8)
-    elif a.dtype != np.uint8:
+    else:
         if a.dtype.kind not in "ui":
             raise TypeError(f"{name} must be an unsigned integer array, got dtype {a.dtype}")
         if a.size:
@@ -72,9 +80,17 @@ def as_int8(x: Any, name: str = "values") -> np.ndarray:
 def prepare_out(out: Any, shape: tuple[int, ...], dtype: Any, name: str = "out") -> np.ndarray:
     """Allocate the result, or check a caller's `out=`: exact dtype and shape,
     C-contiguous and writeable (results are written in place, never copied)."""
-    dtype = np.dtype(dtype)
     if out is None:
         return np.empty(shape, dtype=dtype)
+    if (
+        type(out) is np.ndarray
+        and out.dtype is np.dtype(dtype)
+        and out.shape == shape
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    ):
+        return out  # fast path; the checks below name the problem
+    dtype = np.dtype(dtype)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.dtype != dtype:

@@ -64,7 +64,7 @@ def unpack_bits(packed: Any, bits: int, count: int, *, out: np.ndarray | None = 
     bits = check_bits(bits)
     count = check_count(count)
     p = as_array(packed, "packed")
-    if p.dtype != np.uint8:
+    if p.dtype.char != "B":
         raise TypeError(f"packed must be a uint8 array, got dtype {p.dtype}")
     need = (count * bits + 7) // 8
     if p.shape[-1] != need:

@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "bench":
             from .benchmarks import run_all
 
-            run_all(quick=args.quick)
+            return run_all(quick=args.quick)
         return 0
     except BrokenPipeError:
         raise
