@@ -27,6 +27,10 @@ struct Shared<'a> {
     stride: usize,
     /// batch x n_groups sums of x per group.
     gsum: Vec<f32>,
+    /// For batch > 1: x transposed, (n + PAD) x bpad (bpad = batch rounded up
+    /// to 8), so one salient weight meets all batch rows in contiguous lanes.
+    xt: Vec<f32>,
+    bpad: usize,
 }
 
 /// y = Ŵ x for `batch` row vectors in `x` (batch x n), into `out` (batch x m).
@@ -55,7 +59,17 @@ pub fn matvec(t: &PbRef, x: &[f32], batch: usize, out: &mut [f32]) -> Result<()>
             gsum[b * ng + gi] = chunk.iter().sum();
         }
     }
-    let sh = Shared { t, batch, xs, stride, gsum };
+    let bpad = batch.div_ceil(8) * 8;
+    let mut xt = Vec::new();
+    if batch > 1 {
+        xt = vec![0f32; stride * bpad];
+        for b in 0..batch {
+            for j in 0..n {
+                xt[j * bpad + b] = x[b * n + j];
+            }
+        }
+    }
+    let sh = Shared { t, batch, xs, stride, gsum, xt, bpad };
     // The SIMD residual walk keeps positions in i32 lanes (see x86::residual_cb).
     let level = if n < (1 << 23) { simd::level() } else { Level::Scalar };
     // Rows per task: big enough to amortize scheduling, small enough to balance.
@@ -80,10 +94,10 @@ pub fn matvec(t: &PbRef, x: &[f32], batch: usize, out: &mut [f32]) -> Result<()>
 
 #[derive(Default)]
 struct Scratch {
-    /// Per 8-code chunk: lane positions, lane values (f32), lane masks.
+    /// Per 8-code chunk (batch > 1): lane positions and lane values (f32;
+    /// 0 at position 0 for lanes that hold no value).
     pos: Vec<i32>,
     val: Vec<f32>,
-    msk: Vec<i32>,
     /// batch x n_groups signed sums.
     ssum: Vec<f32>,
 }
@@ -458,7 +472,7 @@ mod x86 {
         x: *const f32,
         sc: &mut Scratch,
     ) -> f32 {
-        let (pp, vp, mp) = (sc.pos.as_mut_ptr(), sc.val.as_mut_ptr(), sc.msk.as_mut_ptr());
+        let (pp, vp) = (sc.pos.as_mut_ptr(), sc.val.as_mut_ptr());
         let ones = _mm256_set1_epi32(-1);
         // Two accumulators: consecutive chunks' FMAs do not wait on each other.
         let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
@@ -470,9 +484,9 @@ mod x86 {
                     let xv = _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), x, $p, _mm256_castsi256_ps($m));
                     $acc = _mm256_fmadd_ps($v, xv, $acc);
                 } else {
-                    _mm256_storeu_si256(pp.add(k) as *mut __m256i, $p);
-                    _mm256_storeu_ps(vp.add(k), $v);
-                    _mm256_storeu_si256(mp.add(k) as *mut __m256i, $m);
+                    // Non-value lanes: value 0 at position 0, harmless to accumulate.
+                    _mm256_storeu_si256(pp.add(k) as *mut __m256i, _mm256_and_si256($p, $m));
+                    _mm256_storeu_ps(vp.add(k), _mm256_and_ps($v, _mm256_castsi256_ps($m)));
                     k += 8;
                 }
             };
@@ -497,6 +511,25 @@ mod x86 {
         }
         let _ = k;
         hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// rs[b] = Σ_k val[k] · xt[pos[k]][b] over the stored lanes, NBLK blocks of
+    /// 8 batch rows held in registers.
+    #[target_feature(enable = "avx2,fma,bmi2")]
+    unsafe fn accumulate_t<const NBLK: usize>(sc: &Scratch, xt: *const f32, bpad: usize, rs: &mut [f32]) {
+        let mut acc = [_mm256_setzero_ps(); NBLK];
+        for (&p, &v) in sc.pos.iter().zip(&sc.val) {
+            let row = xt.add(p as usize * bpad);
+            let vb = _mm256_set1_ps(v);
+            for (blk, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(vb, _mm256_loadu_ps(row.add(8 * blk)), *a);
+            }
+        }
+        let mut tmp = [0f32; 64];
+        for (blk, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * blk), *a);
+        }
+        rs.copy_from_slice(&tmp[..rs.len()]);
     }
 
     #[target_feature(enable = "avx2,fma,bmi2")]
@@ -524,10 +557,8 @@ mod x86 {
             }
             let chunks = (c1 - c0).div_ceil(8) as usize;
             if !fused {
-                for v in [&mut sc.pos, &mut sc.msk] {
-                    v.clear();
-                    v.reserve(chunks * 8);
-                }
+                sc.pos.clear();
+                sc.pos.reserve(chunks * 8);
                 sc.val.clear();
                 sc.val.reserve(chunks * 8);
             }
@@ -552,32 +583,19 @@ mod x86 {
             }
             sc.pos.set_len(chunks * 8);
             sc.val.set_len(chunks * 8);
-            sc.msk.set_len(chunks * 8);
         }
-        for (k, acc_out) in rs.iter_mut().enumerate() {
-            let x = sh.xs.as_ptr().add((b0 + k) * sh.stride);
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let chunks = sc.pos.len() / 8;
-            let mut j = 0;
-            while j + 2 <= chunks {
-                for (u, acc) in [(0usize, &mut acc0), (1, &mut acc1)] {
-                    let o = 8 * (j + u);
-                    let pos = _mm256_loadu_si256(sc.pos.as_ptr().add(o) as *const __m256i);
-                    let msk = _mm256_castsi256_ps(_mm256_loadu_si256(sc.msk.as_ptr().add(o) as *const __m256i));
-                    let xv = _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), x, pos, msk);
-                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(sc.val.as_ptr().add(o)), xv, *acc);
-                }
-                j += 2;
-            }
-            if j < chunks {
-                let o = 8 * j;
-                let pos = _mm256_loadu_si256(sc.pos.as_ptr().add(o) as *const __m256i);
-                let msk = _mm256_castsi256_ps(_mm256_loadu_si256(sc.msk.as_ptr().add(o) as *const __m256i));
-                let xv = _mm256_mask_i32gather_ps::<4>(_mm256_setzero_ps(), x, pos, msk);
-                acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(sc.val.as_ptr().add(o)), xv, acc0);
-            }
-            *acc_out = hsum(_mm256_add_ps(acc0, acc1));
+        // Every stored lane (value lanes hold their value, the others 0 at
+        // position 0) meets all batch rows b0.. at once in xt.
+        let xt = sh.xt.as_ptr().add(b0);
+        match rs.len().div_ceil(8) {
+            1 => accumulate_t::<1>(sc, xt, sh.bpad, rs),
+            2 => accumulate_t::<2>(sc, xt, sh.bpad, rs),
+            3 => accumulate_t::<3>(sc, xt, sh.bpad, rs),
+            4 => accumulate_t::<4>(sc, xt, sh.bpad, rs),
+            5 => accumulate_t::<5>(sc, xt, sh.bpad, rs),
+            6 => accumulate_t::<6>(sc, xt, sh.bpad, rs),
+            7 => accumulate_t::<7>(sc, xt, sh.bpad, rs),
+            _ => accumulate_t::<8>(sc, xt, sh.bpad, rs),
         }
         Ok(())
     }

@@ -27,8 +27,9 @@ def run_all(quick: bool = False, lib_defaults: bool = False) -> int:
         for k, v in LIB_ENV.items():
             env.setdefault(k, v)
     status = 0
-    for mod in ("pbcodec.benchmarks.codec", "pbcodec.benchmarks.matvec"):
-        args = [sys.executable, "-m", mod] + (["--quick"] if quick else [])
-        print(f"$ python -m {mod}{' --quick' if quick else ''}", flush=True)
+    for mod in ("pbcodec.benchmarks.codec", "pbcodec.benchmarks.matvec", "pbcodec.benchmarks.model"):
+        quick_flag = ["--repeats", "5"] if mod.endswith("model") else ["--quick"]
+        args = [sys.executable, "-m", mod] + (quick_flag if quick else [])
+        print("$ python -m " + " ".join(args[2:]), flush=True)
         status = max(status, subprocess.run(args, env=env).returncode)
     return status
