@@ -378,3 +378,33 @@ mod tests {
         simd::set_level(simd::detected()).unwrap();
     }
 }
+
+#[cfg(test)]
+mod stream_tests {
+    use super::*;
+
+    /// Outputs over the streaming-store threshold, at every head alignment.
+    #[test]
+    fn large_unpack_matches_scalar() {
+        let n = (4 << 20) + 1000;
+        for bits in [1u32, 2, 4] {
+            let codes: Vec<u8> = (0..n).map(|i| ((i * 7 + i / 3) % (1 << bits)) as u8).collect();
+            let mut packed = vec![0u8; packed_len(n, bits).unwrap()];
+            pack_bits(&codes, 1, n, bits, &mut packed).unwrap();
+            for lvl in simd::available() {
+                simd::set_level(lvl).unwrap();
+                for shift in [0usize, 8, 16, 24] {
+                    let mut buf = vec![0u8; n + 64];
+                    let base = buf.as_ptr() as usize;
+                    let off = (32 - base % 32) % 32 + shift; // dst at 32-byte alignment + shift
+                    let m = n - 64;
+                    let mp = packed_len(m, bits).unwrap();
+                    // Only whole input bytes: m codes from the start.
+                    unpack_bits(&packed[..mp], 1, m, bits, &mut buf[off..off + m]).unwrap();
+                    assert_eq!(&buf[off..off + m], &codes[..m], "{lvl:?} bits={bits} shift={shift}");
+                }
+            }
+            simd::set_level(simd::detected()).unwrap();
+        }
+    }
+}

@@ -311,8 +311,41 @@ unsafe fn pack_row_avx2(codes: &[u8], bits: u32, out: &mut [u8]) -> u8 {
     or_bytes256(orv) | pack_row_scalar(&codes[done..], bits, &mut out[done * b / 8..])
 }
 
+/// Outputs at least this large are written with non-temporal stores: they do
+/// not fit in cache anyway, and streaming stores skip reading each destination
+/// line before overwriting it (unpacking writes 2-8x what it reads).
+const STREAM_BYTES: usize = 4 << 20;
+
 #[target_feature(enable = "avx2,bmi2")]
 unsafe fn unpack_row_avx2(packed: &[u8], bits: u32, out: &mut [u8]) {
+    let b = bits as usize;
+    let dst = out.as_ptr() as usize;
+    // A scalar head brings the output to 32-byte alignment; it must end on a
+    // whole input byte (numpy's 16-byte aligned buffers always do).
+    let head = (32 - dst % 32) % 32;
+    if b <= 4 && out.len() >= STREAM_BYTES && (head * b) % 8 == 0 {
+        let (hp, rp) = packed.split_at(head * b / 8);
+        let (ho, ro) = out.split_at_mut(head);
+        unpack_row_scalar(hp, bits, ho);
+        unpack_row_avx2_impl::<true>(rp, bits, ro);
+        _mm_sfence(); // order the streaming stores before anything that follows
+    } else {
+        unpack_row_avx2_impl::<false>(packed, bits, out);
+    }
+}
+
+/// 32-byte store; `NT`: non-temporal (the address is then 32-byte aligned).
+#[inline(always)]
+unsafe fn put<const NT: bool>(p: *mut u8, v: __m256i) {
+    if NT {
+        _mm256_stream_si256(p as *mut __m256i, v)
+    } else {
+        st256(p, v)
+    }
+}
+
+#[target_feature(enable = "avx2,bmi2")]
+unsafe fn unpack_row_avx2_impl<const NT: bool>(packed: &[u8], bits: u32, out: &mut [u8]) {
     let b = bits as usize;
     let (src, dst) = (packed.as_ptr(), out.as_mut_ptr());
     let blocks = match b {
@@ -334,7 +367,7 @@ unsafe fn unpack_row_avx2(packed: &[u8], bits: u32, out: &mut [u8]) {
                 let m = (src.add(4 * i) as *const u32).read_unaligned();
                 let v = _mm256_shuffle_epi8(_mm256_set1_epi32(m as i32), rep);
                 let v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
-                st256(dst.add(32 * i), _mm256_and_si256(v, one));
+                put::<NT>(dst.add(32 * i), _mm256_and_si256(v, one));
             }
             blocks
         }
@@ -349,8 +382,8 @@ unsafe fn unpack_row_avx2(packed: &[u8], bits: u32, out: &mut [u8]) {
                 let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m);
                 let a = _mm256_unpacklo_epi8(lo, hi);
                 let b = _mm256_unpackhi_epi8(lo, hi);
-                st256(dst.add(64 * i), _mm256_permute2x128_si256::<0x20>(a, b));
-                st256(dst.add(64 * i + 32), _mm256_permute2x128_si256::<0x31>(a, b));
+                put::<NT>(dst.add(64 * i), _mm256_permute2x128_si256::<0x20>(a, b));
+                put::<NT>(dst.add(64 * i + 32), _mm256_permute2x128_si256::<0x31>(a, b));
             }
             2 * blocks
         }
@@ -372,10 +405,10 @@ unsafe fn unpack_row_avx2(packed: &[u8], bits: u32, out: &mut [u8]) {
                 let q2 = _mm256_unpacklo_epi16(c, d);
                 let q3 = _mm256_unpackhi_epi16(c, d);
                 let o = dst.add(128 * i);
-                st256(o, _mm256_permute2x128_si256::<0x20>(q0, q1));
-                st256(o.add(32), _mm256_permute2x128_si256::<0x20>(q2, q3));
-                st256(o.add(64), _mm256_permute2x128_si256::<0x31>(q0, q1));
-                st256(o.add(96), _mm256_permute2x128_si256::<0x31>(q2, q3));
+                put::<NT>(o, _mm256_permute2x128_si256::<0x20>(q0, q1));
+                put::<NT>(o.add(32), _mm256_permute2x128_si256::<0x20>(q2, q3));
+                put::<NT>(o.add(64), _mm256_permute2x128_si256::<0x31>(q0, q1));
+                put::<NT>(o.add(96), _mm256_permute2x128_si256::<0x31>(q2, q3));
             }
             4 * blocks
         }
