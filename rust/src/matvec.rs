@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use crate::error::{format_err, invalid};
 use crate::pb::{PbRef, n_groups};
+use crate::rle::value_at;
 use crate::simd::{self, Level};
 use crate::{parallel, Result};
 
@@ -212,15 +213,6 @@ fn scalar_residual(sh: &Shared, i: usize, b0: usize, rs: &mut [f32]) -> Result<(
         return format_err(format!("row {i}: residual codes do not match the row's values"));
     }
     Ok(())
-}
-
-#[inline(always)]
-fn value_at(values: &[u8], value_bits: u32, i: usize) -> i8 {
-    if value_bits == 8 {
-        values[i] as i8
-    } else {
-        (((values[i / 2] >> (4 * (i & 1))) << 4) as i8) >> 4
-    }
 }
 
 // --------------------------------------------------------------------- x86

@@ -402,11 +402,7 @@ fn check_scales(t: &PbRef) -> Result<()> {
 fn check_codes(r: &rle::Streams, num_values: usize) -> Result<()> {
     let qm = qmax(r.value_bits);
     let nv = num_values;
-    let bad = if r.value_bits == 8 {
-        r.values.iter().position(|&v| (v as i8 as i32) < -qm)
-    } else {
-        (0..nv).find(|&i| ((((r.values[i / 2] >> (4 * (i & 1))) << 4) as i8 >> 4) as i32) < -qm)
-    };
+    let bad = (0..nv).find(|&i| (rle::value_at(r.values, r.value_bits, i) as i32) < -qm);
     if let Some(i) = bad {
         return format_err(format!("residual value {i} is outside -{qm}..{qm}"));
     }

@@ -267,8 +267,9 @@ fn peek(buf: &[u8], bitpos: u64) -> u64 {
     w >> (bitpos & 7)
 }
 
+/// Value `i` of a values stream (8-bit bytes or 4-bit two's-complement nibbles).
 #[inline(always)]
-fn value_at(values: &[u8], value_bits: u32, i: usize) -> i8 {
+pub(crate) fn value_at(values: &[u8], value_bits: u32, i: usize) -> i8 {
     if value_bits == 8 {
         values[i] as i8
     } else {
