@@ -291,3 +291,50 @@ def test_hand_modified_parts_raise_not_crash():
         bad.decompress()
     with pytest.raises(pbcodec.FormatError):
         bad.to_bytes()
+
+
+def test_review_regressions():
+    """Malformed user-modified objects raise, never panic or hang; byte order is honoured."""
+    rng = np.random.default_rng(12)
+    t = pbcodec.compress(weights(rng, 4, 64), salient=0.2, count_bits=4)
+    r = t.residual
+    x = np.ones(64, np.float32)
+    # Fewer values than the codes claim, offsets agreeing with the short stream.
+    short = pbcodec.PBTensor(t.shape, t.signs, t.mu, t.alpha, t.sigma,
+                             pbcodec.RLE(r.shape, 4, 8, r.counts, r.values[:0], r.code_offsets, np.zeros(5, np.int64)),
+                             t.group_size)
+    # count_bits outside 1..8 in a hand-built residual.
+    zero_cb = pbcodec.PBTensor(t.shape, t.signs, t.mu, t.alpha, t.sigma,
+                               pbcodec.RLE(r.shape, 0, 8, r.counts[:0], r.values, r.code_offsets, r.value_offsets),
+                               t.group_size)
+    before = pbcodec.simd_level()
+    try:
+        for level in pbcodec.available_simd_levels():
+            pbcodec.set_simd_level(level)
+            for bad in (short, zero_cb):
+                with pytest.raises(pbcodec.FormatError):
+                    bad.matvec(x)
+    finally:
+        pbcodec.set_simd_level(before)
+    # group_size for n == 0 must be 1, so to_bytes() output always parses.
+    with pytest.raises(ValueError):
+        pbcodec.PBTensor((2, 0), np.zeros((2, 0), np.uint8), np.zeros((2, 0), np.float16),
+                         np.zeros((2, 0), np.float16), np.zeros(2, np.float16),
+                         pbcodec.rle_encode(np.zeros((2, 0), np.int8)), 0)
+    # Scales are read-only views: in-place edits cannot be silently ignored.
+    with pytest.raises(ValueError):
+        t.mu[0, 0] = 1.0
+    # Non-native byte order is converted, not misread.
+    f = rng.standard_normal((2, 19))
+    for dt in (">f4", ">f8", ">f2"):
+        np.testing.assert_array_equal(pbcodec.pack_signs(f.astype(dt)), np.packbits(np.signbit(f), axis=-1, bitorder="little"))
+    with pytest.raises(TypeError):
+        pbcodec.unpack_signs(np.zeros((1, 1), np.uint8), 8, dtype=">f4")
+    with pytest.raises(ValueError):
+        pbcodec.set_num_threads(100000)
+    with pytest.raises(ValueError):
+        pbcodec.compress(np.ones((2, 8), np.float32), count_bits=9)
+    with pytest.raises(TypeError):
+        pbcodec.compress(np.ones((2, 8), np.float32), count_bits=3.7)
+    with pytest.raises(TypeError):
+        t.decompress(np.int32)

@@ -82,6 +82,8 @@ def _sign_view(x: Any) -> np.ndarray:
 
         x = x.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
     a = np.ascontiguousarray(as_array(x, "x"))
+    if not a.dtype.isnative:  # e.g. '>f4': the kernels read native words
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype.char == "H":  # raw bfloat16 (or float16) bits
         return a
     spec = _sign_words(a.dtype)
@@ -111,8 +113,8 @@ def _float_dtype(dtype: Any) -> np.dtype:
         dt = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"unsupported dtype {dtype!r}") from None
-    if _sign_words(dt) is None:
-        raise TypeError(f"dtype must be float16, float32, float64 or bfloat16, got {dt}")
+    if _sign_words(dt) is None or not dt.isnative:
+        raise TypeError(f"dtype must be a native float16, float32, float64 or bfloat16, got {dt}")
     return dt
 
 

@@ -297,14 +297,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_all(quick=args.quick)
         return 0
-    except BrokenPipeError:
-        raise
+    except BrokenPipeError:  # e.g. `pbcodec inspect F | head`: not an error
+        sys.stderr.close()
+        return 0
     except (CliError, ValueError, TypeError, OSError) as e:  # one clear line, non-zero status
         print(f"pbcodec: error: {e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # e.g. `pbcodec inspect F | head`
-        sys.stderr.close()
-        return 0
     except KeyboardInterrupt:
         print("pbcodec: interrupted", file=sys.stderr)
         return 130

@@ -116,7 +116,11 @@ def _little() -> bool:
 
 
 def pb_components(name: str, t: PBTensor) -> tuple[dict[str, RawTensor], dict[str, Any]]:
-    """The safetensors tensors and the metadata entry that store ``t`` as ``name``."""
+    """The safetensors tensors and the metadata entry that store ``t`` as ``name``.
+    ``t`` is validated first, so no file is written that :func:`load_file` rejects."""
+    from . import _core
+
+    _core.pb_validate(*t._parts())
     r = t.residual
     parts = {
         f"{name}.signs": _raw(t.signs),

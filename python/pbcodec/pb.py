@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._util import prepare_out
+from ._util import check_bits, prepare_out
 from .errors import FormatError
 from .rle import RLE
 
@@ -64,13 +64,23 @@ class PBTensor:
     ) -> None:
         m, n = (int(d) for d in shape)
         dt = _scale_dtype(np.asarray(mu).dtype)
+        if int(group_size) < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
         ng = 0 if n == 0 else -(-n // int(group_size))
         object.__setattr__(self, "_cache", None)
+
+        def frozen(a: Any, dtype: Any, shape: tuple) -> np.ndarray:
+            # Aligned, contiguous, and a read-only view: matvec caches float32
+            # scales, so in-place edits must not go unnoticed (reassign instead).
+            v = np.require(a, dtype=dtype, requirements=["C", "A"]).reshape(shape).view()
+            v.flags.writeable = False
+            return v
+
         self.shape = (m, n)
-        self.signs = np.ascontiguousarray(signs, dtype=np.uint8).reshape(m, (n + 7) // 8)
-        self.mu = np.ascontiguousarray(mu, dtype=dt).reshape(m, ng)
-        self.alpha = np.ascontiguousarray(alpha, dtype=dt).reshape(m, ng)
-        self.sigma = np.ascontiguousarray(sigma, dtype=dt).reshape(m)
+        self.signs = np.require(signs, dtype=np.uint8, requirements=["C", "A"]).reshape(m, (n + 7) // 8)
+        self.mu = frozen(mu, dt, (m, ng))
+        self.alpha = frozen(alpha, dt, (m, ng))
+        self.sigma = frozen(sigma, dt, (m,))
         if not isinstance(residual, RLE):
             raise TypeError("residual must be a pbcodec.RLE")
         self.residual = residual
@@ -127,6 +137,8 @@ class PBTensor:
     def decompress(self, dtype: Any = np.float32, *, out: np.ndarray | None = None) -> np.ndarray:
         """Rebuild ``Ŵ`` ``(m, n)`` (float32 arithmetic, §6.2), returned as ``dtype``."""
         dt = np.dtype(dtype)
+        if dt.kind != "f":
+            raise TypeError(f"decompress dtype must be a float dtype, got {dt}")
         if dt == np.float32:
             res = prepare_out(out, self.shape, np.float32)
             _core.pb_decompress(*self._parts(), res)
@@ -222,12 +234,13 @@ class PBTensor:
         vo = _core.pb_validate(*parts)
         ng = 0 if n == 0 else -(-n // int(group_size))
         residual = RLE((m, n), int(count_bits), int(salient_bits), parts[1][4], vals, co, vo)
+        # The validated (aligned, contiguous) arrays, not the caller's originals.
         return cls(
             (m, n),
             parts[1][0].reshape(m, (n + 7) // 8),
-            np.asarray(mu).reshape(m, ng),
-            np.asarray(alpha).reshape(m, ng),
-            np.asarray(sigma).reshape(m),
+            arr(mu, dt, "mu").reshape(m, ng),
+            arr(alpha, dt, "alpha").reshape(m, ng),
+            arr(sigma, dt, "sigma").reshape(m),
             residual,
             int(group_size),
         )
@@ -323,9 +336,7 @@ def compress(
             raise ValueError(f"count_bits must be 1..8 or 'auto', got {count_bits!r}")
         cb = 0
     else:
-        if isinstance(count_bits, bool) or not 1 <= int(count_bits) <= 8:
-            raise ValueError(f"count_bits must be 1..8 or 'auto', got {count_bits!r}")
-        cb = int(count_bits)
+        cb = check_bits(count_bits, "count_bits")
     if select not in ("row", "tensor"):
         raise ValueError(f"select must be 'row' or 'tensor', got {select!r}")
     if group_size is None:

@@ -144,7 +144,9 @@ def _build_pb(meta: Tuple[int, int, int, int, int], arrays: Iterable[np.ndarray]
 
 
 def _from_numpy(a: np.ndarray, device: Any = None) -> Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    a = np.ascontiguousarray(a)
+    # Buffers must own writable memory (PBTensor's scale arrays are read-only views).
+    t = torch.from_numpy(a if a.flags.writeable else a.copy())
     return t if device is None else t.to(device)
 
 

@@ -344,8 +344,9 @@ mod x86 {
             (counts.as_ptr().add(byte) as *const u64).read_unaligned()
         } else {
             let mut t = [0u8; 8];
-            let avail = counts.len().saturating_sub(byte);
-            t[..avail].copy_from_slice(&counts[byte..byte + avail]);
+            let start = byte.min(counts.len()); // past the end: zeros, no panic
+            let avail = counts.len() - start;
+            t[..avail].copy_from_slice(&counts[start..]);
             u64::from_le_bytes(t)
         } >> (bit & 7);
         let mask = _mm256_set1_epi32(((1u32 << CB) - 1) as i32);
@@ -385,8 +386,9 @@ mod x86 {
                 _mm_loadl_epi64(values.as_ptr().add(vi) as *const __m128i)
             } else {
                 let mut t = [0u8; 8];
-                let avail = values.len().saturating_sub(vi).min(8);
-                t[..avail].copy_from_slice(&values[vi..vi + avail]);
+                let start = vi.min(values.len()); // past the end: zeros, no panic
+                let avail = (values.len() - start).min(8);
+                t[..avail].copy_from_slice(&values[start..start + avail]);
                 _mm_loadl_epi64(t.as_ptr() as *const __m128i)
             };
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
@@ -396,8 +398,9 @@ mod x86 {
                 (values.as_ptr().add(byte) as *const u64).read_unaligned()
             } else {
                 let mut t = [0u8; 8];
-                let avail = values.len().saturating_sub(byte).min(8);
-                t[..avail].copy_from_slice(&values[byte..byte + avail]);
+                let start = byte.min(values.len());
+                let avail = (values.len() - start).min(8);
+                t[..avail].copy_from_slice(&values[start..start + avail]);
                 u64::from_le_bytes(t)
             } >> (4 * (vi & 1));
             let v = _mm256_set1_epi32(w as u32 as i32);

@@ -16,29 +16,33 @@ fn default_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
-fn build(n: usize) -> Arc<ThreadPool> {
-    Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .thread_name(|i| format!("pbcodec-{i}"))
-            .build()
-            .expect("failed to start pbcodec worker threads"),
-    )
+fn build(n: usize) -> crate::Result<Arc<ThreadPool>> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("pbcodec-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| crate::Error::Invalid(format!("cannot start {n} worker threads: {e}")))
 }
 
+/// The pool; built on first use. If the configured size cannot be started
+/// (e.g. an absurd PBCODEC_NUM_THREADS) it falls back to one thread.
 pub fn pool() -> Arc<ThreadPool> {
-    if let Some(p) = POOL.read().unwrap().as_ref() {
+    if let Some(p) = POOL.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
         return p.clone();
     }
-    let mut w = POOL.write().unwrap();
-    w.get_or_insert_with(|| build(default_threads())).clone()
+    // Build outside the lock; if two threads race, the first stored wins.
+    let p = build(default_threads()).or_else(|_| build(1)).expect("cannot start even one worker thread");
+    let mut w = POOL.write().unwrap_or_else(|e| e.into_inner());
+    w.get_or_insert(p).clone()
 }
 
 pub fn set_num_threads(n: usize) -> crate::Result<()> {
     if n == 0 {
         return crate::error::invalid("number of threads must be at least 1");
     }
-    *POOL.write().unwrap() = Some(build(n));
+    let p = build(n)?;
+    *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
     Ok(())
 }
 

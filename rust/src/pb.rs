@@ -301,12 +301,20 @@ impl PbRef<'_> {
     /// Check that every part has the size the shape implies (cheap; the
     /// residual's stream contents are checked by the kernels that walk them).
     pub fn check_sizes(&self) -> Result<()> {
+        // Shapes come from user-modifiable Python objects: checked arithmetic.
+        if rle::rows_of(&[self.m, self.n]).is_err() {
+            return format_err(format!("shape ({}, {}) is too large", self.m, self.n));
+        }
+        let group_ok = if self.n == 0 { self.group_size == 1 } else { (1..=self.n).contains(&self.group_size) };
+        if !group_ok {
+            return format_err(format!("group_size {} out of range for n = {}", self.group_size, self.n));
+        }
         let ng = self.n_groups();
-        let ok = self.signs.len() == self.m * self.n.div_ceil(8)
-            && self.mu.len() == self.m * ng
-            && self.alpha.len() == self.m * ng
+        let eq = |len: usize, a: usize, b: usize| a.checked_mul(b) == Some(len);
+        let ok = eq(self.signs.len(), self.m, self.n.div_ceil(8))
+            && eq(self.mu.len(), self.m, ng)
+            && eq(self.alpha.len(), self.m, ng)
             && self.sigma.len() == self.m
-            && (self.n == 0 || (1..=self.n).contains(&self.group_size))
             && self.res.code_offsets.len() == self.m + 1
             && self.value_offsets.len() == self.m + 1;
         if !ok {
@@ -318,6 +326,7 @@ impl PbRef<'_> {
     /// Offsets start at 0, never decrease and stay inside their streams: what
     /// the kernels rely on before walking any row (O(rows)).
     pub fn check_residual_offsets(&self) -> Result<()> {
+        rle::check_params(self.res.count_bits, self.res.value_bits).map_err(|e| crate::Error::Format(e.to_string()))?;
         let (co, vo) = (self.res.code_offsets, self.value_offsets);
         let mono = |o: &[i64]| o.first() == Some(&0) && o.windows(2).all(|w| w[0] <= w[1]);
         if !mono(co) || !mono(vo) {

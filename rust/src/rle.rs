@@ -175,7 +175,7 @@ pub fn encode(x: &[i8], shape: &[usize], count_bits: Option<u32>, value_bits: u3
         }
     }
     // Pass 1: runs (zeros before each nonzero), values, values per row.
-    let mut runs: Vec<u32> = Vec::with_capacity(x.len() / 8 + 16);
+    let mut runs: Vec<usize> = Vec::with_capacity(x.len() / 8 + 16);
     let mut vals: Vec<u8> = Vec::with_capacity(x.len() / 8 + 16);
     let mut value_offsets = Vec::with_capacity(rows + 1);
     value_offsets.push(0i64);
@@ -187,7 +187,7 @@ pub fn encode(x: &[i8], shape: &[usize], count_bits: Option<u32>, value_bits: u3
         let mut next = 0usize;
         for_each_nonzero(row, |p| {
             let run = p - next;
-            runs.push(run as u32);
+            runs.push(run);
             vals.push(row[p] as u8);
             if run < 255 {
                 hist[run] += 1;
@@ -230,7 +230,7 @@ pub fn encode(x: &[i8], shape: &[usize], count_bits: Option<u32>, value_bits: u3
     for r in 0..rows {
         let end = value_offsets[r + 1] as usize;
         while k < end {
-            let run = runs[k] as usize;
+            let run = runs[k];
             let (q, rem) = if run < esc { (0, run) } else { (run / esc, run % esc) };
             if q > 0 {
                 w.put_ones(q, b);
