@@ -185,3 +185,37 @@ def test_bfloat16_raw_tensors_survive(tmp_path):
     write_safetensors(p, {"x": RawTensor("BF16", (3,), memoryview(bits.view(np.uint8)))}, {})
     raw, _ = read_safetensors(p)
     np.testing.assert_array_equal(raw["x"].float32(), f)
+
+
+def test_bytes_identical_to_reference_writer(tmp_path, sample):
+    from pbcodec import reference as ref
+
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "ref.safetensors"
+    pbcodec.save_file(sample, ours, metadata={"format": "pt", "note": "x"})
+    ref_tensors = {k: ref.PBTensor.from_bytes(v.to_bytes()) if isinstance(v, pbcodec.PBTensor) else v
+                   for k, v in sample.items()}
+    ref.save_file(ref_tensors, theirs, metadata={"format": "pt", "note": "x"})
+    assert ours.read_bytes() == theirs.read_bytes()
+    # Each reads the other's file.
+    back = ref.load_file(ours)
+    assert back["layer.0.weight"].to_bytes() == sample["layer.0.weight"].to_bytes()
+    np.testing.assert_array_equal(back["ids"], sample["ids"])
+    got = pbcodec.load_file(theirs)
+    assert got["layer.1.weight"] == sample["layer.1.weight"]
+
+
+def test_reference_loader_rejects_corruption(tmp_path):
+    from pbcodec import reference as ref
+
+    p = tmp_path / "m.safetensors"
+    t = pbcodec.compress(np.random.default_rng(7).standard_normal((8, 64)).astype(np.float32), salient=0.2)
+    pbcodec.save_file({"w": t}, p)
+    body = bytearray(p.read_bytes())
+    (n,) = struct.unpack("<Q", body[:8])
+    h = json.loads(body[8 : 8 + n])
+    b, e = h["w.residual.counts"]["data_offsets"]
+    body[8 + n + b : 8 + n + e] = b"\xee" * (e - b)
+    p.write_bytes(bytes(body))
+    for load in (pbcodec.load_file, ref.load_file):
+        with pytest.raises(pbcodec.FormatError):
+            load(p)

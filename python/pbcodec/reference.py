@@ -14,6 +14,7 @@ Conventions: "row" is the last axis; an array of shape ``(d0, ..., dk, n)`` has
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 
@@ -27,10 +28,12 @@ __all__ = [
     "RLE",
     "compress",
     "crc32c",
+    "load_file",
     "pack_bits",
     "pack_signs",
     "rle_decode",
     "rle_encode",
+    "save_file",
     "snr_db",
     "unpack_bits",
     "unpack_signs",
@@ -1278,3 +1281,147 @@ def snr_db(W, W_hat) -> float:
     if sig == 0:
         return -math.inf
     return float(10.0 * math.log10(sig / err))
+
+
+# ---------------------------------------------------------------------------
+# §8 files: compressed tensors in safetensors
+# ---------------------------------------------------------------------------
+
+_ST_CODES = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "float16": "F16",
+    "uint32": "U32", "int32": "I32", "float32": "F32", "uint64": "U64", "int64": "I64", "float64": "F64",
+}
+_ST_DTYPES = {v: np.dtype(k) for k, v in _ST_CODES.items()}
+
+
+def _st_entry(a: np.ndarray):
+    a = np.ascontiguousarray(a)
+    code = _ST_CODES.get(a.dtype.name)
+    if code is None:
+        raise TypeError(f"cannot store dtype {a.dtype} in a safetensors file")
+    return code, [int(d) for d in a.shape], a.astype(a.dtype.newbyteorder("<")).tobytes()
+
+
+def save_file(tensors, path, metadata=None) -> None:
+    """Write ``{name: PBTensor | ndarray}`` as a safetensors file with the canonical
+    bytes of docs/format.md §8 (reference twin of ``pbcodec.save_file``)."""
+    metadata = dict(metadata or {})
+    if "pbcodec" in metadata:
+        raise ValueError("metadata key 'pbcodec' is reserved")
+    entries = {}
+    desc = {}
+    for name, v in tensors.items():
+        if isinstance(v, PBTensor):
+            v.to_bytes()  # validates, like the library does before writing
+            r = v.residual
+            parts = {
+                "signs": v.signs, "mu": v.mu, "alpha": v.alpha, "sigma": v.sigma,
+                "residual.counts": r.counts, "residual.values": r.values,
+                "residual.code_offsets": r.code_offsets,
+            }
+            for suffix, arr in parts.items():
+                key = f"{name}.{suffix}"
+                if key in entries:
+                    raise ValueError(f"tensor name {key!r} is used twice")
+                entries[key] = _st_entry(np.asarray(arr))
+            desc[name] = {
+                "codec": "pbcodec.pb", "version": 1, "shape": list(v.shape), "dense_bits": 1,
+                "group_size": v.group_size, "count_bits": r.count_bits, "salient_bits": r.value_bits,
+                "scale_dtype": str(v.mu.dtype),
+            }
+        else:
+            if name in entries:
+                raise ValueError(f"tensor name {name!r} is used twice")
+            entries[name] = _st_entry(np.asarray(v))
+    order = sorted(entries, key=lambda k: (-_ST_DTYPES[entries[k][0]].itemsize, k))
+    header = {}
+    offset = 0
+    for k in order:
+        code, shape, data = entries[k]
+        header[k] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    if desc:
+        metadata["pbcodec"] = json.dumps(desc, sort_keys=True)
+    if metadata:
+        header["__metadata__"] = metadata
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-(8 + len(hb)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)) + hb + b"".join(entries[k][2] for k in order))
+
+
+def load_file(path) -> dict:
+    """Read a file written by ``save_file`` (reference twin of ``pbcodec.load_file``):
+    compressed tensors are rebuilt from their components and serialized-form
+    validated; plain tensors come back as numpy arrays."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    if len(buf) < 8:
+        raise FormatError("file too short for safetensors")
+    (n,) = struct.unpack_from("<Q", buf, 0)
+    if n > min(100 * 2**20, len(buf) - 8):
+        raise FormatError("header length exceeds the file or the 100 MiB limit")
+    try:
+        header = json.loads(buf[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise FormatError("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data = buf[8 + n :]
+    arrays, spans = {}, []
+    for name, e in header.items():
+        dt = _ST_DTYPES.get(e.get("dtype")) if isinstance(e, dict) else None
+        if dt is None:
+            raise FormatError(f"tensor {name!r}: bad entry")
+        b, end = e["data_offsets"]
+        shape = tuple(e["shape"])
+        if not 0 <= b <= end <= len(data) or end - b != math.prod(shape) * dt.itemsize:
+            raise FormatError(f"tensor {name!r}: bad data_offsets")
+        spans.append((b, end))
+        arrays[name] = np.frombuffer(data[b:end], dtype=dt.newbyteorder("<")).reshape(shape)
+    pos = 0
+    for b, end in sorted(spans):
+        if b != pos:
+            raise FormatError("hole or overlap in the data buffer")
+        pos = end
+    if pos != len(data):
+        raise FormatError("bytes after the last tensor")
+    out = {}
+    desc = json.loads(metadata["pbcodec"]) if "pbcodec" in metadata else {}
+    owned = set()
+    for name, d in desc.items():
+        if d.get("codec") != "pbcodec.pb" or d.get("version") != 1:
+            raise FormatError(f"{name}: unknown codec or version")
+        keys = ["signs", "mu", "alpha", "sigma", "residual.counts", "residual.values", "residual.code_offsets"]
+        missing = [k for k in keys if f"{name}.{k}" not in arrays]
+        if missing:
+            raise FormatError(f"{name}: missing component(s) {missing}")
+        owned.update(f"{name}.{k}" for k in keys)
+        a = {k: arrays[f"{name}.{k}"] for k in keys}
+        m, n_ = d["shape"]
+        co = a["residual.code_offsets"].astype(np.int64)
+        try:
+            vo = np.zeros(m + 1, np.int64)  # recomputed by from_bytes' validating walk below
+            rle = RLE((m, n_), d["count_bits"], d["salient_bits"], a["residual.counts"], a["residual.values"], co, vo)
+            num_values = _count_values(rle)
+            rle = RLE((m, n_), d["count_bits"], d["salient_bits"], a["residual.counts"], a["residual.values"], co, num_values)
+            t = PBTensor((m, n_), a["signs"], a["mu"], a["alpha"], a["sigma"], rle, d["group_size"])
+            out[name] = PBTensor.from_bytes(t.to_bytes())  # full §7 validation
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise FormatError(f"{name}: invalid components ({e})") from None
+    for k, v in arrays.items():
+        if k not in owned:
+            out[k] = v
+    return out
+
+
+def _count_values(rle: "RLE") -> np.ndarray:
+    """value_offsets implied by the codes (non-escape codes per row)."""
+    cb = rle.count_bits
+    if not 1 <= cb <= 8:
+        raise FormatError(f"count_bits {cb} out of range")
+    codes = unpack_bits(rle.counts, cb, int(rle.code_offsets[-1])) if rle.code_offsets.size else np.zeros(0, np.uint8)
+    isval = (codes != (1 << cb) - 1).astype(np.int64)
+    csum = np.concatenate([[0], np.cumsum(isval)])
+    return csum[np.clip(rle.code_offsets, 0, codes.size)].astype(np.int64)
