@@ -521,3 +521,19 @@ def test_extra_repr():
     ):
         assert part in r, (part, r)
     assert repr(pbt.PBLinear(8, 4, bias=False)) == "PBLinear(in_features=8, out_features=4, bias=False, empty)"
+
+
+def test_large_batches_use_the_dense_path_with_the_same_result(monkeypatch):
+    import pbcodec.torch as pbt
+
+    lin = nn.Linear(96, 80)
+    layer = pbt.PBLinear.from_linear(lin, salient=0.1)
+    calls = []
+    orig = pbcodec.PBTensor.matvec
+    monkeypatch.setattr(pbcodec.PBTensor, "matvec", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    for rows, fused in [(pbt.DENSE_ROWS - 1, True), (pbt.DENSE_ROWS, False), (3 * pbt.DENSE_ROWS, False)]:
+        calls.clear()
+        x = torch.randn(rows, 96)
+        want = F.linear(x, layer.dequantize(), lin.bias)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+        assert bool(calls) == fused

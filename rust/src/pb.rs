@@ -353,21 +353,41 @@ impl PbRef<'_> {
         if n == 0 {
             return Ok(());
         }
-        let mut q = vec![0i8; m * n];
-        rle::decode(&self.res, self.value_offsets, &[m, n], &mut q)?;
+        rle::check_decodable(&self.res, self.value_offsets, m)?;
         let nb = n.div_ceil(8);
+        // Rows decode independently: each task decodes its row's residual into
+        // a small buffer, then writes B + S (§6.2) group by group.
         parallel::pool().install(|| {
-            out.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-                let signs = &self.signs[i * nb..];
-                let sigma = self.sigma[i];
-                for (j, o) in row.iter_mut().enumerate() {
-                    let (mu, alpha) = (self.mu[i * ng + j / g], self.alpha[i * ng + j / g]);
-                    let b = if (signs[j / 8] >> (j % 8)) & 1 == 1 { mu - alpha } else { mu + alpha };
-                    *o = b + sigma * q[i * n + j] as f32;
-                }
-            })
-        });
-        Ok(())
+            out.par_chunks_mut(n).enumerate().try_for_each_init(
+                || vec![0i8; n],
+                |q, (i, row)| {
+                    rle::decode_row(&self.res, self.value_offsets, i, q)?;
+                    let signs = &self.signs[i * nb..(i + 1) * nb];
+                    let sigma = self.sigma[i];
+                    let (mu, alpha) = (&self.mu[i * ng..(i + 1) * ng], &self.alpha[i * ng..(i + 1) * ng]);
+                    if g % 8 == 0 || ng == 1 {
+                        // Byte-aligned groups: 8 columns per sign byte, one group each.
+                        for (k, ((o, qq), &sb)) in row.chunks_mut(8).zip(q.chunks(8)).zip(signs).enumerate() {
+                            let gi = 8 * k / g;
+                            let (pos, neg) = (mu[gi] + alpha[gi], mu[gi] - alpha[gi]);
+                            for (t, (o, &qv)) in o.iter_mut().zip(qq).enumerate() {
+                                let b = if (sb >> t) & 1 == 1 { neg } else { pos };
+                                *o = b + sigma * qv as f32;
+                            }
+                        }
+                    } else {
+                        for gi in 0..ng {
+                            let (pos, neg) = (mu[gi] + alpha[gi], mu[gi] - alpha[gi]);
+                            for j in gi * g..((gi + 1) * g).min(n) {
+                                let b = if (signs[j / 8] >> (j % 8)) & 1 == 1 { neg } else { pos };
+                                row[j] = b + sigma * q[j] as f32;
+                            }
+                        }
+                    }
+                    Ok::<(), crate::Error>(())
+                },
+            )
+        })
     }
 }
 

@@ -403,15 +403,10 @@ pub fn validate(s: &Streams, shape: &[usize], strict: bool) -> Result<Vec<i64>> 
     Ok(value_offsets)
 }
 
-/// Decode into `out` (`rows x n`, fully overwritten). Validates bounds as it
-/// goes, so a hand-built or corrupted stream errors instead of misbehaving.
-pub fn decode(s: &Streams, value_offsets: &[i64], shape: &[usize], out: &mut [i8]) -> Result<()> {
+/// Check the streams and value offsets of a `rows x n` array before decoding
+/// rows independently (O(rows)); `decode_row` relies on these.
+pub fn check_decodable(s: &Streams, value_offsets: &[i64], rows: usize) -> Result<()> {
     check_params(s.count_bits, s.value_bits).map_err(|e| crate::Error::Format(e.to_string()))?;
-    let rows = rows_of(shape)?;
-    let n = *shape.last().unwrap();
-    if out.len() != rows * n {
-        return invalid(format!("out has {} elements, expected {}", out.len(), rows * n));
-    }
     let (_, cap) = check_offsets(s, rows)?;
     if value_offsets.len() != rows + 1 || value_offsets[0] != 0 || value_offsets.windows(2).any(|w| w[1] < w[0]) {
         return format_err("value_offsets must have rows + 1 non-decreasing entries starting at 0");
@@ -419,24 +414,45 @@ pub fn decode(s: &Streams, value_offsets: &[i64], shape: &[usize], out: &mut [i8
     if value_offsets[rows] as u64 > cap {
         return format_err("value_offsets point past the values stream");
     }
-    for r in 0..rows {
-        let row = &mut out[r * n..(r + 1) * n];
-        row.fill(0);
-        let v0 = value_offsets[r] as usize;
-        let v1 = value_offsets[r + 1] as usize;
-        let (c0, c1) = (s.code_offsets[r] as u64, s.code_offsets[r + 1] as u64);
-        let mut overflow = false;
-        let walk = walk_row(s.counts, s.count_bits, c0, c1, n, r, |p, k| {
-            let vi = v0 + k;
-            if vi < v1 {
-                row[p] = value_at(s.values, s.value_bits, vi);
-            } else {
-                overflow = true;
-            }
-        })?;
-        if overflow || walk.values != v1 - v0 {
-            return format_err(format!("row {r}: codes hold {} values, value_offsets say {}", walk.values, v1 - v0));
+    Ok(())
+}
+
+/// Decode row `r` into `row` (length n, fully overwritten), validating as it
+/// goes. The streams must have passed `check_decodable`.
+pub fn decode_row(s: &Streams, value_offsets: &[i64], r: usize, row: &mut [i8]) -> Result<()> {
+    row.fill(0);
+    let n = row.len();
+    let (v0, v1) = (value_offsets[r] as usize, value_offsets[r + 1] as usize);
+    let (c0, c1) = (s.code_offsets[r] as u64, s.code_offsets[r + 1] as u64);
+    let mut overflow = false;
+    let walk = walk_row(s.counts, s.count_bits, c0, c1, n, r, |p, k| {
+        let vi = v0 + k;
+        if vi < v1 {
+            row[p] = value_at(s.values, s.value_bits, vi);
+        } else {
+            overflow = true;
         }
+    })?;
+    if overflow || walk.values != v1 - v0 {
+        return format_err(format!("row {r}: codes hold {} values, value_offsets say {}", walk.values, v1 - v0));
+    }
+    Ok(())
+}
+
+/// Decode into `out` (`rows x n`, fully overwritten). Validates bounds as it
+/// goes, so a hand-built or corrupted stream errors instead of misbehaving.
+pub fn decode(s: &Streams, value_offsets: &[i64], shape: &[usize], out: &mut [i8]) -> Result<()> {
+    let rows = rows_of(shape)?;
+    let n = *shape.last().unwrap();
+    if out.len() != rows * n {
+        return invalid(format!("out has {} elements, expected {}", out.len(), rows * n));
+    }
+    check_decodable(s, value_offsets, rows)?;
+    if n == 0 {
+        return Ok(());
+    }
+    for (r, row) in out.chunks_exact_mut(n).enumerate() {
+        decode_row(s, value_offsets, r, row)?;
     }
     Ok(())
 }
