@@ -6,7 +6,7 @@ copy, and the GIL is released while it runs.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,7 +22,7 @@ _SIGN_WORDS = {
 }
 _BF16_WORDS = (np.uint16, 0x3F80, 0xBF80)
 # Kernels by word size in bytes.
-_SIGN_FNS = {
+_SIGN_FNS: dict[int, tuple[Callable[..., None], Callable[..., None]]] = {
     2: (_core.pack_signs16, _core.unpack_signs16),
     4: (_core.pack_signs32, _core.unpack_signs32),
     8: (_core.pack_signs64, _core.unpack_signs64),
@@ -130,6 +130,8 @@ def unpack_signs(packed: Any, count: int, dtype: Any = np.float32, *, out: np.nd
         raise ValueError(f"packed rows have {p.shape[-1]} bytes; {count} signs need {(count + 7) // 8}")
     p = np.ascontiguousarray(p)
     out = prepare_out(out, p.shape[:-1] + (count,), dt)
-    word, pos, neg = _sign_words(dt)
+    spec = _sign_words(dt)
+    assert spec is not None  # _float_dtype accepted it
+    word, pos, neg = spec
     _SIGN_FNS[np.dtype(word).itemsize][1](p, rows_of(p.shape), count, pos, neg, out.view(word))
     return out

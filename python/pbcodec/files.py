@@ -108,7 +108,8 @@ def _raw(a: np.ndarray) -> RawTensor:
         raise TypeError(f"cannot store dtype {a.dtype} in a safetensors file")
     if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and not _little()):
         a = a.astype(a.dtype.newbyteorder("<"))
-    return RawTensor(code, tuple(int(d) for d in a.shape), memoryview(a.reshape(-1).view(np.uint8)))
+    flat: Any = a.reshape(-1).view(np.uint8)  # ndarray supports the buffer protocol
+    return RawTensor(code, tuple(int(d) for d in a.shape), memoryview(flat))
 
 
 def _little() -> bool:
@@ -204,10 +205,10 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, RawTensor], dic
     view = memoryview(mm)[8 + n :] if mm is not None else memoryview(b"")
     spans = []
     tensors: dict[str, RawTensor] = {}
-    for name, e in header.items():
-        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+    for name, ent in header.items():
+        if not isinstance(ent, dict) or set(ent) != {"dtype", "shape", "data_offsets"}:
             raise FormatError(f"{path}: tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
-        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        dt, shape, offs = ent["dtype"], ent["shape"], ent["data_offsets"]
         if dt not in _ITEMSIZE:
             raise FormatError(f"{path}: tensor {name!r}: unsupported dtype {dt!r}")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
@@ -267,7 +268,7 @@ def _build_pb(name: str, d: dict, raw: Mapping[str, RawTensor], path: str) -> PB
     if not (1 <= g <= max(n, 1)):
         raise FormatError(f"{path}: {name}: group_size {g} out of range")
     ng = 0 if n == 0 else -(-n // g)
-    scale = {"float16": "F16", "float32": "F32"}.get(d.get("scale_dtype"))
+    scale = {"float16": "F16", "float32": "F32"}.get(str(d.get("scale_dtype")))
     if scale is None:
         raise FormatError(f"{path}: {name}: bad scale_dtype {d.get('scale_dtype')!r}")
     parts = {}

@@ -51,6 +51,7 @@ class PBTensor:
     """
 
     __slots__ = ("shape", "signs", "mu", "alpha", "sigma", "residual", "group_size", "_cache")
+    _cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None
 
     def __init__(
         self,
@@ -110,10 +111,12 @@ class PBTensor:
         m, n = self.shape
         return 8.0 * self.nbytes / (m * n) if m * n else 0.0
 
-    def _parts(self) -> tuple:
-        if self._cache is None:
-            f32 = tuple(np.ascontiguousarray(a, dtype=np.float32).ravel() for a in (self.mu, self.alpha, self.sigma))
-            object.__setattr__(self, "_cache", f32)
+    def _parts(self) -> tuple[Any, Any]:
+        cache = self._cache
+        if cache is None:
+            mu, alpha, sigma = (np.ascontiguousarray(a, dtype=np.float32).ravel() for a in (self.mu, self.alpha, self.sigma))
+            cache = (mu, alpha, sigma)
+            object.__setattr__(self, "_cache", cache)
         r = self.residual
         meta = (
             self.shape[0],
@@ -125,7 +128,7 @@ class PBTensor:
         )
         arrays = (
             np.ascontiguousarray(self.signs).ravel(),
-            *self._cache,
+            *cache,
             r.counts,
             r.values.view(np.uint8),
             r.code_offsets,

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::error::{format_err, invalid};
 use crate::pb::{PbRef, n_groups};
-use crate::rle::value_at;
+use crate::rle::{value_at, walk_row};
 use crate::simd::{self, Level};
 use crate::{parallel, Result};
 
@@ -176,41 +176,25 @@ fn scalar_signed_sums(sh: &Shared, i: usize, ssum: &mut [f32]) {
     }
 }
 
-/// Walk row i's codes (validating as it goes) and accumulate Σ q x for batch
-/// rows b0.. into rs.
+/// Walk row i's codes (validating as it goes, with the decoder's own walker)
+/// and accumulate Σ q x for batch rows b0.. into rs.
 fn scalar_residual(sh: &Shared, i: usize, b0: usize, rs: &mut [f32]) -> Result<()> {
-    let t = sh.t;
-    let r = &t.res;
+    let r = &sh.t.res;
+    let (v0, v1) = (sh.t.value_offsets[i] as usize, sh.t.value_offsets[i + 1] as usize);
     let (c0, c1) = (r.code_offsets[i] as u64, r.code_offsets[i + 1] as u64);
-    let (v0, v1) = (t.value_offsets[i] as usize, t.value_offsets[i + 1] as usize);
-    let b = r.count_bits as u64;
-    let esc = (1u64 << b) - 1;
-    let mut pos = 0u64;
-    let mut vi = v0;
-    for c in c0..c1 {
-        let bit = c * b;
-        let mut w = [0u8; 2];
-        let byte = (bit / 8) as usize;
-        let avail = (r.counts.len() - byte).min(2);
-        w[..avail].copy_from_slice(&r.counts[byte..byte + avail]);
-        let code = (u16::from_le_bytes(w) as u64 >> (bit % 8)) & esc;
-        if code == esc {
-            pos += esc;
-            continue;
+    let mut overflow = false;
+    let walk = walk_row(r.counts, r.count_bits, c0, c1, sh.t.n, i, |pos, k| {
+        if v0 + k >= v1 {
+            overflow = true;
+            return;
         }
-        pos += code;
-        if pos >= t.n as u64 || vi >= v1 {
-            return format_err(format!("row {i}: residual codes run past the row or its values"));
+        let q = value_at(r.values, r.value_bits, v0 + k) as f32;
+        for (u, acc) in rs.iter_mut().enumerate() {
+            *acc += q * sh.xs[(b0 + u) * sh.stride + pos];
         }
-        let q = value_at(r.values, r.value_bits, vi) as f32;
-        for (k, acc) in rs.iter_mut().enumerate() {
-            *acc += q * sh.xs[(b0 + k) * sh.stride + pos as usize];
-        }
-        vi += 1;
-        pos += 1;
-    }
-    if vi != v1 || pos > t.n as u64 {
-        return format_err(format!("row {i}: residual codes do not match the row's values"));
+    })?;
+    if overflow || walk.values != v1 - v0 {
+        return format_err(format!("row {i}: residual codes hold {} values, offsets say {}", walk.values, v1 - v0));
     }
     Ok(())
 }

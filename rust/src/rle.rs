@@ -279,15 +279,15 @@ pub(crate) fn value_at(values: &[u8], value_bits: u32, i: usize) -> i8 {
 }
 
 /// What a row walk reports.
-struct RowWalk {
-    values: usize,
+pub(crate) struct RowWalk {
+    pub values: usize,
     last_code_is_escape: bool,
 }
 
 /// Walk row codes `[c0, c1)` of the stream; call `put(pos, value_index)` for
 /// each value. Errors if a value lands at `pos >= n` or escapes pass `n`.
 #[inline(always)]
-fn walk_row(
+pub(crate) fn walk_row(
     counts: &[u8],
     b: u32,
     c0: u64,
