@@ -282,3 +282,14 @@ def test_from_bytes_accepts_buffer_types():
     blob = pbcodec.rle_encode(np.array([0, 1, 0, 2], np.int8)).to_bytes()
     for b in (blob, bytearray(blob), memoryview(blob)):
         assert pbcodec.RLE.from_bytes(b).to_bytes() == blob
+
+
+def test_decode_refuses_decompression_bombs():
+    # 40 zeros per row are free; a 60-byte blob can declare 2**33 elements.
+    r = pbcodec.rle_encode(np.zeros((2, 8), np.int8))
+    bomb = pbcodec.RLE((2, 2**32), r.count_bits, 8, r.counts, r.values, r.code_offsets, r.value_offsets)
+    assert len(bomb.to_bytes()) < 100
+    with pytest.raises(ValueError, match="max_elements"):
+        pbcodec.rle_decode(bomb)
+    small = pbcodec.RLE((2, 1000), r.count_bits, 8, r.counts, r.values, r.code_offsets, r.value_offsets)
+    np.testing.assert_array_equal(pbcodec.rle_decode(small, max_elements=2000), np.zeros((2, 1000), np.int8))

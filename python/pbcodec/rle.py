@@ -1,6 +1,7 @@
 """The escaped zero-run code for sparse int8/int4 arrays (docs/format.md §3-4)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -135,14 +136,29 @@ def rle_encode(values: Any, count_bits: int | str = 4, value_bits: int = 8) -> R
     return RLE(a.shape, cb, vb, counts, vals.view(np.int8) if vb == 8 else vals, co, vo)
 
 
-def rle_decode(rle: RLE, out: np.ndarray | None = None) -> np.ndarray:
+#: Default cap on the dense size :func:`rle_decode` allocates (2**31 elements,
+#: 2 GiB of int8). Zeros after a row's last value cost nothing in the code, so a
+#: tiny blob can declare an enormous shape (a "decompression bomb"); raise the
+#: cap explicitly (``max_elements=None``) for arrays you trust to be that large.
+MAX_DECODE_ELEMENTS = 2**31
+
+
+def rle_decode(rle: RLE, out: np.ndarray | None = None, *, max_elements: int | None = MAX_DECODE_ELEMENTS) -> np.ndarray:
     """Decode an :class:`RLE` to its dense int8 array of shape ``rle.shape``.
 
     Raises :class:`pbcodec.FormatError` if the streams are inconsistent (for
-    example a row whose codes run past its end).
+    example a row whose codes run past its end), and ``ValueError`` if the
+    dense array would exceed ``max_elements`` (see :data:`MAX_DECODE_ELEMENTS`;
+    ``None``: no limit; not checked when ``out`` is given).
     """
     if not isinstance(rle, RLE):
         raise TypeError(f"rle must be a pbcodec.RLE, got {type(rle).__name__}")
+    size = math.prod(rle.shape)
+    if out is None and max_elements is not None and size > max_elements:
+        raise ValueError(
+            f"decoding shape {rle.shape} needs {size} elements, over max_elements={max_elements}; "
+            "pass a larger max_elements (or None) if this array is expected"
+        )
     out = prepare_out(out, rle.shape, np.int8)
     _core.rle_decode(
         rle.counts,
