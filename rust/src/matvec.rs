@@ -322,9 +322,9 @@ mod x86 {
 
     /// 8 codes of `CB` bits starting at stream bit `bit`, one per lane.
     #[inline(always)]
-    unsafe fn load_codes<const CB: u32>(counts: &[u8], bit: u64) -> __m256i {
+    unsafe fn load_codes<const CB: u32, const CHECKED: bool>(counts: &[u8], bit: u64) -> __m256i {
         let byte = (bit >> 3) as usize;
-        let w = if byte + 8 <= counts.len() {
+        let w = if !CHECKED || byte + 8 <= counts.len() {
             (counts.as_ptr().add(byte) as *const u64).read_unaligned()
         } else {
             let mut t = [0u8; 8];
@@ -364,9 +364,9 @@ mod x86 {
     /// 8 values starting at value index `vi` as f32 lanes (lanes past the
     /// stream end read as 0).
     #[inline(always)]
-    unsafe fn load_values(values: &[u8], value_bits: u32, vi: usize) -> __m256 {
+    unsafe fn load_values<const CHECKED: bool>(values: &[u8], value_bits: u32, vi: usize) -> __m256 {
         if value_bits == 8 {
-            let q = if vi + 8 <= values.len() {
+            let q = if !CHECKED || vi + 8 <= values.len() {
                 _mm_loadl_epi64(values.as_ptr().add(vi) as *const __m128i)
             } else {
                 let mut t = [0u8; 8];
@@ -378,7 +378,7 @@ mod x86 {
             _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q))
         } else {
             let byte = vi / 2;
-            let w = if byte + 8 <= values.len() {
+            let w = if !CHECKED || byte + 8 <= values.len() {
                 (values.as_ptr().add(byte) as *const u64).read_unaligned()
             } else {
                 let mut t = [0u8; 8];
@@ -413,7 +413,7 @@ mod x86 {
     /// padded x, so a malformed stream can never read outside it), and the
     /// values expanded to their lanes.
     #[inline(always)]
-    unsafe fn chunk<const CB: u32>(
+    unsafe fn chunk<const CB: u32, const CHECKED: bool>(
         r: &crate::rle::Streams,
         c: u64,
         valid: __m256i,
@@ -422,15 +422,16 @@ mod x86 {
         lim: __m256i,
     ) -> (__m256i, __m256i, __m256) {
         let esc = _mm256_set1_epi32(((1u32 << CB) - 1) as i32);
-        let codes = load_codes::<CB>(r.counts, c * CB as u64);
+        let codes = load_codes::<CB, CHECKED>(r.counts, c * CB as u64);
         let isval = _mm256_andnot_si256(_mm256_cmpeq_epi32(codes, esc), valid);
         // step = code + 1 for values, ESC for escapes, 0 past the row's codes
         let step = _mm256_and_si256(_mm256_sub_epi32(codes, isval), valid);
         let incl = _mm256_add_epi32(prefix8(step), *base);
         *base = _mm256_permutevar8x32_epi32(incl, _mm256_set1_epi32(7));
-        let pos = _mm256_min_epu32(_mm256_sub_epi32(incl, _mm256_set1_epi32(1)), lim);
+        // base starts at -1, so the running sum is the value's position itself.
+        let pos = _mm256_min_epu32(incl, lim);
         let m = _mm256_movemask_ps(_mm256_castsi256_ps(isval)) as usize;
-        let vals = load_values(r.values, r.value_bits, *vi);
+        let vals = load_values::<CHECKED>(r.values, r.value_bits, *vi);
         let perm = _mm256_loadu_si256(EXPAND[m].as_ptr() as *const __m256i);
         *vi += m.count_ones() as usize;
         (isval, pos, _mm256_permutevar8x32_ps(vals, perm))
@@ -470,22 +471,38 @@ mod x86 {
                 }
             };
         }
-        while c + 16 <= c1 {
-            let (m, p, v) = chunk::<CB>(r, c, ones, base, vi, lim);
-            emit!(m, p, v, acc0);
-            let (m, p, v) = chunk::<CB>(r, c + 8, ones, base, vi, lim);
-            emit!(m, p, v, acc1);
-            c += 16;
+        // Rows whose codes and values end at least 8 bytes before their
+        // streams' ends (almost all) need no per-chunk bounds checks. Even a
+        // malformed row holds at most one value per code, so the value index
+        // stays below *vi + (c1 - c0) (the count is checked after the walk).
+        let vmax = *vi + (c1 - c0) as usize;
+        let vbytes = if r.value_bits == 8 { vmax } else { vmax / 2 + 1 };
+        let fast = (c1 * CB as u64).div_ceil(8) as usize + 8 <= r.counts.len() && vbytes + 8 <= r.values.len();
+        macro_rules! full_chunks {
+            ($checked:expr) => {
+                while c + 16 <= c1 {
+                    let (m, p, v) = chunk::<CB, $checked>(r, c, ones, base, vi, lim);
+                    emit!(m, p, v, acc0);
+                    let (m, p, v) = chunk::<CB, $checked>(r, c + 8, ones, base, vi, lim);
+                    emit!(m, p, v, acc1);
+                    c += 16;
+                }
+            };
+        }
+        if fast {
+            full_chunks!(false);
+        } else {
+            full_chunks!(true);
         }
         if c + 8 <= c1 {
-            let (m, p, v) = chunk::<CB>(r, c, ones, base, vi, lim);
+            let (m, p, v) = chunk::<CB, true>(r, c, ones, base, vi, lim);
             emit!(m, p, v, acc0);
             c += 8;
         }
         if c < c1 {
             let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
             let valid = _mm256_cmpgt_epi32(_mm256_set1_epi32((c1 - c) as i32), lane);
-            let (m, p, v) = chunk::<CB>(r, c, valid, base, vi, lim);
+            let (m, p, v) = chunk::<CB, true>(r, c, valid, base, vi, lim);
             emit!(m, p, v, acc1);
         }
         let _ = k;
@@ -541,14 +558,14 @@ mod x86 {
                 sc.val.clear();
                 sc.val.reserve(chunks * 8);
             }
-            let mut base = _mm256_setzero_si256();
+            let mut base = _mm256_set1_epi32(-1);
             let mut vi = v0;
             let acc = if fused {
                 decode_row::<CB, true>(r, c0, c1, &mut base, &mut vi, lim, x0, sc)
             } else {
                 decode_row::<CB, false>(r, c0, c1, &mut base, &mut vi, lim, x0, sc)
             };
-            let end = _mm256_cvtsi256_si32(base) as u32 as usize;
+            let end = (_mm256_cvtsi256_si32(base) + 1) as u32 as usize;
             if end > n || vi != v1 {
                 return format_err(format!(
                     "row {i}: residual codes end at {end} (row length {n}) with {} values (offsets say {})",
