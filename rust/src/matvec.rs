@@ -242,7 +242,7 @@ mod x86 {
     /// size a multiple of 8, or one group) use the SIMD path; others fall back.
     /// Batch rows go in passes of up to 4, so each sign mask is built once per
     /// pass and feeds every row of it.
-    #[target_feature(enable = "avx2,fma,bmi2")]
+    #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
     pub unsafe fn signed_sums(sh: &Shared, i: usize, ssum: &mut [f32]) {
         let t = sh.t;
         let (n, g) = (t.n, t.group_size);
@@ -511,7 +511,7 @@ mod x86 {
 
     /// rs[b] = Σ_k val[k] · xt[pos[k]][b] over the stored lanes, NBLK blocks of
     /// 8 batch rows held in registers.
-    #[target_feature(enable = "avx2,fma,bmi2")]
+    #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
     unsafe fn accumulate_t<const NBLK: usize>(sc: &Scratch, xt: *const f32, bpad: usize, rs: &mut [f32]) {
         let mut acc = [_mm256_setzero_ps(); NBLK];
         for (&p, &v) in sc.pos.iter().zip(&sc.val) {
@@ -528,7 +528,7 @@ mod x86 {
         rs.copy_from_slice(&tmp[..rs.len()]);
     }
 
-    #[target_feature(enable = "avx2,fma,bmi2")]
+    #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
     unsafe fn residual_cb<const CB: u32>(
         sh: &Shared,
         i: usize,

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 #[repr(u8)]
 pub enum Level {
     Scalar = 1,
-    /// AVX2 + FMA + BMI2.
+    /// AVX2 + FMA + BMI2 + POPCNT.
     Avx2 = 2,
     /// AVX-512 F/BW/VL/VBMI/VBMI2 (Ice Lake and later, Zen 4).
     Avx512 = 3,
@@ -51,10 +51,15 @@ pub fn detected() -> Level {
             && is_x86_feature_detected!("avx512vbmi")
             && is_x86_feature_detected!("avx512vbmi2")
             && is_x86_feature_detected!("bmi2")
+            && is_x86_feature_detected!("popcnt")
         {
             return Level::Avx512;
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("bmi2") {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("bmi2")
+            && is_x86_feature_detected!("popcnt")
+        {
             return Level::Avx2;
         }
     }
