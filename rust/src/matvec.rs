@@ -199,6 +199,29 @@ fn scalar_residual(sh: &Shared, i: usize, b0: usize, rs: &mut [f32]) -> Result<(
     Ok(())
 }
 
+/// One row of §6.2 (decompress): `out[j] = (mu ± alpha) + sigma * q[j]`, each
+/// operation rounded to f32 separately (no FMA), so every path gives the same
+/// bits. `q` is the row's decoded residual.
+pub(crate) fn dequant_row(signs: &[u8], q: &[i8], mu: &[f32], alpha: &[f32], g: usize, sigma: f32, out: &mut [f32]) {
+    let n = out.len();
+    let ng = mu.len();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::level() >= Level::Avx2 && (g % 8 == 0 || ng == 1) {
+            // SAFETY: AVX2 detected; slices have the row's sizes (checked by callers).
+            unsafe { x86::dequant_row(signs, q, mu, alpha, g, sigma, out) };
+            return;
+        }
+    }
+    for gi in 0..ng {
+        let (pos, neg) = (mu[gi] + alpha[gi], mu[gi] - alpha[gi]);
+        for j in gi * g..((gi + 1) * g).min(n) {
+            let b = if (signs[j / 8] >> (j % 8)) & 1 == 1 { neg } else { pos };
+            out[j] = b + sigma * q[j] as f32;
+        }
+    }
+}
+
 // --------------------------------------------------------------------- x86
 
 #[cfg(target_arch = "x86_64")]
@@ -316,6 +339,33 @@ mod x86 {
             for u in 0..NB {
                 let a = _mm256_add_ps(_mm256_add_ps(acc[u][0], acc[u][1]), _mm256_add_ps(acc[u][2], acc[u][3]));
                 ssum[(b0 + u) * ng + gi] = hsum(a);
+            }
+        }
+    }
+
+    /// §6.2 for one row, 8 columns per step; groups are byte aligned (g % 8 == 0)
+    /// or there is one group. Separate mul and add: bit-identical to the scalar path.
+    #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
+    pub unsafe fn dequant_row(signs: &[u8], q: &[i8], mu: &[f32], alpha: &[f32], g: usize, sigma: f32, out: &mut [f32]) {
+        let n = out.len();
+        let sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        let sg = _mm256_set1_ps(sigma);
+        for gi in 0..mu.len() {
+            let (p, m) = (mu[gi] + alpha[gi], mu[gi] - alpha[gi]);
+            let (pos, neg) = (_mm256_set1_ps(p), _mm256_set1_ps(m));
+            let (j0, j1) = (gi * g, ((gi + 1) * g).min(n));
+            let mut j = j0;
+            while j + 8 <= j1 {
+                let bits = _mm256_set1_epi32(*signs.get_unchecked(j / 8) as i32);
+                let mask = _mm256_cmpeq_epi32(_mm256_and_si256(bits, sel), sel);
+                let b = _mm256_blendv_ps(pos, neg, _mm256_castsi256_ps(mask));
+                let qv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(q.as_ptr().add(j) as *const __m128i)));
+                _mm256_storeu_ps(out.as_mut_ptr().add(j), _mm256_add_ps(b, _mm256_mul_ps(sg, qv)));
+                j += 8;
+            }
+            for jj in j..j1 {
+                let b = if (signs[jj / 8] >> (jj % 8)) & 1 == 1 { m } else { p };
+                out[jj] = b + sigma * q[jj] as f32;
             }
         }
     }

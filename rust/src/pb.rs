@@ -362,28 +362,15 @@ impl PbRef<'_> {
                 || vec![0i8; n],
                 |q, (i, row)| {
                     rle::decode_row(&self.res, self.value_offsets, i, q)?;
-                    let signs = &self.signs[i * nb..(i + 1) * nb];
-                    let sigma = self.sigma[i];
-                    let (mu, alpha) = (&self.mu[i * ng..(i + 1) * ng], &self.alpha[i * ng..(i + 1) * ng]);
-                    if g % 8 == 0 || ng == 1 {
-                        // Byte-aligned groups: 8 columns per sign byte, one group each.
-                        for (k, ((o, qq), &sb)) in row.chunks_mut(8).zip(q.chunks(8)).zip(signs).enumerate() {
-                            let gi = 8 * k / g;
-                            let (pos, neg) = (mu[gi] + alpha[gi], mu[gi] - alpha[gi]);
-                            for (t, (o, &qv)) in o.iter_mut().zip(qq).enumerate() {
-                                let b = if (sb >> t) & 1 == 1 { neg } else { pos };
-                                *o = b + sigma * qv as f32;
-                            }
-                        }
-                    } else {
-                        for gi in 0..ng {
-                            let (pos, neg) = (mu[gi] + alpha[gi], mu[gi] - alpha[gi]);
-                            for j in gi * g..((gi + 1) * g).min(n) {
-                                let b = if (signs[j / 8] >> (j % 8)) & 1 == 1 { neg } else { pos };
-                                row[j] = b + sigma * q[j] as f32;
-                            }
-                        }
-                    }
+                    crate::matvec::dequant_row(
+                        &self.signs[i * nb..(i + 1) * nb],
+                        q,
+                        &self.mu[i * ng..(i + 1) * ng],
+                        &self.alpha[i * ng..(i + 1) * ng],
+                        g,
+                        self.sigma[i],
+                        row,
+                    );
                     Ok::<(), crate::Error>(())
                 },
             )
