@@ -24,6 +24,15 @@ def check_bits(bits: Any, name: str = "bits") -> int:
     return int(bits)
 
 
+def count_bits_arg(count_bits: Any) -> int:
+    """``count_bits`` of the zero-run code: an int in 1..8, or ``"auto"`` (returned as 0)."""
+    if isinstance(count_bits, str):
+        if count_bits != "auto":
+            raise ValueError(f"count_bits must be 1..8 or 'auto', got {count_bits!r}")
+        return 0
+    return check_bits(count_bits, "count_bits")
+
+
 def check_count(count: Any) -> int:
     if type(count) is int and count >= 0:
         return count

@@ -77,9 +77,12 @@ def make_selector(include: list[str], exclude: list[str]) -> Callable[[str, Any]
     return selected
 
 
-def compress_file(src: Path, dst: Path, selected: Callable, kwargs: dict, progress: _Progress | None) -> list[dict]:
+def compress_file(
+    src: Path, dst: Path, selected: Callable, kwargs: dict, progress: _Progress | None
+) -> tuple[list[dict], list[str]]:
     """Compress the selected tensors of one safetensors file into ``dst``
-    (atomically); copy the rest byte for byte. Returns one row per tensor."""
+    (atomically); copy the rest byte for byte. Returns one summary row per
+    input tensor and the names of the tensors written."""
     import numpy as np
 
     from . import compress, snr_db
@@ -114,7 +117,7 @@ def compress_file(src: Path, dst: Path, selected: Callable, kwargs: dict, progre
     if desc:
         new_meta[META_KEY] = json.dumps(desc, sort_keys=True)
     write_safetensors(dst, out, new_meta)
-    return rows
+    return rows, list(out)
 
 
 def _find_index(src: Path) -> Path | None:
@@ -123,8 +126,6 @@ def _find_index(src: Path) -> Path | None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .files import read_safetensors
-
     src, dst = Path(args.input), Path(args.output)
     if not src.exists():
         raise CliError(f"{src}: no such file or directory")
@@ -154,13 +155,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".pbcodec-", dir=dst.parent))
         try:
-            rows, weight_map = [], {}
+            rows: list[dict] = []
+            weight_map: dict[str, str] = {}
             for shard in shards:
-                shard_rows = compress_file(shard, tmp / shard.name, selected, kwargs, progress)
+                shard_rows, names = compress_file(shard, tmp / shard.name, selected, kwargs, progress)
                 rows += shard_rows
-                raw, meta = read_safetensors(tmp / shard.name)
-                for name in raw:
-                    weight_map[name] = shard.name
+                weight_map.update((name, shard.name) for name in names)
             index = _find_index(src)
             for item in src.iterdir():  # configs, tokenizers: copied as they are
                 if item.suffix != ".safetensors" and item != index:
@@ -182,7 +182,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     else:
         progress = _Progress(src.stat().st_size, not args.quiet)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        rows = compress_file(src, dst, selected, kwargs, progress)
+        rows, _ = compress_file(src, dst, selected, kwargs, progress)
         progress.close()
     _print_summary(rows, time.perf_counter() - t0)
 

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._util import check_bits, prepare_out
+from ._util import count_bits_arg, prepare_out
 from .errors import FormatError
 from .rle import RLE
 
@@ -334,12 +334,7 @@ def compress(
         raise TypeError(f"salient must be a number in [0, 1], got {salient!r}")
     if salient_bits not in (4, 8) or isinstance(salient_bits, bool):
         raise ValueError(f"salient_bits must be 4 or 8, got {salient_bits!r}")
-    if isinstance(count_bits, str):
-        if count_bits != "auto":
-            raise ValueError(f"count_bits must be 1..8 or 'auto', got {count_bits!r}")
-        cb = 0
-    else:
-        cb = check_bits(count_bits, "count_bits")
+    cb = count_bits_arg(count_bits)
     if select not in ("row", "tensor"):
         raise ValueError(f"select must be 'row' or 'tensor', got {select!r}")
     if group_size is None:

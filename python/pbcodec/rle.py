@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._util import as_int8, check_bits, prepare_out, rows_of
+from ._util import as_int8, count_bits_arg, prepare_out, rows_of
 
 
 class RLE:
@@ -125,12 +125,7 @@ def rle_encode(values: Any, count_bits: int | str = 4, value_bits: int = 8) -> R
     must then be in -8..7).
     """
     vb = _check_value_bits(value_bits)
-    if isinstance(count_bits, str):
-        if count_bits != "auto":
-            raise ValueError(f"count_bits must be 1..8 or 'auto', got {count_bits!r}")
-        cb = 0
-    else:
-        cb = check_bits(count_bits, "count_bits")
+    cb = count_bits_arg(count_bits)
     a = as_int8(values)
     counts, vals, co, vo, cb = _core.rle_encode(a, list(a.shape), cb, vb)
     return RLE(a.shape, cb, vb, counts, vals.view(np.int8) if vb == 8 else vals, co, vo)

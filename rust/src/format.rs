@@ -43,9 +43,14 @@ pub fn rle_to_bytes(s: &Streams, shape: &[usize]) -> Result<Vec<u8>> {
         return format_err(format!("ndim must be in 1..{MAX_NDIM}, got {}", shape.len()));
     }
     let vo = rle::validate(s, shape, true)?;
+    rle_write(s, shape, *vo.last().unwrap() as u64)
+}
+
+/// Serialize streams that already passed `rle::validate(.., strict)` for this
+/// shape, holding `num_values` values.
+pub(crate) fn rle_write(s: &Streams, shape: &[usize], num_values: u64) -> Result<Vec<u8>> {
     let rows = rle::rows_of(shape)?;
     let num_codes = s.code_offsets[rows] as u64;
-    let num_values = vo[rows] as u64;
     let len = rle_serialized_len(shape.len(), rows, num_codes, num_values, s.count_bits, s.value_bits)
         .ok_or_else(|| crate::Error::Invalid("array too large to serialize".into()))?;
     let w = index_width(num_codes);

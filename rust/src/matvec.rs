@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::error::{format_err, invalid};
 use crate::pb::{PbRef, n_groups};
-use crate::rle::{value_at, walk_row};
+use crate::rle::{self, value_at, walk_row};
 use crate::simd::{self, Level};
 use crate::{parallel, Result};
 
@@ -44,7 +44,7 @@ pub fn matvec(t: &PbRef, x: &[f32], batch: usize, out: &mut [f32]) -> Result<()>
     if out.len() != batch.checked_mul(m).unwrap_or(usize::MAX) {
         return invalid(format!("out has {} elements, expected {batch} x {m}", out.len()));
     }
-    t.check_residual_offsets()?;
+    rle::check_decodable(&t.res, t.value_offsets, m)?;
     if m == 0 || batch == 0 {
         return Ok(());
     }

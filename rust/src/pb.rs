@@ -323,26 +323,6 @@ impl PbRef<'_> {
         Ok(())
     }
 
-    /// Offsets start at 0, never decrease and stay inside their streams: what
-    /// the kernels rely on before walking any row (O(rows)).
-    pub fn check_residual_offsets(&self) -> Result<()> {
-        rle::check_params(self.res.count_bits, self.res.value_bits).map_err(|e| crate::Error::Format(e.to_string()))?;
-        let (co, vo) = (self.res.code_offsets, self.value_offsets);
-        let mono = |o: &[i64]| o.first() == Some(&0) && o.windows(2).all(|w| w[0] <= w[1]);
-        if !mono(co) || !mono(vo) {
-            return format_err("residual offsets must start at 0 and be non-decreasing");
-        }
-        let nc = *co.last().unwrap() as u64;
-        if rle::counts_len(nc, self.res.count_bits) != Some(self.res.counts.len() as u64) {
-            return format_err("residual code stream length does not match its offsets");
-        }
-        let cap = if self.res.value_bits == 8 { self.res.values.len() } else { 2 * self.res.values.len() };
-        if *vo.last().unwrap() as u64 > cap as u64 {
-            return format_err("residual value offsets point past the value stream");
-        }
-        Ok(())
-    }
-
     /// §6.2 into `out` (`m x n` float32).
     pub fn decompress(&self, out: &mut [f32]) -> Result<()> {
         self.check_sizes()?;
@@ -454,7 +434,8 @@ pub fn to_bytes(t: &PbRef) -> Result<Vec<u8>> {
     if vo != t.value_offsets {
         return format_err("residual value_offsets do not match its codes");
     }
-    let rb = format::rle_to_bytes(&t.res, &[t.m, t.n])?;
+    // `validate` already ran the residual's strict validation.
+    let rb = format::rle_write(&t.res, &[t.m, t.n], *vo.last().unwrap_or(&0) as u64)?;
     let mut out = Vec::with_capacity(PB_HEADER + t.signs.len() + rb.len() + 4 * (2 * t.mu.len() + t.m) + 4);
     out.extend_from_slice(PB_MAGIC);
     out.extend_from_slice(&PB_VERSION.to_le_bytes());
