@@ -1,5 +1,6 @@
 """Run the codec benchmark from a checkout: ``python benches/bench_codec.py [--quick] ...``
 (the code lives in ``pbcodec.benchmarks.codec`` so ``pbcodec bench`` works from a wheel)."""
+
 import os
 import sys
 
@@ -8,6 +9,6 @@ if "--lib-defaults" not in sys.argv:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pbcodec.benchmarks.codec import main  # noqa: E402
+from pbcodec.benchmarks.codec import main
 
 sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,6 @@
 """Run the matvec benchmark from a checkout: ``python benches/bench_matvec.py [--quick] ...``
 (the code lives in ``pbcodec.benchmarks.matvec`` so ``pbcodec bench`` works from a wheel)."""
+
 import os
 import sys
 
@@ -8,6 +9,6 @@ if "--lib-defaults" not in sys.argv:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pbcodec.benchmarks.matvec import main  # noqa: E402
+from pbcodec.benchmarks.matvec import main
 
 sys.exit(main(sys.argv[1:]))

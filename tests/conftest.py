@@ -1,12 +1,12 @@
 """Shared fixtures: every test that takes `simd` runs once per SIMD level the
 CPU supports (scalar always), so each kernel path is compared to the reference."""
+
 import os
 
 import numpy as np
+import pbcodec
 import pytest
 from hypothesis import HealthCheck, settings
-
-import pbcodec
 
 settings.register_profile(
     "default",

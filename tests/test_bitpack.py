@@ -1,12 +1,12 @@
 """pack_bits / unpack_bits / pack_signs / unpack_signs: Rust vs the pure-Python
 reference (byte for byte, on every SIMD path), vs numpy, and on bad input."""
+
 import numpy as np
+import pbcodec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-import pbcodec
 from pbcodec import reference as ref
 
 # Row lengths around the 8/16/32/64-code block edges of the kernels.
@@ -86,7 +86,9 @@ def test_other_integer_dtypes_and_lists():
 
 def test_non_contiguous_input():
     x = np.random.default_rng(0).integers(0, 8, size=(20, 30), dtype=np.uint8)
-    np.testing.assert_array_equal(pbcodec.pack_bits(x[::2, ::3], 3), ref.pack_bits(np.ascontiguousarray(x[::2, ::3]), 3))
+    np.testing.assert_array_equal(
+        pbcodec.pack_bits(x[::2, ::3], 3), ref.pack_bits(np.ascontiguousarray(x[::2, ::3]), 3)
+    )
     np.testing.assert_array_equal(pbcodec.pack_bits(x.T, 3), ref.pack_bits(np.ascontiguousarray(x.T), 3))
 
 

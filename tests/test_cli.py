@@ -1,11 +1,11 @@
 """The pbcodec command line: compress (file and sharded directory), inspect,
 selection rules, errors as one line with a non-zero exit, no partial output."""
+
 import json
 
 import numpy as np
-import pytest
-
 import pbcodec
+import pytest
 from pbcodec.cli import main
 
 
@@ -55,15 +55,39 @@ def test_include_exclude_and_options(tmp_path):
     rng = np.random.default_rng(1)
     src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     tensors = write_model(src, rng)
-    assert main(["compress", str(src), str(dst), "-q", "--include", "*head*", "--include", "*proj*",
-                 "--exclude", "*up_proj*", "--salient", "0.2", "--salient-bits", "4", "--group-size", "16",
-                 "--count-bits", "3"]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(src),
+                str(dst),
+                "-q",
+                "--include",
+                "*head*",
+                "--include",
+                "*proj*",
+                "--exclude",
+                "*up_proj*",
+                "--salient",
+                "0.2",
+                "--salient-bits",
+                "4",
+                "--group-size",
+                "16",
+                "--count-bits",
+                "3",
+            ]
+        )
+        == 0
+    )
     got = pbcodec.load_file(dst)
     assert isinstance(got["lm_head.weight"], pbcodec.PBTensor)
     assert not isinstance(got["layers.0.up_proj.weight"], pbcodec.PBTensor)
     t = got["layers.0.q_proj.weight"]
     assert (t.salient_bits, t.group_size, t.residual.count_bits) == (4, 16, 3)
-    assert t == pbcodec.compress(tensors["layers.0.q_proj.weight"], salient=0.2, salient_bits=4, group_size=16, count_bits=3)
+    assert t == pbcodec.compress(
+        tensors["layers.0.q_proj.weight"], salient=0.2, salient_bits=4, group_size=16, count_bits=3
+    )
 
 
 def test_sharded_directory_with_index(tmp_path):
@@ -97,13 +121,16 @@ def test_inspect(tmp_path, capsys):
     assert "pbcodec" in out and "layers.0.q_proj.weight" in out and "s8 c" in out
 
 
-@pytest.mark.parametrize("argv_fn, message", [
-    (lambda d: ["compress", str(d / "missing.safetensors"), str(d / "o.safetensors")], "no such file"),
-    (lambda d: ["compress", str(d / "garbage.safetensors"), str(d / "o.safetensors")], "error"),
-    (lambda d: ["compress", str(d / "in.safetensors"), str(d / "in.safetensors")], "exists"),
-    (lambda d: ["compress", str(d / "in.safetensors"), str(d / "o.safetensors"), "--salient", "2"], "salient"),
-    (lambda d: ["inspect", str(d / "garbage.safetensors")], "error"),
-])
+@pytest.mark.parametrize(
+    "argv_fn, message",
+    [
+        (lambda d: ["compress", str(d / "missing.safetensors"), str(d / "o.safetensors")], "no such file"),
+        (lambda d: ["compress", str(d / "garbage.safetensors"), str(d / "o.safetensors")], "error"),
+        (lambda d: ["compress", str(d / "in.safetensors"), str(d / "in.safetensors")], "exists"),
+        (lambda d: ["compress", str(d / "in.safetensors"), str(d / "o.safetensors"), "--salient", "2"], "salient"),
+        (lambda d: ["inspect", str(d / "garbage.safetensors")], "error"),
+    ],
+)
 def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys, argv_fn, message):
     write_model(tmp_path / "in.safetensors", np.random.default_rng(4))
     (tmp_path / "garbage.safetensors").write_bytes(b"\x10\0\0\0\0\0\0\0{not json at all")

@@ -1,12 +1,12 @@
 """save_file / load_file: safetensors files that the standard safetensors
 package can read, validated and memory-mapped on load, atomic on write."""
+
 import json
 import struct
 
 import numpy as np
-import pytest
-
 import pbcodec
+import pytest
 from pbcodec.files import read_safetensors
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
@@ -192,8 +192,9 @@ def test_bytes_identical_to_reference_writer(tmp_path, sample):
 
     ours, theirs = tmp_path / "ours.safetensors", tmp_path / "ref.safetensors"
     pbcodec.save_file(sample, ours, metadata={"format": "pt", "note": "x"})
-    ref_tensors = {k: ref.PBTensor.from_bytes(v.to_bytes()) if isinstance(v, pbcodec.PBTensor) else v
-                   for k, v in sample.items()}
+    ref_tensors = {
+        k: ref.PBTensor.from_bytes(v.to_bytes()) if isinstance(v, pbcodec.PBTensor) else v for k, v in sample.items()
+    }
     ref.save_file(ref_tensors, theirs, metadata={"format": "pt", "note": "x"})
     assert ours.read_bytes() == theirs.read_bytes()
     # Each reads the other's file.

@@ -1,12 +1,11 @@
 """Fuzz-style robustness: random mutations of valid blobs and files must only
 ever raise FormatError (never another exception, a crash or a hang), and
 anything accepted must re-serialize to exactly the same bytes."""
+
 import numpy as np
-import pytest
+import pbcodec
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pbcodec
 from pbcodec import reference as ref
 
 RNG = np.random.default_rng(123)

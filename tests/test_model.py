@@ -12,6 +12,7 @@ measurement so that the suite guards against regressions without flaking:
 
 The calibration sentences are disjoint from the test sentences.
 """
+
 import os
 
 import numpy as np

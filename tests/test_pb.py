@@ -1,12 +1,12 @@
 """PBTensor: Rust compress is byte-identical to the reference (docs/format.md §6.1),
 matvec agrees with the reference on every SIMD path and thread count, the
 serialized form round-trips and rejects malformed input."""
+
 import numpy as np
+import pbcodec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
-import pbcodec
 from pbcodec import reference as ref
 
 
@@ -186,7 +186,10 @@ def test_bits_per_weight_and_stats():
     t = pbcodec.compress(w, salient=0.1)
     st_ = t.stats()
     assert t.bits_per_weight <= 2.35
-    parts = sum(st_[k] for k in ("signs_bpw", "scales_bpw", "residual_codes_bpw", "residual_values_bpw", "index_and_headers_bpw"))
+    parts = sum(
+        st_[k]
+        for k in ("signs_bpw", "scales_bpw", "residual_codes_bpw", "residual_values_bpw", "index_and_headers_bpw")
+    )
     assert abs(parts - t.bits_per_weight) < 1e-9
     assert st_["signs_bpw"] == 1.0 and abs(st_["salient_fraction"] - 0.1) < 0.002
     assert st_["count_bits"] in range(1, 9)
@@ -276,9 +279,15 @@ def test_hand_modified_parts_raise_not_crash():
     r = t.residual
     counts = r.counts.copy()
     counts[:] = 0xEE  # every code 14: values land past the row end
-    bad = pbcodec.PBTensor(t.shape, t.signs, t.mu, t.alpha, t.sigma,
-                           pbcodec.RLE(r.shape, r.count_bits, r.value_bits, counts, r.values, r.code_offsets, r.value_offsets),
-                           t.group_size)
+    bad = pbcodec.PBTensor(
+        t.shape,
+        t.signs,
+        t.mu,
+        t.alpha,
+        t.sigma,
+        pbcodec.RLE(r.shape, r.count_bits, r.value_bits, counts, r.values, r.code_offsets, r.value_offsets),
+        t.group_size,
+    )
     before = pbcodec.simd_level()
     try:
         for level in pbcodec.available_simd_levels():
@@ -300,13 +309,25 @@ def test_review_regressions():
     r = t.residual
     x = np.ones(64, np.float32)
     # Fewer values than the codes claim, offsets agreeing with the short stream.
-    short = pbcodec.PBTensor(t.shape, t.signs, t.mu, t.alpha, t.sigma,
-                             pbcodec.RLE(r.shape, 4, 8, r.counts, r.values[:0], r.code_offsets, np.zeros(5, np.int64)),
-                             t.group_size)
+    short = pbcodec.PBTensor(
+        t.shape,
+        t.signs,
+        t.mu,
+        t.alpha,
+        t.sigma,
+        pbcodec.RLE(r.shape, 4, 8, r.counts, r.values[:0], r.code_offsets, np.zeros(5, np.int64)),
+        t.group_size,
+    )
     # count_bits outside 1..8 in a hand-built residual.
-    zero_cb = pbcodec.PBTensor(t.shape, t.signs, t.mu, t.alpha, t.sigma,
-                               pbcodec.RLE(r.shape, 0, 8, r.counts[:0], r.values, r.code_offsets, r.value_offsets),
-                               t.group_size)
+    zero_cb = pbcodec.PBTensor(
+        t.shape,
+        t.signs,
+        t.mu,
+        t.alpha,
+        t.sigma,
+        pbcodec.RLE(r.shape, 0, 8, r.counts[:0], r.values, r.code_offsets, r.value_offsets),
+        t.group_size,
+    )
     before = pbcodec.simd_level()
     try:
         for level in pbcodec.available_simd_levels():
@@ -318,16 +339,24 @@ def test_review_regressions():
         pbcodec.set_simd_level(before)
     # group_size for n == 0 must be 1, so to_bytes() output always parses.
     with pytest.raises(ValueError):
-        pbcodec.PBTensor((2, 0), np.zeros((2, 0), np.uint8), np.zeros((2, 0), np.float16),
-                         np.zeros((2, 0), np.float16), np.zeros(2, np.float16),
-                         pbcodec.rle_encode(np.zeros((2, 0), np.int8)), 0)
+        pbcodec.PBTensor(
+            (2, 0),
+            np.zeros((2, 0), np.uint8),
+            np.zeros((2, 0), np.float16),
+            np.zeros((2, 0), np.float16),
+            np.zeros(2, np.float16),
+            pbcodec.rle_encode(np.zeros((2, 0), np.int8)),
+            0,
+        )
     # Scales are read-only views: in-place edits cannot be silently ignored.
     with pytest.raises(ValueError):
         t.mu[0, 0] = 1.0
     # Non-native byte order is converted, not misread.
     f = rng.standard_normal((2, 19))
     for dt in (">f4", ">f8", ">f2"):
-        np.testing.assert_array_equal(pbcodec.pack_signs(f.astype(dt)), np.packbits(np.signbit(f), axis=-1, bitorder="little"))
+        np.testing.assert_array_equal(
+            pbcodec.pack_signs(f.astype(dt)), np.packbits(np.signbit(f), axis=-1, bitorder="little")
+        )
     with pytest.raises(TypeError):
         pbcodec.unpack_signs(np.zeros((1, 1), np.uint8), 8, dtype=">f4")
     with pytest.raises(ValueError):

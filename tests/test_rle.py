@@ -1,14 +1,14 @@
 """The escaped zero-run code: Rust vs the pure-Python reference (every field and
 every serialized byte), round trips, the spec's literal examples, and malformed
 input of every kind."""
+
 import numpy as np
+import pbcodec
 import pytest
 from conftest import sparse_int8
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-import pbcodec
 from pbcodec import reference as ref
 
 
@@ -139,9 +139,7 @@ def test_rows_decode_independently():
     for i in range(7):
         c0, c1 = r.code_offsets[i], r.code_offsets[i + 1]
         v0, v1 = r.value_offsets[i], r.value_offsets[i + 1]
-        one = pbcodec.RLE(
-            (500,), 3, 8, pbcodec.pack_bits(codes[c0:c1], 3), r.values[v0:v1], [0, c1 - c0], [0, v1 - v0]
-        )
+        one = pbcodec.RLE((500,), 3, 8, pbcodec.pack_bits(codes[c0:c1], 3), r.values[v0:v1], [0, c1 - c0], [0, v1 - v0])
         np.testing.assert_array_equal(pbcodec.rle_decode(one), x[i])
 
 
@@ -239,20 +237,44 @@ def test_malformed_but_checksummed():
     base = _blob_parts(r)
     header_end = 16 + 8 + 16  # 1-D
     cases = {}
-    b = base.copy(); b[4] = 2; cases["version"] = b
-    b = base.copy(); b[0] = ord("X"); cases["magic"] = b
-    b = base.copy(); b[6] = 9; cases["count_bits"] = b
-    b = base.copy(); b[7] = 5; cases["value_bits"] = b
-    b = base.copy(); b[9] = 8; cases["index width"] = b
-    b = base.copy(); b[12] = 1; cases["reserved"] = b
-    b = base.copy(); b[16:24] = (19).to_bytes(8, "little"); cases["row too short"] = b
-    b = base.copy(); b[24:32] = (2**40).to_bytes(8, "little"); cases["huge num_codes"] = b
-    b = base.copy(); b[32:40] = (2**62).to_bytes(8, "little"); cases["huge num_values"] = b
-    b = base.copy(); b[16:24] = (2**64 - 1).to_bytes(8, "little"); cases["huge shape"] = b
+    b = base.copy()
+    b[4] = 2
+    cases["version"] = b
+    b = base.copy()
+    b[0] = ord("X")
+    cases["magic"] = b
+    b = base.copy()
+    b[6] = 9
+    cases["count_bits"] = b
+    b = base.copy()
+    b[7] = 5
+    cases["value_bits"] = b
+    b = base.copy()
+    b[9] = 8
+    cases["index width"] = b
+    b = base.copy()
+    b[12] = 1
+    cases["reserved"] = b
+    b = base.copy()
+    b[16:24] = (19).to_bytes(8, "little")
+    cases["row too short"] = b
+    b = base.copy()
+    b[24:32] = (2**40).to_bytes(8, "little")
+    cases["huge num_codes"] = b
+    b = base.copy()
+    b[32:40] = (2**62).to_bytes(8, "little")
+    cases["huge num_values"] = b
+    b = base.copy()
+    b[16:24] = (2**64 - 1).to_bytes(8, "little")
+    cases["huge shape"] = b
     # The codes are [5, 13] in one byte: make the second code an escape (15) that
     # leaves a trailing escape, then a zero value.
-    b = base.copy(); b[header_end + 4] = 0xF5; cases["trailing escape / count mismatch"] = b
-    b = base.copy(); b[-1] = 0; cases["zero value"] = b
+    b = base.copy()
+    b[header_end + 4] = 0xF5
+    cases["trailing escape / count mismatch"] = b
+    b = base.copy()
+    b[-1] = 0
+    cases["zero value"] = b
     for name, body in cases.items():
         blob = _reseal(bytes(body))
         with pytest.raises(pbcodec.FormatError):

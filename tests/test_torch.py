@@ -1,5 +1,6 @@
 """pbcodec.torch: PBLinear, the pbcodec::pb_linear custom op, compress_model,
 replace_linear_layers."""
+
 import copy
 import io
 import os

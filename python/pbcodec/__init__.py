@@ -14,6 +14,7 @@ Codec primitives (this module):
 SIMD kernels are chosen at run time; ``PBCODEC_SIMD=scalar|avx2|avx512`` caps
 the level, and :func:`set_simd_level` changes it at run time.
 """
+
 from __future__ import annotations
 
 from . import _core

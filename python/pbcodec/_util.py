@@ -1,4 +1,5 @@
 """Argument checking shared by the public wrappers (no Rust here)."""
+
 from __future__ import annotations
 
 import math

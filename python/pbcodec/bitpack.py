@@ -4,9 +4,11 @@ All functions work row-wise over the last axis; leading axes are batch axes.
 C-contiguous inputs of the right dtype are passed to the Rust core without a
 copy, and the GIL is released while it runs.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +79,11 @@ def unpack_bits(packed: Any, bits: int, count: int, *, out: np.ndarray | None = 
 
 def _sign_view(x: Any) -> np.ndarray:
     """The raw bits of a float array as uint16/32/64 (zero-copy when contiguous)."""
-    if type(x) is not np.ndarray and type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16":
+    if (
+        type(x) is not np.ndarray
+        and type(x).__module__.startswith("torch")
+        and str(getattr(x, "dtype", "")) == "torch.bfloat16"
+    ):
         import torch  # only reached when given a torch tensor
 
         x = x.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)

@@ -9,6 +9,7 @@ is usually the most sensitive layer. ``--include GLOB`` replaces the name rule
 (any 2-D float tensor matching a glob is compressed), ``--exclude GLOB`` removes
 matches; both may be repeated.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_SKIP = ("*embed*", "*lm_head*", "*norm*")
 FLOAT_CODES = ("F32", "F16", "BF16")
@@ -104,13 +106,33 @@ def compress_file(
                 if k in raw or k in out:
                     raise CliError(f"{src}: component name {k!r} collides with an existing tensor")
             out.update(parts)
-            rows.append(dict(name=name, shape=t.shape, dtype=t.dtype, before=t.nbytes, after=pbt.nbytes,
-                             bpw=pbt.bits_per_weight, snr=snr_db(w, pbt.decompress()), compressed=True))
+            rows.append(
+                dict(
+                    name=name,
+                    shape=t.shape,
+                    dtype=t.dtype,
+                    before=t.nbytes,
+                    after=pbt.nbytes,
+                    bpw=pbt.bits_per_weight,
+                    snr=snr_db(w, pbt.decompress()),
+                    compressed=True,
+                )
+            )
             del w, pbt
         else:
             out[name] = t
-            rows.append(dict(name=name, shape=t.shape, dtype=t.dtype, before=t.nbytes, after=t.nbytes,
-                             bpw=8.0 * t.nbytes / max(int(np.prod(t.shape)), 1), snr=None, compressed=False))
+            rows.append(
+                dict(
+                    name=name,
+                    shape=t.shape,
+                    dtype=t.dtype,
+                    before=t.nbytes,
+                    after=t.nbytes,
+                    bpw=8.0 * t.nbytes / max(int(np.prod(t.shape)), 1),
+                    snr=None,
+                    compressed=False,
+                )
+            )
         if progress is not None:
             progress.step(name, t.nbytes)
     new_meta = dict(meta)
@@ -132,8 +154,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if dst.exists() and not args.force:
         raise CliError(f"{dst} exists; pass --force to replace it")
     count_bits: Any = args.count_bits if args.count_bits == "auto" else int(args.count_bits)
-    kwargs = dict(salient=args.salient, salient_bits=args.salient_bits, count_bits=count_bits,
-                  group_size=args.group_size, select=args.select, scale_dtype=args.scale_dtype)
+    kwargs = dict(
+        salient=args.salient,
+        salient_bits=args.salient_bits,
+        count_bits=count_bits,
+        group_size=args.group_size,
+        select=args.select,
+        scale_dtype=args.scale_dtype,
+    )
     selected = make_selector(args.include or [], args.exclude or [])
     import numpy as np
 
@@ -169,7 +197,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
                 total_size = sum((tmp / s.name).stat().st_size for s in shards)
                 with open(index) as f:
                     old = json.load(f)
-                new = {"metadata": {**old.get("metadata", {}), "total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+                new = {
+                    "metadata": {**old.get("metadata", {}), "total_size": total_size},
+                    "weight_map": dict(sorted(weight_map.items())),
+                }
                 with open(tmp / index.name, "w") as f:
                     json.dump(new, f, indent=2)
             progress.close()
@@ -198,16 +229,22 @@ def _fmt_bytes(n: float) -> str:
 def _print_summary(rows: list[dict], seconds: float) -> None:
     comp = [r for r in rows if r["compressed"]]
     w = max([len(r["name"]) for r in comp] + [6])
-    print(f"\n{'tensor':<{w}}  {'shape':>12}  {'dtype':>5}  {'bits/w':>7}  {'SNR dB':>7}  {'before':>10}  {'after':>10}")
+    print(
+        f"\n{'tensor':<{w}}  {'shape':>12}  {'dtype':>5}  {'bits/w':>7}  {'SNR dB':>7}  {'before':>10}  {'after':>10}"
+    )
     for r in comp:
         shape = "x".join(map(str, r["shape"]))
-        print(f"{r['name']:<{w}}  {shape:>12}  {r['dtype']:>5}  {r['bpw']:7.3f}  {r['snr']:7.2f}  "
-              f"{_fmt_bytes(r['before']):>10}  {_fmt_bytes(r['after']):>10}")
+        print(
+            f"{r['name']:<{w}}  {shape:>12}  {r['dtype']:>5}  {r['bpw']:7.3f}  {r['snr']:7.2f}  "
+            f"{_fmt_bytes(r['before']):>10}  {_fmt_bytes(r['after']):>10}"
+        )
     before = sum(r["before"] for r in rows)
     after = sum(r["after"] for r in rows)
     copied = [r for r in rows if not r["compressed"]]
-    print(f"\n{len(comp)} tensors compressed, {len(copied)} copied unchanged "
-          f"({_fmt_bytes(sum(r['before'] for r in copied))}) in {seconds:.1f} s")
+    print(
+        f"\n{len(comp)} tensors compressed, {len(copied)} copied unchanged "
+        f"({_fmt_bytes(sum(r['before'] for r in copied))}) in {seconds:.1f} s"
+    )
     if comp:
         cb, ca = sum(r["before"] for r in comp), sum(r["after"] for r in comp)
         print(f"compressed tensors: {_fmt_bytes(cb)} -> {_fmt_bytes(ca)} ({cb / ca:.2f}x)")
@@ -237,13 +274,17 @@ def cmd_inspect(args: argparse.Namespace) -> None:
             r = t.residual
             params = f"s{r.value_bits} c{r.count_bits} g{t.group_size} {t.mu.dtype}"
             n, shape = t.nbytes, "x".join(map(str, t.shape))
-            print(f"{name:<{w}}  {'pbcodec':>7}  {'':>5}  {shape:>12}  {params:<22}  {n:>10}  {t.bits_per_weight:7.3f}"
-                  f"  salient {r.num_values / max(t.shape[0] * t.shape[1], 1):.3f}")
+            print(
+                f"{name:<{w}}  {'pbcodec':>7}  {'':>5}  {shape:>12}  {params:<22}  {n:>10}  {t.bits_per_weight:7.3f}"
+                f"  salient {r.num_values / max(t.shape[0] * t.shape[1], 1):.3f}"
+            )
         else:
             n = raw[name].nbytes
             shape = "x".join(map(str, t.shape)) or "scalar"
-            print(f"{name:<{w}}  {'-':>7}  {raw[name].dtype:>5}  {shape:>12}  {'':<22}  {n:>10}  "
-                  f"{8 * n / max(int(np.prod(t.shape)), 1):7.3f}")
+            print(
+                f"{name:<{w}}  {'-':>7}  {raw[name].dtype:>5}  {shape:>12}  {'':<22}  {n:>10}  "
+                f"{8 * n / max(int(np.prod(t.shape)), 1):7.3f}"
+            )
         total += n
     other = {k: v for k, v in meta.items() if k != "pbcodec"}
     print(f"\n{len(tensors)} tensors, {_fmt_bytes(total)} of tensor data, file {_fmt_bytes(path.stat().st_size)}")
@@ -261,8 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="compress built-in synthetic layers and report size, accuracy and speed")
     d.add_argument("--seed", type=int, default=0)
 
-    c = sub.add_parser("compress", help="compress the Linear weights of a .safetensors file or a directory of shards",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = sub.add_parser(
+        "compress",
+        help="compress the Linear weights of a .safetensors file or a directory of shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     c.add_argument("input", help=".safetensors file, or a directory of shards (with an optional index)")
     c.add_argument("output", help="output file (or directory, for a directory input)")
     c.add_argument("--salient", type=float, default=0.1, help="salient fraction per row (default 0.1)")

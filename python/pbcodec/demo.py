@@ -1,5 +1,6 @@
 """`pbcodec demo`: compress seeded, LLM-like synthetic layers and report size,
 accuracy and fused-matvec speed against numpy float32 (well under a minute)."""
+
 from __future__ import annotations
 
 import time
@@ -51,8 +52,10 @@ def _median_time(f, repeats: int = 15) -> float:
 
 def run(seed: int = 0, salient: float = 0.1, salient_bits: int = 8) -> None:
     rng = np.random.default_rng(seed)
-    print(f"pbcodec demo: {len(LAYERS)} synthetic layers, salient={salient}, "
-          f"salient_bits={salient_bits}, threads={get_num_threads()}\n")
+    print(
+        f"pbcodec demo: {len(LAYERS)} synthetic layers, salient={salient}, "
+        f"salient_bits={salient_bits}, threads={get_num_threads()}\n"
+    )
     head = f"{'layer':<10} {'shape':>12} {'bits/w':>7} {'size':>9} {'SNR dB':>7} {'compress':>9} {'matvec':>9} {'numpy f32':>9} {'speedup':>8}"
     print(head)
     print("-" * len(head))
@@ -70,9 +73,15 @@ def run(seed: int = 0, salient: float = 0.1, salient_bits: int = 8) -> None:
         t_np = numpy_best_time(lambda: w @ x)
         total_in += w.nbytes
         total_out += t.nbytes
-        print(f"{name:<10} {f'{m}x{n}':>12} {t.bits_per_weight:7.3f} {t.nbytes / 2**20:7.2f}MB "
-              f"{snr_db(w, t.decompress()):7.2f} {tc * 1e3:7.0f}ms {t_pb * 1e6:7.0f}us {t_np * 1e6:7.0f}us {t_np / t_pb:7.2f}x")
-    print(f"\ntotal: {total_in / 2**20:.1f} MB float32 -> {total_out / 2**20:.2f} MB "
-          f"({total_in / total_out:.1f}x smaller, {8 * total_out / (total_in / 4):.3f} bits/weight)")
-    print("matvec and numpy times: medians of repeated calls on one matrix (in cache; numpy at its"
-          " best BLAS thread count). `pbcodec bench` runs the cold, side-by-side benchmark.")
+        print(
+            f"{name:<10} {f'{m}x{n}':>12} {t.bits_per_weight:7.3f} {t.nbytes / 2**20:7.2f}MB "
+            f"{snr_db(w, t.decompress()):7.2f} {tc * 1e3:7.0f}ms {t_pb * 1e6:7.0f}us {t_np * 1e6:7.0f}us {t_np / t_pb:7.2f}x"
+        )
+    print(
+        f"\ntotal: {total_in / 2**20:.1f} MB float32 -> {total_out / 2**20:.2f} MB "
+        f"({total_in / total_out:.1f}x smaller, {8 * total_out / (total_in / 4):.3f} bits/weight)"
+    )
+    print(
+        "matvec and numpy times: medians of repeated calls on one matrix (in cache; numpy at its"
+        " best BLAS thread count). `pbcodec bench` runs the cold, side-by-side benchmark."
+    )

@@ -10,6 +10,7 @@ reader can open the file and read every component; :func:`load_file` validates
 everything and memory-maps the data, so a multi-GB file is not read into RAM.
 No pickle anywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,9 @@ import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -199,7 +200,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, RawTensor], dic
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise FormatError(f"{path}: __metadata__ must map strings to strings")
     buf_len = size - 8 - n
     view = memoryview(mm)[8 + n :] if mm is not None else memoryview(b"")
@@ -218,7 +221,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, RawTensor], dic
         b, end = offs
         want = math.prod(shape) * _ITEMSIZE[dt]
         if not 0 <= b <= end <= buf_len or end - b != want:
-            raise FormatError(f"{path}: tensor {name!r}: data_offsets {offs} do not hold {want} bytes in a {buf_len}-byte buffer")
+            raise FormatError(
+                f"{path}: tensor {name!r}: data_offsets {offs} do not hold {want} bytes in a {buf_len}-byte buffer"
+            )
         spans.append((b, end, name))
         tensors[name] = RawTensor(dt, tuple(shape), view[b:end])
     # Like the safetensors reference: the data buffer is covered exactly, no holes or overlaps.
@@ -294,7 +299,9 @@ def _build_pb(name: str, d: dict, raw: Mapping[str, RawTensor], path: str) -> PB
             raise FormatError(f"{path}: {name}.{suffix}: dtype {parts[suffix].dtype}, metadata says {scale}")
     sb = _int(d, "salient_bits", name, path)
     if parts["residual.values"].dtype != {8: "I8", 4: "U8"}.get(sb):
-        raise FormatError(f"{path}: {name}.residual.values: dtype {parts['residual.values'].dtype} does not match salient_bits {sb}")
+        raise FormatError(
+            f"{path}: {name}.residual.values: dtype {parts['residual.values'].dtype} does not match salient_bits {sb}"
+        )
     for suffix in ("residual.counts", "residual.values"):
         if len(parts[suffix].shape) != 1:
             raise FormatError(f"{path}: {name}.{suffix} must be 1-D")

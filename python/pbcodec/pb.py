@@ -1,5 +1,6 @@
 """Partially-binarized tensors: compress, decompress, decode-fused matvec
 (docs/format.md §6-7)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -114,7 +115,9 @@ class PBTensor:
     def _parts(self) -> tuple[Any, Any]:
         cache = self._cache
         if cache is None:
-            mu, alpha, sigma = (np.ascontiguousarray(a, dtype=np.float32).ravel() for a in (self.mu, self.alpha, self.sigma))
+            mu, alpha, sigma = (
+                np.ascontiguousarray(a, dtype=np.float32).ravel() for a in (self.mu, self.alpha, self.sigma)
+            )
             cache = (mu, alpha, sigma)
             object.__setattr__(self, "_cache", cache)
         r = self.residual
@@ -179,7 +182,7 @@ class PBTensor:
         return _core.pb_to_bytes(*self._parts())
 
     @classmethod
-    def from_bytes(cls, buf: bytes | bytearray | memoryview) -> "PBTensor":
+    def from_bytes(cls, buf: bytes | bytearray | memoryview) -> PBTensor:
         """Parse and validate; raises :class:`pbcodec.FormatError` on anything malformed."""
         return _from_core(_core.pb_from_bytes(np.frombuffer(buf, dtype=np.uint8)))
 
@@ -198,7 +201,7 @@ class PBTensor:
         group_size: int,
         count_bits: int,
         salient_bits: int,
-    ) -> "PBTensor":
+    ) -> PBTensor:
         """Build from raw component arrays (a file's tensors, a state_dict) and
         validate them like :meth:`from_bytes` does (:class:`FormatError` on any
         inconsistency). Unaligned or non-contiguous inputs are copied; the
@@ -281,7 +284,10 @@ class PBTensor:
             and self.group_size == other.group_size
             and self.mu.dtype == other.mu.dtype
             and np.array_equal(self.signs, other.signs)
-            and all(np.array_equal(getattr(self, a).view(np.uint8), getattr(other, a).view(np.uint8)) for a in ("mu", "alpha", "sigma"))
+            and all(
+                np.array_equal(getattr(self, a).view(np.uint8), getattr(other, a).view(np.uint8))
+                for a in ("mu", "alpha", "sigma")
+            )
             and self.residual == other.residual
         )
 
@@ -354,7 +360,9 @@ def compress(
         if imp.shape != (n,):
             raise ValueError(f"importance must have shape ({n},), got {imp.shape}")
     sbits = _SCALE_BITS[_scale_dtype(scale_dtype)]
-    res = _core.pb_compress(w, m, n, imp, float(salient), int(salient_bits), cb, gs, select == "tensor", bool(shift), sbits)
+    res = _core.pb_compress(
+        w, m, n, imp, float(salient), int(salient_bits), cb, gs, select == "tensor", bool(shift), sbits
+    )
     return _from_core(res)
 
 

@@ -109,9 +109,7 @@ def pack_bits(codes, bits) -> np.ndarray:
         # Compare as Python ints so no dtype (int8, uint64, ...) can wrap or promote oddly.
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= 1 << bits:
-            raise ValueError(
-                f"codes must be in 0..{(1 << bits) - 1} for bits={bits}, got range {lo}..{hi}"
-            )
+            raise ValueError(f"codes must be in 0..{(1 << bits) - 1} for bits={bits}, got range {lo}..{hi}")
     codes = codes.astype(np.uint8)  # lossless after the range check
     n = codes.shape[-1]
     # Stream bit i*bits + j is bit j of code i (LSB first), so the bit planes laid out
@@ -141,10 +139,7 @@ def unpack_bits(packed, bits, count) -> np.ndarray:
         raise ValueError("unpack_bits needs an array with at least one dimension")
     want = _packed_len(count, bits)
     if packed.shape[-1] != want:
-        raise ValueError(
-            f"packed rows must have ceil({count}*{bits}/8) = {want} bytes, "
-            f"got {packed.shape[-1]}"
-        )
+        raise ValueError(f"packed rows must have ceil({count}*{bits}/8) = {want} bytes, got {packed.shape[-1]}")
     stream = np.unpackbits(packed, axis=-1, bitorder="little")[..., : count * bits]
     planes = stream.reshape(packed.shape[:-1] + (count, bits))
     weights = (np.uint8(1) << np.arange(bits, dtype=np.uint8)).astype(np.uint8)
@@ -181,9 +176,7 @@ def pack_signs(x) -> np.ndarray:
         # Same bit layout as the upper half of a float32: sign is bit 15 of the raw bits.
         x = x.view(np.uint16)
     if x.dtype not in _SIGN_VIEWS:
-        raise TypeError(
-            f"pack_signs accepts float16/float32/float64/bfloat16/uint16, got {x.dtype}"
-        )
+        raise TypeError(f"pack_signs accepts float16/float32/float64/bfloat16/uint16, got {x.dtype}")
     if x.ndim == 0:
         raise ValueError("pack_signs needs an array with at least one dimension")
     uint, sign_bit = _SIGN_VIEWS[x.dtype]
@@ -250,7 +243,8 @@ def _serialized_size(ndim, rows, count_bits, value_bits, num_codes, num_values) 
     return (
         _HEADER.size
         + 8 * ndim  # shape
-        + 8 + 8  # num_codes, num_values
+        + 8
+        + 8  # num_codes, num_values
         + _index_width(num_codes) * rows  # row_ends
         + _packed_len(num_codes, count_bits)  # counts stream
         + values_len
@@ -360,7 +354,7 @@ class RLE:
         return out
 
     @classmethod
-    def from_bytes(cls, buf) -> "RLE":
+    def from_bytes(cls, buf) -> RLE:
         """Parse and validate a §4 blob; raises FormatError on anything malformed.
 
         buf: bytes, bytearray or memoryview. Checks run in the order of §4
@@ -458,9 +452,7 @@ class RLE:
         _check_no_trailing_escape(codes, code_offsets, esc)
         value_offsets = _value_offsets_from_codes(codes, code_offsets, esc)
         if int(value_offsets[-1]) != num_values:
-            raise FormatError(
-                f"codes hold {int(value_offsets[-1])} values but num_values = {num_values}"
-            )
+            raise FormatError(f"codes hold {int(value_offsets[-1])} values but num_values = {num_values}")
         if np.any(_values_as_int8(values, value_bits, num_values) == 0):
             raise FormatError("a stored value is zero (non-canonical)")
 
@@ -718,9 +710,7 @@ def rle_decode(rle: RLE) -> np.ndarray:
     row_start = np.concatenate([[0], cum])[rle.code_offsets[:-1]]
     pos_after = cum - row_start[row_of_code]
     writes = codes != esc
-    out[row_of_code[writes], pos_after[writes] - 1] = _values_as_int8(
-        rle.values, rle.value_bits, rle.num_values
-    )
+    out[row_of_code[writes], pos_after[writes] - 1] = _values_as_int8(rle.values, rle.value_bits, rle.num_values)
     return out.reshape(shape)
 
 
@@ -768,8 +758,7 @@ def _to_scale(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
         out = x.astype(dtype)
     if not np.all(np.isfinite(out)):
         raise ValueError(
-            f"{name} overflows {dtype} scales (largest {float(np.max(np.abs(x)))!r}); "
-            "use scale_dtype='float32'"
+            f"{name} overflows {dtype} scales (largest {float(np.max(np.abs(x)))!r}); use scale_dtype='float32'"
         )
     return out
 
@@ -840,7 +829,7 @@ def compress(
     importance=None,
     shift=True,
     scale_dtype="float16",
-) -> "PBTensor":
+) -> PBTensor:
     """Compress a 2-D float matrix to a :class:`PBTensor` (§6.1, step by step).
 
     weight: 2-D float32 or float16 array-like, shape ``(m, n)``, finite (float16 is
@@ -1053,10 +1042,7 @@ class PBTensor:
         return (
             self.shape == other.shape
             and self.group_size == other.group_size
-            and all(
-                _same_array(getattr(self, a), getattr(other, a))
-                for a in ("signs", "mu", "alpha", "sigma")
-            )
+            and all(_same_array(getattr(self, a), getattr(other, a)) for a in ("signs", "mu", "alpha", "sigma"))
             and self.residual == other.residual
         )
 
@@ -1119,8 +1105,14 @@ class PBTensor:
         residual_blob = self.residual.to_bytes()
         parts = [
             _PBT_HEADER.pack(
-                _PBT_MAGIC, _PBT_VERSION, _PBT_DENSE_BITS, 8 * self.scale_dtype.itemsize,
-                m, n, self.group_size, len(residual_blob),
+                _PBT_MAGIC,
+                _PBT_VERSION,
+                _PBT_DENSE_BITS,
+                8 * self.scale_dtype.itemsize,
+                m,
+                n,
+                self.group_size,
+                len(residual_blob),
             ),
             self.signs.tobytes(),
             self.mu.astype(le).tobytes(),
@@ -1134,7 +1126,7 @@ class PBTensor:
         return out
 
     @classmethod
-    def from_bytes(cls, buf) -> "PBTensor":
+    def from_bytes(cls, buf) -> PBTensor:
         """Parse and validate a §7 blob; raises FormatError on anything malformed.
 
         buf: bytes, bytearray or memoryview. Order (mirroring §4): fixed header fields;
@@ -1247,8 +1239,7 @@ def _validate_pbtensor(t: PBTensor) -> None:
     dt = t.mu.dtype
     if dt not in _SCALE_DTYPES or t.alpha.dtype != dt or t.sigma.dtype != dt:
         raise FormatError(
-            f"mu, alpha, sigma must share a float16/float32 dtype, got "
-            f"{t.mu.dtype}, {t.alpha.dtype}, {t.sigma.dtype}"
+            f"mu, alpha, sigma must share a float16/float32 dtype, got {t.mu.dtype}, {t.alpha.dtype}, {t.sigma.dtype}"
         )
     for name, a, want in (("mu", t.mu, (m, ng)), ("alpha", t.alpha, (m, ng)), ("sigma", t.sigma, (m,))):
         if a.shape != want:
@@ -1288,8 +1279,18 @@ def snr_db(W, W_hat) -> float:
 # ---------------------------------------------------------------------------
 
 _ST_CODES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "float16": "F16",
-    "uint32": "U32", "int32": "I32", "float32": "F32", "uint64": "U64", "int64": "I64", "float64": "F64",
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "float16": "F16",
+    "uint32": "U32",
+    "int32": "I32",
+    "float32": "F32",
+    "uint64": "U64",
+    "int64": "I64",
+    "float64": "F64",
 }
 _ST_DTYPES = {v: np.dtype(k) for k, v in _ST_CODES.items()}
 
@@ -1315,8 +1316,12 @@ def save_file(tensors, path, metadata=None) -> None:
             v.to_bytes()  # validates, like the library does before writing
             r = v.residual
             parts = {
-                "signs": v.signs, "mu": v.mu, "alpha": v.alpha, "sigma": v.sigma,
-                "residual.counts": r.counts, "residual.values": r.values,
+                "signs": v.signs,
+                "mu": v.mu,
+                "alpha": v.alpha,
+                "sigma": v.sigma,
+                "residual.counts": r.counts,
+                "residual.values": r.values,
                 "residual.code_offsets": r.code_offsets,
             }
             for suffix, arr in parts.items():
@@ -1325,8 +1330,13 @@ def save_file(tensors, path, metadata=None) -> None:
                     raise ValueError(f"tensor name {key!r} is used twice")
                 entries[key] = _st_entry(np.asarray(arr))
             desc[name] = {
-                "codec": "pbcodec.pb", "version": 1, "shape": list(v.shape), "dense_bits": 1,
-                "group_size": v.group_size, "count_bits": r.count_bits, "salient_bits": r.value_bits,
+                "codec": "pbcodec.pb",
+                "version": 1,
+                "shape": list(v.shape),
+                "dense_bits": 1,
+                "group_size": v.group_size,
+                "count_bits": r.count_bits,
+                "salient_bits": r.value_bits,
                 "scale_dtype": str(v.mu.dtype),
             }
         else:
@@ -1405,7 +1415,9 @@ def load_file(path) -> dict:
             vo = np.zeros(m + 1, np.int64)  # recomputed by from_bytes' validating walk below
             rle = RLE((m, n_), d["count_bits"], d["salient_bits"], a["residual.counts"], a["residual.values"], co, vo)
             num_values = _count_values(rle)
-            rle = RLE((m, n_), d["count_bits"], d["salient_bits"], a["residual.counts"], a["residual.values"], co, num_values)
+            rle = RLE(
+                (m, n_), d["count_bits"], d["salient_bits"], a["residual.counts"], a["residual.values"], co, num_values
+            )
             t = PBTensor((m, n_), a["signs"], a["mu"], a["alpha"], a["sigma"], rle, d["group_size"])
             out[name] = PBTensor.from_bytes(t.to_bytes())  # full §7 validation
         except (ValueError, TypeError, KeyError, IndexError) as e:
@@ -1416,7 +1428,7 @@ def load_file(path) -> dict:
     return out
 
 
-def _count_values(rle: "RLE") -> np.ndarray:
+def _count_values(rle: RLE) -> np.ndarray:
     """value_offsets implied by the codes (non-escape codes per row)."""
     cb = rle.count_bits
     if not 1 <= cb <= 8:

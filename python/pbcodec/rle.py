@@ -1,4 +1,5 @@
 """The escaped zero-run code for sparse int8/int4 arrays (docs/format.md §3-4)."""
+
 from __future__ import annotations
 
 import math
@@ -82,12 +83,14 @@ class RLE:
         )
 
     @classmethod
-    def from_bytes(cls, buf: bytes | bytearray | memoryview) -> "RLE":
+    def from_bytes(cls, buf: bytes | bytearray | memoryview) -> RLE:
         """Parse and validate a blob from :meth:`to_bytes`; raises
         :class:`pbcodec.FormatError` on anything malformed."""
         b = np.frombuffer(buf, dtype=np.uint8)
         shape, value_bits, (counts, values, co, vo, count_bits) = _core.rle_from_bytes(b)
-        return cls(tuple(shape), count_bits, value_bits, counts, values.view(np.int8) if value_bits == 8 else values, co, vo)
+        return cls(
+            tuple(shape), count_bits, value_bits, counts, values.view(np.int8) if value_bits == 8 else values, co, vo
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, RLE):
@@ -138,7 +141,9 @@ def rle_encode(values: Any, count_bits: int | str = 4, value_bits: int = 8) -> R
 MAX_DECODE_ELEMENTS = 2**31
 
 
-def rle_decode(rle: RLE, out: np.ndarray | None = None, *, max_elements: int | None = MAX_DECODE_ELEMENTS) -> np.ndarray:
+def rle_decode(
+    rle: RLE, out: np.ndarray | None = None, *, max_elements: int | None = MAX_DECODE_ELEMENTS
+) -> np.ndarray:
     """Decode an :class:`RLE` to its dense int8 array of shape ``rle.shape``.
 
     Raises :class:`pbcodec.FormatError` if the streams are inconsistent (for

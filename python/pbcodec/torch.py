@@ -64,9 +64,11 @@ falls back to dequantizing once, caching the dense weight on that device and dty
 (``PBLinear.clear_cache()`` drops it) and calling ``F.linear``: correct, but it holds a
 dense copy of the weight there. ``meta`` inputs go through the op's fake (meta) kernel.
 """
+
 import math
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +131,7 @@ def _cpu_numpy(t: Tensor) -> np.ndarray:
     return t.contiguous().numpy()
 
 
-def _build_pb(meta: Tuple[int, int, int, int, int], arrays: Iterable[np.ndarray]) -> PBTensor:
+def _build_pb(meta: tuple[int, int, int, int, int], arrays: Iterable[np.ndarray]) -> PBTensor:
     """An (unvalidated) PBTensor over the given arrays, zero-copy. Only used on parts
     that were validated when they entered the module; the kernels still check sizes and
     offsets and bound every position, so inconsistent parts raise, never crash."""
@@ -141,7 +143,13 @@ def _build_pb(meta: Tuple[int, int, int, int, int], arrays: Iterable[np.ndarray]
     try:
         residual = RLE((m, n), cb, sb, counts, values, co, vo)
         return PBTensor(
-            (m, n), signs.reshape(m, (n + 7) // 8), mu.reshape(m, ng), alpha.reshape(m, ng), sigma.reshape(m), residual, gs
+            (m, n),
+            signs.reshape(m, (n + 7) // 8),
+            mu.reshape(m, ng),
+            alpha.reshape(m, ng),
+            sigma.reshape(m),
+            residual,
+            gs,
         )
     except ValueError as e:  # reshape of a wrongly sized part
         raise FormatError(f"PBLinear parts have inconsistent sizes: {e}") from None
@@ -168,7 +176,7 @@ def pb_linear(
     res_values: Tensor,
     res_code_offsets: Tensor,
     res_value_offsets: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     m: int,
     n: int,
     group_size: int,
@@ -204,7 +212,23 @@ def pb_linear(
 
 
 @pb_linear.register_fake
-def _pb_linear_fake(x, signs, mu, alpha, sigma, res_counts, res_values, res_code_offsets, res_value_offsets, bias, m, n, group_size, count_bits, salient_bits):
+def _pb_linear_fake(
+    x,
+    signs,
+    mu,
+    alpha,
+    sigma,
+    res_counts,
+    res_values,
+    res_code_offsets,
+    res_value_offsets,
+    bias,
+    m,
+    n,
+    group_size,
+    count_bits,
+    salient_bits,
+):
     torch._check(x.dim() >= 1 and x.shape[-1] == n, lambda: f"input must have shape (..., {n}), got {tuple(x.shape)}")
     return x.new_empty((*x.shape[:-1], m))
 
@@ -238,7 +262,22 @@ def _pb_linear_grad_input(
 
 
 @_pb_linear_grad_input.register_fake
-def _pb_linear_grad_input_fake(grad, signs, mu, alpha, sigma, res_counts, res_values, res_code_offsets, res_value_offsets, m, n, group_size, count_bits, salient_bits):
+def _pb_linear_grad_input_fake(
+    grad,
+    signs,
+    mu,
+    alpha,
+    sigma,
+    res_counts,
+    res_values,
+    res_code_offsets,
+    res_value_offsets,
+    m,
+    n,
+    group_size,
+    count_bits,
+    salient_bits,
+):
     return grad.new_empty((*grad.shape[:-1], n))
 
 
@@ -292,7 +331,7 @@ class PBLinear(nn.Module):
         bias: bool = True,
         *,
         device: Any = None,
-        dtype: Optional[torch.dtype] = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.in_features = int(in_features)
@@ -314,7 +353,9 @@ class PBLinear(nn.Module):
         self.register_buffer("res_value_offsets", torch.empty(0, dtype=torch.int64, device=device), persistent=False)
         self.register_buffer(
             "pb_meta",
-            torch.tensor([FORMAT_VERSION, self.out_features, self.in_features, 0, 0, 0], dtype=torch.int64, device=device),
+            torch.tensor(
+                [FORMAT_VERSION, self.out_features, self.in_features, 0, 0, 0], dtype=torch.int64, device=device
+            ),
         )
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype or torch.float32))
@@ -323,10 +364,10 @@ class PBLinear(nn.Module):
         #: Use the dequantize-and-cache path even on the CPU (e.g. large batches, where a
         #: dense BLAS matmul can beat the fused kernel, at the cost of a dense copy).
         self.force_dense = False
-        self._meta: Optional[Tuple[int, int, int, int, int]] = None  # (m, n, group_size, count_bits, salient_bits)
-        self._summary: Dict[str, float] = {}
-        self._pb: Optional[PBTensor] = None
-        self._dense: Optional[Tensor] = None
+        self._meta: tuple[int, int, int, int, int] | None = None  # (m, n, group_size, count_bits, salient_bits)
+        self._summary: dict[str, float] = {}
+        self._pb: PBTensor | None = None
+        self._dense: Tensor | None = None
 
     # -- construction ------------------------------------------------------
     @classmethod
@@ -340,7 +381,7 @@ class PBLinear(nn.Module):
         return cls.from_pbtensor(t, linear.bias, device=linear.weight.device)
 
     @classmethod
-    def from_pbtensor(cls, t: PBTensor, bias: Optional[Tensor] = None, *, device: Any = None) -> "PBLinear":
+    def from_pbtensor(cls, t: PBTensor, bias: Tensor | None = None, *, device: Any = None) -> "PBLinear":
         """Wrap a :class:`pbcodec.PBTensor` ``(out_features, in_features)`` (zero-copy on
         the CPU); ``bias`` (any float dtype) is copied."""
         if not isinstance(t, PBTensor):
@@ -374,7 +415,7 @@ class PBLinear(nn.Module):
             mod.to(device)
         return mod
 
-    def _set_loaded(self, meta: Tuple[int, int, int, int, int], t: PBTensor) -> None:
+    def _set_loaded(self, meta: tuple[int, int, int, int, int], t: PBTensor) -> None:
         self._meta = meta
         m, n = t.shape
         self._summary = {
@@ -470,7 +511,9 @@ class PBLinear(nn.Module):
         state["_dense"] = None
         return state
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         present = [k for k in _PERSISTENT if prefix + k in state_dict]
         loaded = None
         if present:
@@ -486,7 +529,9 @@ class PBLinear(nn.Module):
                 if cur is None or cur.shape != src.shape or cur.dtype != src.dtype:
                     dev = src.device if cur is None else cur.device
                     self._buffers[k] = torch.empty(src.shape, dtype=src.dtype, device=dev)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if loaded is not None:
             meta, t = loaded
             for k in _PERSISTENT:  # keep what the kernel sees contiguous (assign=True may not be)
@@ -496,7 +541,7 @@ class PBLinear(nn.Module):
             self._buffers["res_value_offsets"] = torch.from_numpy(t.residual.value_offsets.copy()).to(self.signs.device)
             self._set_loaded(meta, t)
 
-    def _validate_state(self, st: Mapping[str, Any], prefix: str) -> Tuple[Tuple[int, int, int, int, int], PBTensor]:
+    def _validate_state(self, st: Mapping[str, Any], prefix: str) -> tuple[tuple[int, int, int, int, int], PBTensor]:
         where = f"PBLinear '{prefix[:-1] or '<root>'}'"
         for k, v in st.items():
             if not isinstance(v, Tensor):
@@ -575,14 +620,16 @@ def default_filter(name: str, module: nn.Module) -> bool:
       tied to the input embedding, which stays dense anyway, so compressing it would
       add memory, not save it.
     """
-    return type(module) is nn.Linear and module.in_features >= 16 and module.out_features >= 16 and "lm_head" not in name
+    return (
+        type(module) is nn.Linear and module.in_features >= 16 and module.out_features >= 16 and "lm_head" not in name
+    )
 
 
-def _linear_slots(model: nn.Module) -> List[Tuple[str, nn.Module, str, nn.Linear]]:
+def _linear_slots(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
     """Every place an ``nn.Linear`` is attached: (path, parent, attribute, module); a
     shared module shows up once per place."""
-    out: List[Tuple[str, nn.Module, str, nn.Linear]] = []
-    stack: List[int] = []
+    out: list[tuple[str, nn.Module, str, nn.Linear]] = []
+    stack: list[int] = []
 
     def walk(mod: nn.Module, prefix: str) -> None:
         if id(mod) in stack:  # cyclic module graph
@@ -601,7 +648,7 @@ def _linear_slots(model: nn.Module) -> List[Tuple[str, nn.Module, str, nn.Linear
     return out
 
 
-def _swap(slots, new: Dict[int, nn.Module]) -> None:
+def _swap(slots, new: dict[int, nn.Module]) -> None:
     for _, parent, key, child in slots:
         if id(child) in new:
             setattr(parent, key, new[id(child)])
@@ -609,10 +656,10 @@ def _swap(slots, new: Dict[int, nn.Module]) -> None:
 
 def replace_linear_layers(
     model: nn.Module,
-    filter: Optional[Callable[[str, nn.Module], bool]] = None,
+    filter: Callable[[str, nn.Module], bool] | None = None,
     *,
-    state_dict: Optional[Mapping[str, Any]] = None,
-) -> List[str]:
+    state_dict: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Swap ``nn.Linear`` layers of ``model`` for *empty* :class:`PBLinear` modules of the
     same shape (bias or not, bias dtype and device kept), in place, so that
     ``model.load_state_dict(compressed_state_dict)`` can fill them.
@@ -639,8 +686,8 @@ def replace_linear_layers(
                 seen.add(id(lin))
                 if filt(path, lin):
                     chosen.add(id(lin))
-    new: Dict[int, nn.Module] = {}
-    names: List[str] = []
+    new: dict[int, nn.Module] = {}
+    names: list[str] = []
     for path, _, _, lin in slots:
         if id(lin) in chosen:
             if id(lin) not in new:
@@ -664,7 +711,7 @@ class CompressionReport:
     :attr:`skipped`, and totals over the compressed weights (biases and other modules
     are unchanged and not counted). ``str(report)`` renders a table."""
 
-    def __init__(self, layers: List[Dict[str, Any]], skipped: List[str]) -> None:
+    def __init__(self, layers: list[dict[str, Any]], skipped: list[str]) -> None:
         self.layers = layers
         self.skipped = skipped
 
@@ -699,7 +746,7 @@ class CompressionReport:
     def ratio_float32(self) -> float:
         return self.bytes_float32 / self.bytes_after if self.bytes_after else float("nan")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "layers": [dict(L) for L in self.layers],
             "skipped": list(self.skipped),
@@ -743,7 +790,9 @@ class CompressionReport:
         widths = [max(len(r[i]) for r in [head, total, *rows]) for i in range(len(head))]
 
         def line(r):
-            return "  ".join(c.ljust(w) if i in (0, 1, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            return "  ".join(
+                c.ljust(w) if i in (0, 1, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            ).rstrip()
 
         sep = "-" * len(line(head))
         out = [line(head), sep, *(line(r) for r in rows), sep, line(total)]
@@ -774,9 +823,9 @@ def activation_importance(
     model: nn.Module,
     run: Callable[[nn.Module], Any],
     *,
-    filter: Optional[Callable[[str, nn.Module], bool]] = None,
+    filter: Callable[[str, nn.Module], bool] | None = None,
     exponent: float = 0.5,
-) -> Dict[str, Tensor]:
+) -> dict[str, Tensor]:
     """Per-input-channel importance for :func:`compress_model` from calibration data.
 
     Calls ``run(model)`` (which should push a few representative inputs through the
@@ -790,11 +839,11 @@ def activation_importance(
     better on all-MiniLM-L6-v2 (mean cosine 0.779 vs 0.760 at 30% salient).
     """
     filt = filter or default_filter
-    sums: Dict[str, Tensor] = {}
+    sums: dict[str, Tensor] = {}
     hooks = []
 
     def hook(name: str):
-        def f(mod: nn.Module, inputs: Tuple[Any, ...], output: Any) -> None:
+        def f(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             x = inputs[0].detach()
             sq = x.reshape(-1, x.shape[-1]).to(torch.float64).pow(2).sum(0).cpu()
             sums[name] = sums[name] + sq if name in sums else sq
@@ -820,7 +869,7 @@ def compress_model(
     *,
     salient: float = 0.1,
     salient_bits: int = 8,
-    filter: Optional[Callable[[str, nn.Module], bool]] = None,
+    filter: Callable[[str, nn.Module], bool] | None = None,
     progress: bool = True,
     **kwargs: Any,
 ) -> CompressionReport:
@@ -847,8 +896,8 @@ def compress_model(
     importance = kwargs.pop("importance", None)
     group_size = kwargs.pop("group_size", None)
     slots = _linear_slots(model)
-    targets: List[Tuple[str, nn.Linear]] = []
-    skipped: List[str] = []
+    targets: list[tuple[str, nn.Linear]] = []
+    skipped: list[str] = []
     seen = set()
     for path, _, _, lin in slots:
         if id(lin) in seen:
@@ -859,7 +908,7 @@ def compress_model(
         else:
             skipped.append(path)
 
-    it: Iterable[Tuple[str, nn.Linear]] = targets
+    it: Iterable[tuple[str, nn.Linear]] = targets
     if progress:
         try:
             from tqdm import tqdm
@@ -868,13 +917,17 @@ def compress_model(
         else:
             it = tqdm(targets, desc="pbcodec", unit="layer", disable=not sys.stderr.isatty())
 
-    new: Dict[int, nn.Module] = {}
-    layers: List[Dict[str, Any]] = []
+    new: dict[int, nn.Module] = {}
+    layers: list[dict[str, Any]] = []
     for name, lin in it:
         kw = dict(kwargs)
         if group_size is not None:
             kw["group_size"] = min(int(group_size), lin.in_features) if lin.in_features else group_size
-        imp = importance(name, lin) if callable(importance) else (importance.get(name) if importance is not None else None)
+        imp = (
+            importance(name, lin)
+            if callable(importance)
+            else (importance.get(name) if importance is not None else None)
+        )
         if imp is not None:
             kw["importance"] = imp
         with torch.no_grad():

@@ -11,9 +11,7 @@ use crate::Result;
 
 /// Bytes of one packed row of `n` codes of `bits` bits: `ceil(n*bits/8)`.
 pub fn packed_len(n: usize, bits: u32) -> Result<usize> {
-    n.checked_mul(bits as usize)
-        .map(|b| b.div_ceil(8))
-        .ok_or_else(|| crate::Error::Invalid("row too long".into()))
+    n.checked_mul(bits as usize).map(|b| b.div_ceil(8)).ok_or_else(|| crate::Error::Invalid("row too long".into()))
 }
 
 fn check_bits(bits: u32) -> Result<()> {
@@ -106,15 +104,10 @@ pub fn pack_bits(codes: &[u8], rows: usize, n: usize, bits: u32, out: &mut [u8])
     let k = kernels();
     let mut or = 0u8;
     // SAFETY: kernel set matches a detected CPU level; lengths checked above.
-    for_rows(codes, out, rows, n, pl, (n * bits as usize) % 8 == 0, |c, o| {
-        or |= unsafe { (k.pack)(c, bits, o) }
-    });
+    for_rows(codes, out, rows, n, pl, (n * bits as usize) % 8 == 0, |c, o| or |= unsafe { (k.pack)(c, bits, o) });
     if bits < 8 && (or >> bits) != 0 {
         let (i, &v) = codes.iter().enumerate().find(|(_, &v)| (v >> bits) != 0).unwrap();
-        return invalid(format!(
-            "code {v} at flat index {i} does not fit in {bits} bits (max {})",
-            (1u32 << bits) - 1
-        ));
+        return invalid(format!("code {v} at flat index {i} does not fit in {bits} bits (max {})", (1u32 << bits) - 1));
     }
     Ok(())
 }
@@ -130,9 +123,7 @@ pub fn unpack_bits(packed: &[u8], rows: usize, count: usize, bits: u32, out: &mu
         return Ok(());
     }
     let k = kernels();
-    for_rows(packed, out, rows, pl, count, (count * bits as usize) % 8 == 0, |p, o| unsafe {
-        (k.unpack)(p, bits, o)
-    });
+    for_rows(packed, out, rows, pl, count, (count * bits as usize) % 8 == 0, |p, o| unsafe { (k.unpack)(p, bits, o) });
     Ok(())
 }
 
@@ -314,7 +305,9 @@ mod tests {
         for lvl in simd::available() {
             simd::set_level(lvl).unwrap();
             for bits in 1..=8u32 {
-                for &(rows, n) in &[(1, 0), (3, 0), (0, 5), (1, 1), (2, 7), (3, 63), (2, 64), (2, 65), (1, 200), (5, 129), (1, 1000)] {
+                for &(rows, n) in
+                    &[(1, 0), (3, 0), (0, 5), (1, 1), (2, 7), (3, 63), (2, 64), (2, 65), (1, 200), (5, 129), (1, 1000)]
+                {
                     let codes: Vec<u8> = (0..rows * n).map(|_| (lcg(&mut seed) % (1 << bits)) as u8).collect();
                     let want = model_pack(&codes, rows, n, bits);
                     let mut got = vec![0xAAu8; want.len()];
@@ -351,7 +344,8 @@ mod tests {
         for lvl in simd::available() {
             simd::set_level(lvl).unwrap();
             for &(rows, n) in &[(1, 0), (1, 1), (2, 7), (3, 65), (2, 64), (1, 1000), (4, 33)] {
-                let x32: Vec<u32> = (0..rows * n).map(|_| lcg(&mut seed) as u32 ^ ((lcg(&mut seed) as u32) << 31)).collect();
+                let x32: Vec<u32> =
+                    (0..rows * n).map(|_| lcg(&mut seed) as u32 ^ ((lcg(&mut seed) as u32) << 31)).collect();
                 let bits: Vec<u8> = x32.iter().map(|v| (v >> 31) as u8).collect();
                 let want = model_pack(&bits, rows, n, 1);
                 let mut got = vec![0u8; want.len()];

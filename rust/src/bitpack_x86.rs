@@ -5,9 +5,7 @@
 //! `bitpack.rs`) and that `simd` detected the features.
 use std::arch::x86_64::*;
 
-use crate::bitpack::{
-    pack_row_scalar, signs_row_scalar, unpack_row_scalar, unsigns_row_scalar, Kernels,
-};
+use crate::bitpack::{pack_row_scalar, signs_row_scalar, unpack_row_scalar, unsigns_row_scalar, Kernels};
 
 pub(crate) static AVX512: Kernels = Kernels {
     pack: pack_row_avx512,
@@ -83,16 +81,9 @@ unsafe fn pack_row_avx512(codes: &[u8], bits: u32, out: &mut [u8]) -> u8 {
         _ => {
             // Merge neighbours in widening lanes (8->16->32->64 bits), so each
             // qword ends up with its 8 codes in the low b bytes; then compact.
-            let (k1, k2, k4) = (
-                _mm_cvtsi32_si128(b as i32),
-                _mm_cvtsi32_si128(2 * b as i32),
-                _mm_cvtsi32_si128(4 * b as i32),
-            );
-            let (m8, m16, m32) = (
-                _mm512_set1_epi16(0xFF),
-                _mm512_set1_epi32(0xFFFF),
-                _mm512_set1_epi64(0xFFFF_FFFF),
-            );
+            let (k1, k2, k4) =
+                (_mm_cvtsi32_si128(b as i32), _mm_cvtsi32_si128(2 * b as i32), _mm_cvtsi32_si128(4 * b as i32));
+            let (m8, m16, m32) = (_mm512_set1_epi16(0xFF), _mm512_set1_epi32(0xFFFF), _mm512_set1_epi64(0xFFFF_FFFF));
             let idx = ld512(pack_index(b).as_ptr());
             let smask: u64 = (1u64 << (8 * b)) - 1;
             for i in 0..blocks {
@@ -275,16 +266,9 @@ unsafe fn pack_row_avx2(codes: &[u8], bits: u32, out: &mut [u8]) -> u8 {
             // As in AVX-512, then each 128-bit lane compacts its 2 qwords to
             // 2b bytes and is stored with a 16-byte store; the second store
             // overlaps the first's garbage, so keep 16 bytes of room.
-            let (k1, k2, k4) = (
-                _mm_cvtsi32_si128(b as i32),
-                _mm_cvtsi32_si128(2 * b as i32),
-                _mm_cvtsi32_si128(4 * b as i32),
-            );
-            let (m8, m16, m32) = (
-                _mm256_set1_epi16(0xFF),
-                _mm256_set1_epi32(0xFFFF),
-                _mm256_set1_epi64x(0xFFFF_FFFF),
-            );
+            let (k1, k2, k4) =
+                (_mm_cvtsi32_si128(b as i32), _mm_cvtsi32_si128(2 * b as i32), _mm_cvtsi32_si128(4 * b as i32));
+            let (m8, m16, m32) = (_mm256_set1_epi16(0xFF), _mm256_set1_epi32(0xFFFF), _mm256_set1_epi64x(0xFFFF_FFFF));
             let mut idx = [0x80u8; 32];
             for t in 0..2 * b {
                 idx[t] = (8 * (t / b) + t % b) as u8;

@@ -143,7 +143,9 @@ pub fn rle_from_bytes(buf: &[u8]) -> Result<(Vec<usize>, Encoded)> {
     let want = rle_serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits);
     if want != Some(buf.len() as u64) {
         return format_err(match want {
-            Some(n) if n > buf.len() as u64 => format!("truncated: header describes {n} bytes, buffer has {}", buf.len()),
+            Some(n) if n > buf.len() as u64 => {
+                format!("truncated: header describes {n} bytes, buffer has {}", buf.len())
+            }
             Some(n) => format!("{} trailing bytes after the {n} the header describes", buf.len() as u64 - n),
             None => "header sizes overflow".to_string(),
         });

@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use crate::error::{format_err, invalid};
-use crate::pb::{PbRef, n_groups};
+use crate::pb::{n_groups, PbRef};
 use crate::rle::{self, value_at, walk_row};
 use crate::simd::{self, Level};
 use crate::{parallel, Result};
@@ -322,7 +322,8 @@ mod x86 {
                     let m = _mm256_castsi256_ps(_mm256_sllv_epi32(v, sh32[q]));
                     let s = _mm256_blendv_ps(one, mone, m);
                     for u in 0..NB {
-                        acc[u][q % nacc] = _mm256_fmadd_ps(s, _mm256_loadu_ps(xp[u].add(8 * k + 8 * q)), acc[u][q % nacc]);
+                        acc[u][q % nacc] =
+                            _mm256_fmadd_ps(s, _mm256_loadu_ps(xp[u].add(8 * k + 8 * q)), acc[u][q % nacc]);
                     }
                 }
                 k += 4;
@@ -346,7 +347,15 @@ mod x86 {
     /// §6.2 for one row, 8 columns per step; groups are byte aligned (g % 8 == 0)
     /// or there is one group. Separate mul and add: bit-identical to the scalar path.
     #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
-    pub unsafe fn dequant_row(signs: &[u8], q: &[i8], mu: &[f32], alpha: &[f32], g: usize, sigma: f32, out: &mut [f32]) {
+    pub unsafe fn dequant_row(
+        signs: &[u8],
+        q: &[i8],
+        mu: &[f32],
+        alpha: &[f32],
+        g: usize,
+        sigma: f32,
+        out: &mut [f32],
+    ) {
         let n = out.len();
         let sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         let sg = _mm256_set1_ps(sigma);

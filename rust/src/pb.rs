@@ -122,15 +122,13 @@ fn select_top(scores: impl Iterator<Item = f32>, count: usize, k: usize, mark: &
         return;
     }
     if count <= 1usize << 32 {
-        let mut keys: Vec<u64> =
-            scores.enumerate().map(|(j, s)| ((!s.to_bits() as u64) << 32) | j as u64).collect();
+        let mut keys: Vec<u64> = scores.enumerate().map(|(j, s)| ((!s.to_bits() as u64) << 32) | j as u64).collect();
         keys.select_nth_unstable(k - 1);
         for &key in &keys[..k] {
             mark[(key & 0xFFFF_FFFF) as usize] = 1;
         }
     } else {
-        let mut keys: Vec<u128> =
-            scores.enumerate().map(|(j, s)| ((!s.to_bits() as u128) << 64) | j as u128).collect();
+        let mut keys: Vec<u128> = scores.enumerate().map(|(j, s)| ((!s.to_bits() as u128) << 64) | j as u128).collect();
         keys.select_nth_unstable(k - 1);
         for &key in &keys[..k] {
             mark[key as u64 as usize] = 1;
@@ -501,8 +499,12 @@ pub fn from_bytes(buf: &[u8]) -> Result<PbTensor> {
     let ng = n_groups(n, g);
     let w = scale.width();
     let signs_len = m.checked_mul(n.div_ceil(8)).ok_or_else(too_big)?;
-    let scales_len = m.checked_mul(ng).and_then(|v| v.checked_mul(2)).and_then(|v| v.checked_add(m))
-        .and_then(|v| v.checked_mul(w)).ok_or_else(too_big)?;
+    let scales_len = m
+        .checked_mul(ng)
+        .and_then(|v| v.checked_mul(2))
+        .and_then(|v| v.checked_add(m))
+        .and_then(|v| v.checked_mul(w))
+        .ok_or_else(too_big)?;
     let total = [signs_len, scales_len, rl, PB_HEADER + 4]
         .iter()
         .try_fold(0usize, |a, &b| a.checked_add(b))
@@ -569,7 +571,9 @@ mod tests {
     fn compress_round_trip_and_accuracy() {
         let (m, n) = (16, 200);
         let w = gaussian(m, n, 1);
-        for (gs, tensor, scale) in [(None, false, ScaleType::F16), (Some(64), true, ScaleType::F32), (Some(7), false, ScaleType::F16)] {
+        for (gs, tensor, scale) in
+            [(None, false, ScaleType::F16), (Some(64), true, ScaleType::F32), (Some(7), false, ScaleType::F16)]
+        {
             let p = Params { group_size: gs, select_tensor: tensor, scale, ..params() };
             let t = compress(&w, m, n, None, &p).unwrap();
             assert_eq!(t.residual.num_values() as usize <= m * n / 10 + m, true);

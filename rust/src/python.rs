@@ -110,13 +110,8 @@ sign_fns!(pack_signs16, unpack_signs16, u16);
 sign_fns!(pack_signs32, unpack_signs32, u32);
 sign_fns!(pack_signs64, unpack_signs64, u64);
 
-type EncodedPy<'py> = (
-    Bound<'py, PyArray1<u8>>,
-    Bound<'py, PyArray1<u8>>,
-    Bound<'py, PyArray1<i64>>,
-    Bound<'py, PyArray1<i64>>,
-    u32,
-);
+type EncodedPy<'py> =
+    (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i64>>, u32);
 
 fn encoded_to_py(py: Python<'_>, e: rle::Encoded) -> EncodedPy<'_> {
     (
@@ -201,7 +196,14 @@ fn rle_from_bytes<'py>(
 }
 
 #[pyfunction]
-fn rle_nbytes(ndim: usize, rows: usize, num_codes: u64, num_values: u64, count_bits: u32, value_bits: u32) -> PyResult<u64> {
+fn rle_nbytes(
+    ndim: usize,
+    rows: usize,
+    num_codes: u64,
+    num_values: u64,
+    count_bits: u32,
+    value_bits: u32,
+) -> PyResult<u64> {
     format::rle_serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits)
         .ok_or_else(|| PyValueError::new_err("size overflows"))
 }
@@ -336,7 +338,12 @@ fn pb_compress<'py>(
 }
 
 #[pyfunction]
-fn pb_decompress(py: Python<'_>, meta: PbMeta, arrays: PbArrays<'_>, mut out: PyReadwriteArrayDyn<'_, f32>) -> PyResult<()> {
+fn pb_decompress(
+    py: Python<'_>,
+    meta: PbMeta,
+    arrays: PbArrays<'_>,
+    mut out: PyReadwriteArrayDyn<'_, f32>,
+) -> PyResult<()> {
     let v = pb_view(meta, &arrays)?;
     let o = rw(&mut out, "out")?;
     py.detach(|| v.decompress(o)).py(py)

@@ -212,7 +212,8 @@ pub fn encode(x: &[i8], shape: &[usize], count_bits: Option<u32>, value_bits: u3
                 for (run, &h) in hist.iter().enumerate() {
                     codes += h * (run as u64 / esc + 1);
                 }
-                let size = format::rle_serialized_len(shape.len(), rows, codes, nvals, b, value_bits).unwrap_or(u64::MAX);
+                let size =
+                    format::rle_serialized_len(shape.len(), rows, codes, nvals, b, value_bits).unwrap_or(u64::MAX);
                 if size < best.0 {
                     best = (size, b);
                 }
@@ -313,7 +314,9 @@ pub(crate) fn walk_row(
             } else {
                 pos += code;
                 if pos >= n as u64 {
-                    return format_err(format!("row {row}: a value decodes at position {pos}, past the row length {n}"));
+                    return format_err(format!(
+                        "row {row}: a value decodes at position {pos}, past the row length {n}"
+                    ));
                 }
                 put(pos as usize, nv);
                 nv += 1;
@@ -331,7 +334,11 @@ pub(crate) fn walk_row(
 /// Check offsets against the streams (lengths, monotonicity) without decoding.
 fn check_offsets(s: &Streams, rows: usize) -> Result<(u64, u64)> {
     if s.code_offsets.len() != rows + 1 {
-        return format_err(format!("code_offsets has {} entries, expected rows + 1 = {}", s.code_offsets.len(), rows + 1));
+        return format_err(format!(
+            "code_offsets has {} entries, expected rows + 1 = {}",
+            s.code_offsets.len(),
+            rows + 1
+        ));
     }
     if s.code_offsets[0] != 0 {
         return format_err("code_offsets must start at 0");
@@ -495,7 +502,11 @@ mod tests {
                         .map(|_| {
                             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
                             let r = (seed >> 33) as u32;
-                            if r % 10 == 0 { ((r >> 8) % 15) as i8 - 7 } else { 0 }
+                            if r % 10 == 0 {
+                                ((r >> 8) % 15) as i8 - 7
+                            } else {
+                                0
+                            }
                         })
                         .collect();
                     let shape = [rows, n];

@@ -68,10 +68,7 @@ pub fn detected() -> Level {
 
 /// Every level this CPU can run, lowest first.
 pub fn available() -> Vec<Level> {
-    [Level::Scalar, Level::Avx2, Level::Avx512]
-        .into_iter()
-        .filter(|&l| l <= detected())
-        .collect()
+    [Level::Scalar, Level::Avx2, Level::Avx512].into_iter().filter(|&l| l <= detected()).collect()
 }
 
 static CURRENT: AtomicU8 = AtomicU8::new(0);

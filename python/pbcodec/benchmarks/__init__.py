@@ -7,6 +7,7 @@
 
 Each prints tables of medians and ratios measured side by side in one run.
 """
+
 from __future__ import annotations
 
 import os

@@ -7,13 +7,14 @@ side-by-side comparisons. A sample times `inner` back-to-back calls, with
 `inner` calibrated so one sample lasts about `sample_s` (timer resolution and
 the loop's own overhead become negligible); out-of-cache work uses inner=1.
 """
+
 from __future__ import annotations
 
 import gc
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 
 @dataclass
@@ -122,8 +123,9 @@ def fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str] = (),
-                left: int = 1) -> None:
+def print_table(
+    title: str, header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str] = (), left: int = 1
+) -> None:
     """Plain-text table: the first `left` columns left-aligned, the rest right-aligned."""
     cols = [list(map(str, header))] + [list(map(str, r)) for r in rows]
     widths = [max(len(r[i]) for r in cols) for i in range(len(header))]

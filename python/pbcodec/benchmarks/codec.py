@@ -59,6 +59,7 @@ default 256 MiB the reference is a streaming-store copy, while --quick's
 64 MiB reference is an ordinary-store copy: %copy of a --quick run is not
 comparable with a full run. The "memory baselines" table shows both kinds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,9 +72,8 @@ import time
 
 import numpy as np
 
-from pbcodec.benchmarks._timing import fmt_bytes, fmt_ratio, fmt_time, measure, print_table  # noqa: E402
-
-import pbcodec  # noqa: E402
+import pbcodec
+from pbcodec.benchmarks._timing import fmt_bytes, fmt_ratio, fmt_time, measure, print_table
 
 N_COLS = 4096  # row length (a typical hidden size); a multiple of 8, so rows are whole 8-code groups
 BITS = (1, 2, 3, 4, 8)
@@ -115,8 +115,10 @@ def np_pack_swar(codes: np.ndarray, k: int, out: np.ndarray) -> np.ndarray:
     src_all = codes.reshape(-1).view(np.uint64)
     out2 = out.reshape(g_all, k)
     # (lane, width): pairs of `lane`-bit lanes each holding `width` bits merge into one.
-    steps = [(np.uint64(lane - width), _lane_mask(lane, width, lane), _lane_mask(lane, width))
-             for lane, width in ((8, k), (16, 2 * k), (32, 4 * k))]
+    steps = [
+        (np.uint64(lane - width), _lane_mask(lane, width, lane), _lane_mask(lane, width))
+        for lane, width in ((8, k), (16, 2 * k), (32, 4 * k))
+    ]
     w_buf, t_buf = _tmp(min(g_all, CHUNK_GROUPS))
     for s in range(0, g_all, CHUNK_GROUPS):
         e = min(g_all, s + CHUNK_GROUPS)
@@ -142,8 +144,10 @@ def np_unpack_swar(packed: np.ndarray, k: int, out: np.ndarray) -> np.ndarray:
     g_all = out.size // 8
     dst_all = out.reshape(-1).view(np.uint64)
     p2 = packed.reshape(g_all, k)
-    steps = [(np.uint64(lane - width), _lane_mask(lane, width, lane), _lane_mask(lane, width))
-             for lane, width in ((32, 4 * k), (16, 2 * k), (8, k))]
+    steps = [
+        (np.uint64(lane - width), _lane_mask(lane, width, lane), _lane_mask(lane, width))
+        for lane, width in ((32, 4 * k), (16, 2 * k), (8, k))
+    ]
     _, t_buf = _tmp(min(g_all, CHUNK_GROUPS))
     for s in range(0, g_all, CHUNK_GROUPS):
         e = min(g_all, s + CHUNK_GROUPS)
@@ -310,7 +314,7 @@ def placed(shape, dtype, offset: int) -> np.ndarray:
     nbytes = math.prod(shape) * dt.itemsize
     raw = np.empty(nbytes + 4096 + offset, np.uint8)
     start = (-raw.ctypes.data) % 4096 + offset
-    return raw[start:start + nbytes].view(dt).reshape(shape)
+    return raw[start : start + nbytes].view(dt).reshape(shape)
 
 
 def as_input(a: np.ndarray) -> np.ndarray:
@@ -357,8 +361,19 @@ RECORDS: list[dict] = []
 
 
 def record(group, level, op, cls, values, moved, st, peer_name, **extra) -> dict:
-    r = dict(group=group, level=level, op=op, cls=cls, values=values, moved=moved,
-             ours=st["ours"], peer=st.get("peer"), copy=st.get("copy"), peer_name=peer_name, **extra)
+    r = dict(
+        group=group,
+        level=level,
+        op=op,
+        cls=cls,
+        values=values,
+        moved=moved,
+        ours=st["ours"],
+        peer=st.get("peer"),
+        copy=st.get("copy"),
+        peer_name=peer_name,
+        **extra,
+    )
     RECORDS.append(r)
     return r
 
@@ -380,15 +395,20 @@ def table_rows(recs, copy_bytes):
     for r in recs:
         pc = pct_copy(r, copy_bytes)
         peer = r["peer"]
-        rows.append([
-            r["op"], r["peer_name"], r["cls"], r["shape"],
-            fmt_time(r["ours"].median),
-            fmt_time(peer.median) if peer else "-",
-            fmt_ratio(peer.median / r["ours"].median) if peer else "-",
-            f"{gvals(r):.2f}",
-            f"{pc:.0f}%" if pc is not None else "-",
-            f"{100 * r['ours'].spread:.0f}%",
-        ])
+        rows.append(
+            [
+                r["op"],
+                r["peer_name"],
+                r["cls"],
+                r["shape"],
+                fmt_time(r["ours"].median),
+                fmt_time(peer.median) if peer else "-",
+                fmt_ratio(peer.median / r["ours"].median) if peer else "-",
+                f"{gvals(r):.2f}",
+                f"{pc:.0f}%" if pc is not None else "-",
+                f"{100 * r['ours'].spread:.0f}%",
+            ]
+        )
     return rows
 
 
@@ -399,8 +419,10 @@ def copy_note(recs, copy_bytes):
     cs = [2 * copy_bytes / r["copy"].median / 1e9 for r in recs if r["copy"] is not None]
     if not cs:
         return []
-    return [f"copy baseline: np.copyto of {fmt_bytes(copy_bytes)}, read+write {np.median(cs):.1f} GB/s "
-            f"median over rows (range {min(cs):.1f}..{max(cs):.1f})"]
+    return [
+        f"copy baseline: np.copyto of {fmt_bytes(copy_bytes)}, read+write {np.median(cs):.1f} GB/s "
+        f"median over rows (range {min(cs):.1f}..{max(cs):.1f})"
+    ]
 
 
 def shape_str(shape) -> str:
@@ -416,10 +438,23 @@ def bench_signs(cfg: Cfg, level: str, rng) -> list[dict]:
         peer_out = touched((rows, N_COLS // 8), np.uint8)
         signs = touched((min(rows, SIGN_CHUNK_ROWS), N_COLS), np.bool_)
         assert np.array_equal(pbcodec.pack_signs(x, out=ours_out), np_pack_signs(x, signs, peer_out))
-        st = cfg.run(cls, {"ours": lambda: pbcodec.pack_signs(x, out=ours_out),
-                           "peer": lambda: np_pack_signs(x, signs, peer_out)})
-        out.append(record("signs", level, "pack_signs f32", cls, x.size, x.nbytes + ours_out.nbytes, st,
-                          "np.signbit+packbits", shape=shape_str(x.shape)))
+        st = cfg.run(
+            cls,
+            {"ours": lambda: pbcodec.pack_signs(x, out=ours_out), "peer": lambda: np_pack_signs(x, signs, peer_out)},
+        )
+        out.append(
+            record(
+                "signs",
+                level,
+                "pack_signs f32",
+                cls,
+                x.size,
+                x.nbytes + ours_out.nbytes,
+                st,
+                "np.signbit+packbits",
+                shape=shape_str(x.shape),
+            )
+        )
         del x, ours_out, peer_out, signs
         gc.collect()
     return out
@@ -445,10 +480,27 @@ def bench_pack(cfg: Cfg, level: str, rng) -> list[dict]:
             assert np.array_equal(ours, np_pack_bits(codes, k, peer_out))
             if k == 8:  # the general shift-and-mask code agrees too
                 assert np.array_equal(ours, np_pack_swar(codes, k, peer_out))
-            st = cfg.run(cls, {"ours": lambda: pbcodec.pack_bits(codes, k, out=ours_out),
-                               "peer": lambda: np_pack_bits(codes, k, peer_out)})
-            out.append(record("pack", level, f"pack_bits {k}", cls, codes.size, codes.nbytes + ours_out.nbytes,
-                              st, _peer_name(k, True), bits=k, shape=shape_str(codes.shape)))
+            st = cfg.run(
+                cls,
+                {
+                    "ours": lambda: pbcodec.pack_bits(codes, k, out=ours_out),
+                    "peer": lambda: np_pack_bits(codes, k, peer_out),
+                },
+            )
+            out.append(
+                record(
+                    "pack",
+                    level,
+                    f"pack_bits {k}",
+                    cls,
+                    codes.size,
+                    codes.nbytes + ours_out.nbytes,
+                    st,
+                    _peer_name(k, True),
+                    bits=k,
+                    shape=shape_str(codes.shape),
+                )
+            )
             del codes, ours_out, peer_out, ours
             gc.collect()
         del raw
@@ -470,11 +522,27 @@ def bench_unpack(cfg: Cfg, level: str, rng) -> list[dict]:
             peer_out = touched((rows, N_COLS), np.uint8) if k != 1 else None
             ours = pbcodec.unpack_bits(packed, k, N_COLS, out=ours_out)
             assert np.array_equal(ours, np_unpack_bits(packed, k, N_COLS, peer_out))
-            st = cfg.run(cls, {"ours": lambda: pbcodec.unpack_bits(packed, k, N_COLS, out=ours_out),
-                               "peer": lambda: np_unpack_bits(packed, k, N_COLS, peer_out)})
-            out.append(record("unpack", level, f"unpack_bits {k}", cls, ours_out.size,
-                              packed.nbytes + ours_out.nbytes, st, _peer_name(k, False), bits=k,
-                              shape=shape_str(packed.shape)))
+            st = cfg.run(
+                cls,
+                {
+                    "ours": lambda: pbcodec.unpack_bits(packed, k, N_COLS, out=ours_out),
+                    "peer": lambda: np_unpack_bits(packed, k, N_COLS, peer_out),
+                },
+            )
+            out.append(
+                record(
+                    "unpack",
+                    level,
+                    f"unpack_bits {k}",
+                    cls,
+                    ours_out.size,
+                    packed.nbytes + ours_out.nbytes,
+                    st,
+                    _peer_name(k, False),
+                    bits=k,
+                    shape=shape_str(packed.shape),
+                )
+            )
             del packed, ours_out, peer_out, ours
             gc.collect()
         del raw
@@ -491,14 +559,18 @@ def call_overheads(cfg: Cfg, rng) -> dict[str, float]:
     sparse = sparse_int8((1, 64), 0.1, rng)
     rle = pbcodec.rle_encode(sparse, 4)
     o_codes, o_packed, o_int8 = np.empty((1, 64), np.uint8), np.empty((1, 8), np.uint8), np.empty((1, 64), np.int8)
-    st = measure({
-        "pack_signs f32": lambda: pbcodec.pack_signs(x, out=o_packed),
-        "pack_bits 1": lambda: pbcodec.pack_bits(codes, 1, out=o_packed),
-        "unpack_bits 1": lambda: pbcodec.unpack_bits(packed, 1, 64, out=o_codes),
-        "rle_encode cb=4": lambda: pbcodec.rle_encode(sparse, 4),
-        "rle_decode cb=4": lambda: pbcodec.rle_decode(rle, out=o_int8),
-        "numpy: np.copyto": lambda: np.copyto(o_codes, codes),
-    }, budget_s=cfg.budget_s, sample_s=cfg.sample_s)
+    st = measure(
+        {
+            "pack_signs f32": lambda: pbcodec.pack_signs(x, out=o_packed),
+            "pack_bits 1": lambda: pbcodec.pack_bits(codes, 1, out=o_packed),
+            "unpack_bits 1": lambda: pbcodec.unpack_bits(packed, 1, 64, out=o_codes),
+            "rle_encode cb=4": lambda: pbcodec.rle_encode(sparse, 4),
+            "rle_decode cb=4": lambda: pbcodec.rle_decode(rle, out=o_int8),
+            "numpy: np.copyto": lambda: np.copyto(o_codes, codes),
+        },
+        budget_s=cfg.budget_s,
+        sample_s=cfg.sample_s,
+    )
     return {k: v.median for k, v in st.items()}
 
 
@@ -512,11 +584,26 @@ def bench_unpack_l2(cfg: Cfg, level: str, rng) -> list[dict]:
         rows = max(1, (l2 // 2) // (N_COLS + N_COLS * k // 8))
         packed = as_input(random_bytes(rows * N_COLS * k // 8, rng).reshape(rows, N_COLS * k // 8))
         o = touched((rows, N_COLS), np.uint8)
-        st = measure({"ours": lambda: pbcodec.unpack_bits(packed, k, N_COLS, out=o)},
-                     budget_s=cfg.budget_s, sample_s=cfg.sample_s)
-        out.append(dict(group="unpack_l2", level=level, op=f"unpack_bits {k}", cls="in (L2/2)", bits=k,
-                        values=o.size, moved=packed.nbytes + o.nbytes, ours=st["ours"], peer=None, copy=None,
-                        shape=shape_str(packed.shape)))
+        st = measure(
+            {"ours": lambda: pbcodec.unpack_bits(packed, k, N_COLS, out=o)},
+            budget_s=cfg.budget_s,
+            sample_s=cfg.sample_s,
+        )
+        out.append(
+            dict(
+                group="unpack_l2",
+                level=level,
+                op=f"unpack_bits {k}",
+                cls="in (L2/2)",
+                bits=k,
+                values=o.size,
+                moved=packed.nbytes + o.nbytes,
+                ours=st["ours"],
+                peer=None,
+                copy=None,
+                shape=shape_str(packed.shape),
+            )
+        )
     return out
 
 
@@ -526,8 +613,11 @@ def cache_bytes(level: int) -> int | None:
     try:
         for idx in os.listdir(base):
             d = os.path.join(base, idx)
-            if idx.startswith("index") and open(os.path.join(d, "level")).read().strip() == str(level) \
-                    and open(os.path.join(d, "type")).read().strip() in ("Unified", "Data"):
+            if (
+                idx.startswith("index")
+                and open(os.path.join(d, "level")).read().strip() == str(level)
+                and open(os.path.join(d, "type")).read().strip() in ("Unified", "Data")
+            ):
                 return parse_size(open(os.path.join(d, "size")).read().strip())
     except (OSError, ValueError):
         pass
@@ -558,25 +648,38 @@ def memory_baselines(cfg: Cfg) -> None:
 
     def pieces():
         for s in range(0, nbytes, piece):
-            np.copyto(dst[s:s + piece], src[s:s + piece])
+            np.copyto(dst[s : s + piece], src[s : s + piece])
 
-    st = measure({"np.copyto(dst, src)  [the %copy reference]": lambda: np.copyto(dst, src),
-                  "np.copyto in 1 MiB pieces": pieces,
-                  "read only: np.bitwise_or.reduce(src as uint64)": lambda: np.bitwise_or.reduce(src.view(np.uint64)),
-                  "write only: dst.fill(1)": lambda: dst.fill(1)},
-                 repeats=cfg.out_repeats, calibrate=False)
+    st = measure(
+        {
+            "np.copyto(dst, src)  [the %copy reference]": lambda: np.copyto(dst, src),
+            "np.copyto in 1 MiB pieces": pieces,
+            "read only: np.bitwise_or.reduce(src as uint64)": lambda: np.bitwise_or.reduce(src.view(np.uint64)),
+            "write only: dst.fill(1)": lambda: dst.fill(1),
+        },
+        repeats=cfg.out_repeats,
+        calibrate=False,
+    )
     moved = [2 * nbytes, 2 * nbytes, nbytes, nbytes]
     ref = moved[0] / st["np.copyto(dst, src)  [the %copy reference]"].median
-    rows = [[name, fmt_time(v.median), f"{m / v.median / 1e9:.1f}", f"{100 * m / v.median / ref:.0f}%"]
-            for (name, v), m in zip(st.items(), moved)]
+    rows = [
+        [name, fmt_time(v.median), f"{m / v.median / 1e9:.1f}", f"{100 * m / v.median / ref:.0f}%"]
+        for (name, v), m in zip(st.items(), moved)
+    ]
     notes = ["GB/s counts bytes read + bytes written by the operation"]
     nt = glibc_nt_threshold()
     if nt is not None:
         kind = "streaming" if nbytes > nt else "ordinary"
-        notes.append(f"glibc x86_non_temporal_threshold = {fmt_bytes(nt)}: the plain copy of {fmt_bytes(nbytes)} "
-                     f"uses {kind} stores")
-    print_table(f"memory baselines, one core, {fmt_bytes(nbytes)} buffers", ["operation", "median", "GB/s", "%copy"],
-                rows, notes)
+        notes.append(
+            f"glibc x86_non_temporal_threshold = {fmt_bytes(nt)}: the plain copy of {fmt_bytes(nbytes)} "
+            f"uses {kind} stores"
+        )
+    print_table(
+        f"memory baselines, one core, {fmt_bytes(nbytes)} buffers",
+        ["operation", "median", "GB/s", "%copy"],
+        rows,
+        notes,
+    )
 
 
 def glibc_nt_threshold() -> int | None:
@@ -597,8 +700,7 @@ def glibc_nt_threshold() -> int | None:
     return None
 
 
-def print_level_tables(cfg: Cfg, level: str, recs: list[dict], l2recs: list[dict], overheads: dict,
-                       mhz: float | None):
+def print_level_tables(cfg: Cfg, level: str, recs: list[dict], l2recs: list[dict], overheads: dict, mhz: float | None):
     copy_bytes = cfg.sizes[1][1]
     for group, title in (("signs", "pack_signs (float32)"), ("pack", "pack_bits"), ("unpack", "unpack_bits")):
         g = [r for r in recs if r["group"] == group]
@@ -610,18 +712,35 @@ def print_level_tables(cfg: Cfg, level: str, recs: list[dict], l2recs: list[dict
         t = r["ours"].median
         gv = r["values"] / t / 1e9
         gv_x = r["values"] / max(t - overhead, 1e-12) / 1e9
-        rows.append([r["op"], r["cls"], r["shape"], fmt_bytes(r["moved"]), fmt_time(t), f"{gv:.2f}",
-                     f"{gv * 1e3 / mhz:.1f}" if mhz else "-", f"{gv_x * 1e3 / mhz:.1f}" if mhz else "-"])
+        rows.append(
+            [
+                r["op"],
+                r["cls"],
+                r["shape"],
+                fmt_bytes(r["moved"]),
+                fmt_time(t),
+                f"{gv:.2f}",
+                f"{gv * 1e3 / mhz:.1f}" if mhz else "-",
+                f"{gv_x * 1e3 / mhz:.1f}" if mhz else "-",
+            ]
+        )
     clock = f"{mhz:.0f} MHz nominal (/proc/cpuinfo 'cpu MHz'; the real boost clock may differ)" if mhz else "unknown"
-    print_table(f"in-cache unpack throughput  [simd={level}]",
-                ["op", "size", "packed shape", "in+out", "ours", "G val/s", "val/cycle", "val/cycle excl. call"],
-                rows,
-                [f"clock: {clock}; target >= 20 values/cycle",
-                 f"'excl. call' subtracts {fmt_time(overhead)}, the median time of a 64-code public unpack_bits call"],
-                left=3)
-    print_table(f"fixed per-call cost of the public API  [simd={level}]", ["call (1 row of 64 elements)", "median"],
-                [[k, fmt_time(v)] for k, v in overheads.items()],
-                ["included in every 'ours' time above; it matters for in-cache rows of a few microseconds"])
+    print_table(
+        f"in-cache unpack throughput  [simd={level}]",
+        ["op", "size", "packed shape", "in+out", "ours", "G val/s", "val/cycle", "val/cycle excl. call"],
+        rows,
+        [
+            f"clock: {clock}; target >= 20 values/cycle",
+            f"'excl. call' subtracts {fmt_time(overhead)}, the median time of a 64-code public unpack_bits call",
+        ],
+        left=3,
+    )
+    print_table(
+        f"fixed per-call cost of the public API  [simd={level}]",
+        ["call (1 row of 64 elements)", "median"],
+        [[k, fmt_time(v)] for k, v in overheads.items()],
+        ["included in every 'ours' time above; it matters for in-cache rows of a few microseconds"],
+    )
 
 
 def bench_rle(cfg: Cfg, rng) -> list[dict]:
@@ -629,7 +748,7 @@ def bench_rle(cfg: Cfg, rng) -> list[dict]:
     level = pbcodec.simd_level()
     for cls, size in cfg.sizes:
         rows = max(1, -(-size // N_COLS))
-        for p in (DENSITIES if cls == "in" else cfg.rle_out_densities):
+        for p in DENSITIES if cls == "in" else cfg.rle_out_densities:
             x = as_input(sparse_int8((rows, N_COLS), p, rng))
             for cb in (4, "auto"):
                 ref = pbcodec.rle_encode(x, cb)
@@ -639,11 +758,22 @@ def bench_rle(cfg: Cfg, rng) -> list[dict]:
                 assert np.array_equal(vo, ref.value_offsets)
                 assert _rle_nbytes(x.ndim, rows, ref.num_codes, ref.num_values, b) == ref.nbytes
                 del counts, vals, co, vo
-                st = cfg.run(cls, {"ours": lambda: pbcodec.rle_encode(x, cb),
-                                   "peer": lambda: np_rle_encode(x, cb)})
-                out.append(record("rle_encode", level, f"rle_encode cb={cb if cb == 'auto' else b}", cls, x.size,
-                                  x.nbytes + ref.counts.nbytes + ref.values.nbytes, st, "numpy vectorised",
-                                  density=p, shape=shape_str(x.shape), chosen=b))
+                st = cfg.run(cls, {"ours": lambda: pbcodec.rle_encode(x, cb), "peer": lambda: np_rle_encode(x, cb)})
+                out.append(
+                    record(
+                        "rle_encode",
+                        level,
+                        f"rle_encode cb={cb if cb == 'auto' else b}",
+                        cls,
+                        x.size,
+                        x.nbytes + ref.counts.nbytes + ref.values.nbytes,
+                        st,
+                        "numpy vectorised",
+                        density=p,
+                        shape=shape_str(x.shape),
+                        chosen=b,
+                    )
+                )
                 gc.collect()
             # decode the default (count_bits=4) encoding
             ref = pbcodec.rle_encode(x, 4)
@@ -651,12 +781,27 @@ def bench_rle(cfg: Cfg, rng) -> list[dict]:
             peer_out = touched(x.shape, np.int8)
             assert np.array_equal(pbcodec.rle_decode(ref, out=ours_out), x)
             assert np.array_equal(np_rle_decode(ref.counts, ref.values, ref.code_offsets, x.shape, 4, peer_out), x)
-            st = cfg.run(cls, {"ours": lambda: pbcodec.rle_decode(ref, out=ours_out),
-                               "peer": lambda: np_rle_decode(ref.counts, ref.values, ref.code_offsets, x.shape, 4,
-                                                             peer_out)})
-            out.append(record("rle_decode", level, "rle_decode cb=4", cls, x.size,
-                              x.nbytes + ref.counts.nbytes + ref.values.nbytes, st, "numpy vectorised",
-                              density=p, shape=shape_str(x.shape)))
+            st = cfg.run(
+                cls,
+                {
+                    "ours": lambda: pbcodec.rle_decode(ref, out=ours_out),
+                    "peer": lambda: np_rle_decode(ref.counts, ref.values, ref.code_offsets, x.shape, 4, peer_out),
+                },
+            )
+            out.append(
+                record(
+                    "rle_decode",
+                    level,
+                    "rle_decode cb=4",
+                    cls,
+                    x.size,
+                    x.nbytes + ref.counts.nbytes + ref.values.nbytes,
+                    st,
+                    "numpy vectorised",
+                    density=p,
+                    shape=shape_str(x.shape),
+                )
+            )
             del x, ref, ours_out, peer_out
             gc.collect()
     return out
@@ -696,25 +841,44 @@ def bench_bits_per_position(cfg: Cfg, rng) -> list[list]:
             streams = 8 * (r.counts.nbytes + r.values.nbytes) / x.size
             total = 8 * r.nbytes / x.size
             label = f"auto->{r.count_bits}" if cb == "auto" else str(cb)
-            rows_out.append([f"{100 * p:.0f}%", f"{phat:.5f}", label, f"{bound:.4f}", f"{streams:.4f}",
-                             f"{100 * (streams / bound - 1):+.2f}%", f"{total:.4f}", f"{100 * (total / bound - 1):+.2f}%"])
+            rows_out.append(
+                [
+                    f"{100 * p:.0f}%",
+                    f"{phat:.5f}",
+                    label,
+                    f"{bound:.4f}",
+                    f"{streams:.4f}",
+                    f"{100 * (streams / bound - 1):+.2f}%",
+                    f"{total:.4f}",
+                    f"{100 * (total / bound - 1):+.2f}%",
+                ]
+            )
             results.append(dict(p=p, cb=cb, chosen=r.count_bits, bound=bound, streams=streams, total=total))
         del x
-    print_table(f"RLE bits per position vs entropy bound  (shape {cfg.bits_rows}x{N_COLS}, iid data)",
-                ["p", "measured p", "count_bits", "H(p)+8p", "streams b/pos", "over bound", ".nbytes b/pos",
-                 "over bound"], rows_out,
-                ["streams = 8*(counts.nbytes + values.nbytes)/positions; .nbytes = serialized size "
-                 "(header, row index, CRC included)",
-                 "bound H(p)+8p uses the measured density; target: auto within 4% of it for p in [0.01, 0.2]"],
-                left=3)
+    print_table(
+        f"RLE bits per position vs entropy bound  (shape {cfg.bits_rows}x{N_COLS}, iid data)",
+        ["p", "measured p", "count_bits", "H(p)+8p", "streams b/pos", "over bound", ".nbytes b/pos", "over bound"],
+        rows_out,
+        [
+            "streams = 8*(counts.nbytes + values.nbytes)/positions; .nbytes = serialized size "
+            "(header, row index, CRC included)",
+            "bound H(p)+8p uses the measured density; target: auto within 4% of it for p in [0.01, 0.2]",
+        ],
+        left=3,
+    )
     return results
 
 
 def print_targets(cfg: Cfg, recs: list[dict], bits_res: list[dict], mhz: float | None, overheads: dict):
     copy_bytes = cfg.sizes[1][1]
-    order = ["in-cache unpack >= 20 val/cycle", "pack_signs f32 >= 5x numpy (in cache)",
-             ">= 80% of copy bandwidth (out of cache)", "rle_decode >= 1 G out val/s @10%",
-             "rle_encode >= 0.5 G in val/s", "auto within 4% of H(p)+8p"]
+    order = [
+        "in-cache unpack >= 20 val/cycle",
+        "pack_signs f32 >= 5x numpy (in cache)",
+        ">= 80% of copy bandwidth (out of cache)",
+        "rle_decode >= 1 G out val/s @10%",
+        "rle_encode >= 0.5 G in val/s",
+        "auto within 4% of H(p)+8p",
+    ]
     rows: dict[str, list] = {t: [] for t in order}
 
     def add(target, what, value, ok):
@@ -725,8 +889,12 @@ def print_targets(cfg: Cfg, recs: list[dict], bits_res: list[dict], mhz: float |
         if r["group"] in ("unpack", "unpack_l2") and r["cls"] != "out" and r["bits"] in (1, 2, 4) and mhz:
             vpc = r["values"] / r["ours"].median / (mhz * 1e6)
             vpc_x = r["values"] / max(r["ours"].median - overheads[lvl]["unpack_bits 1"], 1e-12) / (mhz * 1e6)
-            add(order[0], f"[{lvl}] {r['op']} ({r['cls']}, {r['shape']})", f"{vpc:.1f} ({vpc_x:.1f} excl. call)",
-                vpc >= 20)
+            add(
+                order[0],
+                f"[{lvl}] {r['op']} ({r['cls']}, {r['shape']})",
+                f"{vpc:.1f} ({vpc_x:.1f} excl. call)",
+                vpc >= 20,
+            )
         if r["group"] == "signs" and r["cls"] == "in":
             ratio = r["peer"].median / r["ours"].median
             ratio_x = r["peer"].median / max(r["ours"].median - overheads[lvl]["pack_signs f32"], 1e-12)
@@ -745,8 +913,12 @@ def print_targets(cfg: Cfg, recs: list[dict], bits_res: list[dict], mhz: float |
             for key, name in (("streams", "streams"), ("total", ".nbytes")):
                 over = 100 * (b[key] / b["bound"] - 1)
                 add(order[5], f"p={100 * b['p']:.0f}% ({name})", f"{over:+.2f}%", over <= 4)
-    print_table("Targets (status judged on the raw public-API number)", ["target", "measurement", "value", "status"],
-                [row for t in order for row in rows[t]], left=2)
+    print_table(
+        "Targets (status judged on the raw public-API number)",
+        ["target", "measurement", "value", "status"],
+        [row for t in order for row in rows[t]],
+        left=2,
+    )
 
 
 def parse_size(s: str) -> int:
@@ -789,14 +961,25 @@ def machine_info(mhz) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke-test mode: 64 MiB out-of-cache size, 3 repeats, out-of-cache RLE at 10%% only")
-    ap.add_argument("--sizes", default=None,
-                    help="IN,OUT input sizes in bytes, K/M/G suffixes allowed (default 64K,256M; --quick 64K,64M)")
-    ap.add_argument("--levels", choices=("all", "current"), default="current",
-                    help="SIMD levels for the pack/unpack/signs groups (rle always runs at the current level)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke-test mode: 64 MiB out-of-cache size, 3 repeats, out-of-cache RLE at 10%% only",
+    )
+    ap.add_argument(
+        "--sizes",
+        default=None,
+        help="IN,OUT input sizes in bytes, K/M/G suffixes allowed (default 64K,256M; --quick 64K,64M)",
+    )
+    ap.add_argument(
+        "--levels",
+        choices=("all", "current"),
+        default="current",
+        help="SIMD levels for the pack/unpack/signs groups (rle always runs at the current level)",
+    )
     args = ap.parse_args(argv)
     sizes = args.sizes or ("64K,64M" if args.quick else "64K,256M")
     in_bytes, out_bytes = (parse_size(s) for s in sizes.split(","))
@@ -813,8 +996,11 @@ def main(argv=None) -> int:
     print("pbcodec codec benchmark" + ("  (--quick)" if args.quick else ""))
     for line in machine_info(mhz):
         print("  " + line)
-    print(f"  sizes: in = {fmt_bytes(in_bytes)} of input, out = {fmt_bytes(out_bytes)} of input; rows of {N_COLS}; "
-          f"out-of-cache repeats {cfg.out_repeats}; medians; ratio = peer/ours (>1: pbcodec faster)", flush=True)
+    print(
+        f"  sizes: in = {fmt_bytes(in_bytes)} of input, out = {fmt_bytes(out_bytes)} of input; rows of {N_COLS}; "
+        f"out-of-cache repeats {cfg.out_repeats}; medians; ratio = peer/ours (>1: pbcodec faster)",
+        flush=True,
+    )
 
     memory_baselines(cfg)
     overheads = {}

@@ -84,6 +84,7 @@ The last lines give the CPU time other processes used during the run (from
 /proc/stat): the machine is shared and noisy, so compare ratios within one run,
 not absolute times across runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,9 +96,12 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 import warnings
+
+import numpy as np
+
+import pbcodec
 
 # Idle worker threads must sleep, not spin, or the candidates slow each other down:
 # after a call, OpenBLAS workers busy-wait ~2^28 cycles (~0.1 s) and libgomp's (torch)
@@ -108,13 +112,8 @@ import warnings
 # the environment before numpy / torch load their libraries, so the launchers
 # (`pbcodec bench`, benches/bench_matvec.py) set them; main() reports whether they
 # are in effect. pbcodec's rayon pool parks by itself.
-from pbcodec.benchmarks import LIB_ENV  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from pbcodec.benchmarks._timing import Stat, fmt_bytes, fmt_ratio, print_table  # noqa: E402
-
-import pbcodec  # noqa: E402
+from pbcodec.benchmarks import LIB_ENV
+from pbcodec.benchmarks._timing import Stat, fmt_bytes, fmt_ratio, print_table
 
 try:
     from threadpoolctl import threadpool_limits
@@ -207,7 +206,7 @@ class Cycler:
 
     def __init__(self, fns: list, start: int = 0):
         self.fns = fns
-        self.it = itertools.cycle(fns[start % len(fns):] + fns[: start % len(fns)])
+        self.it = itertools.cycle(fns[start % len(fns) :] + fns[: start % len(fns)])
 
     def __call__(self):
         return next(self.it)()
@@ -311,12 +310,18 @@ def bench_shape(m: int, n: int, configs: list, args, results: dict) -> None:
     W = rng.standard_normal((m, n), dtype=np.float32)
     batches = sorted({b for _, _, bs in configs for b in bs})
     # One x per batch size, shared by every peer and every call.
-    xs = {b: rng.standard_normal(n, dtype=np.float32) if b == 1 else rng.standard_normal((b, n), dtype=np.float32)
-          for b in batches}
+    xs = {
+        b: rng.standard_normal(n, dtype=np.float32) if b == 1 else rng.standard_normal((b, n), dtype=np.float32)
+        for b in batches
+    }
     x16 = {b: x.astype(np.float16) for b, x in xs.items()}
     # float64 reference W @ x, (batch, m), in row blocks (no float64 copy of W)
-    ref = {b: np.concatenate([W[i:i + 1024].astype(np.float64) @ x.reshape(-1, n).T.astype(np.float64)
-                              for i in range(0, m, 1024)]).T for b, x in xs.items()}
+    ref = {
+        b: np.concatenate(
+            [W[i : i + 1024].astype(np.float64) @ x.reshape(-1, n).T.astype(np.float64) for i in range(0, m, 1024)]
+        ).T
+        for b, x in xs.items()
+    }
 
     layout, layout_mn = pick_layouts(W, xs, args.trial_n)
     need_wt = any(v == "x @ Wt" for v in layout.values())
@@ -336,9 +341,12 @@ def bench_shape(m: int, n: int, configs: list, args, results: dict) -> None:
         xt = {b: torch.from_numpy(x.reshape(-1, n)) for b, x in xs.items()}  # shares x's memory
     buf = np.empty((m, n), np.float32)
     buf.fill(0.0)  # decompress peer's reused output, pages touched now
-    print(f"\n[{m}x{n}] setup {time.perf_counter() - t_setup:.1f} s: numpy f32 {n32} copies "
-          f"({fmt_bytes(n32 * W.nbytes)}), f16 {n16} copies, torch int8 {len(tq)} copies; "
-          f"numpy layouts: " + ", ".join(f"b{b}: {layout_label(layout[b], b)}" for b in batches), flush=True)
+    print(
+        f"\n[{m}x{n}] setup {time.perf_counter() - t_setup:.1f} s: numpy f32 {n32} copies "
+        f"({fmt_bytes(n32 * W.nbytes)}), f16 {n16} copies, torch int8 {len(tq)} copies; "
+        f"numpy layouts: " + ", ".join(f"b{b}: {layout_label(layout[b], b)}" for b in batches),
+        flush=True,
+    )
 
     rows = []
     for salient, bits, bs in configs:
@@ -351,8 +359,11 @@ def bench_shape(m: int, n: int, configs: list, args, results: dict) -> None:
         del blob
         assert pbs[-1] == t
         cfg = f"{salient:.0%}/{bits}b"
-        print(f"  {cfg}: compress {t_comp:.2f} s, {t.bits_per_weight:.3f} bits/w, {npb} copies "
-              f"({fmt_bytes(npb * t.nbytes)})", flush=True)
+        print(
+            f"  {cfg}: compress {t_comp:.2f} s, {t.bits_per_weight:.3f} bits/w, {npb} copies "
+            f"({fmt_bytes(npb * t.nbytes)})",
+            flush=True,
+        )
         for b in bs:
             x = xs[b]
             # --- correctness, before any timing ---
@@ -386,6 +397,7 @@ def bench_shape(m: int, n: int, configs: list, args, results: dict) -> None:
                 def f():
                     t_.decompress(out=buf)
                     prod()
+
                 return f
 
             prod_buf = np_product(layout_mn[b], buf, x)[0]
@@ -399,23 +411,48 @@ def bench_shape(m: int, n: int, configs: list, args, results: dict) -> None:
             cold = run_rounds(peers, hot=False, rounds=args.rounds, budget_s=args.budget, min_n=args.min_n)
             hot = run_rounds(peers, hot=True, rounds=args.hot_rounds, budget_s=args.budget, min_n=args.min_n)
             key = (m, n, salient, bits, b)
-            results[key] = {"cold": cold, "hot": hot, "nbytes": t.nbytes, "bpw": t.bits_per_weight,
-                            "errs": errs, "err_dec": err_dec}
-            bpw = {PB: t.bits_per_weight, NP32: 32.0, SLOW: 16.0, DEC: t.bits_per_weight,
-                   TQ: 8.0}  # int8 weights + one per-tensor scale/zero point
+            results[key] = {
+                "cold": cold,
+                "hot": hot,
+                "nbytes": t.nbytes,
+                "bpw": t.bits_per_weight,
+                "errs": errs,
+                "err_dec": err_dec,
+            }
+            bpw = {
+                PB: t.bits_per_weight,
+                NP32: 32.0,
+                SLOW: 16.0,
+                DEC: t.bits_per_weight,
+                TQ: 8.0,
+            }  # int8 weights + one per-tensor scale/zero point
             pc, ph = cold[PB].median, hot[PB].median
             for name in peers:
                 c, h = cold[name].median, hot[name].median
                 label = name if name != NP32 else f"{name} ({layout_label(lay, b)})"
                 if name == DEC:
                     label = f"{name} ({layout_label(layout_mn[b], b).replace('W', 'Ŵ')})"
-                rows.append([cfg, str(b), label, f"{bpw[name]:.2f}", ms(c),
-                             "-" if name == PB else fmt_ratio(c / pc), ms(h),
-                             "-" if name == PB else fmt_ratio(h / ph), f"{m * n / c / 1e9:.1f}",
-                             f"{cold[name].spread:.0%}", f"{len(cold[name].samples)}/{len(hot[name].samples)}",
-                             f"{errs[name]:.1e}" if name in errs else "-"])
-            print(f"    b{b}: pbcodec cold {ms(pc)} ms, hot {ms(ph)} ms; numpy f32 cold {ms(cold[NP32].median)} ms "
-                  f"(x{cold[NP32].median / pc:.2f})", flush=True)
+                rows.append(
+                    [
+                        cfg,
+                        str(b),
+                        label,
+                        f"{bpw[name]:.2f}",
+                        ms(c),
+                        "-" if name == PB else fmt_ratio(c / pc),
+                        ms(h),
+                        "-" if name == PB else fmt_ratio(h / ph),
+                        f"{m * n / c / 1e9:.1f}",
+                        f"{cold[name].spread:.0%}",
+                        f"{len(cold[name].samples)}/{len(hot[name].samples)}",
+                        f"{errs[name]:.1e}" if name in errs else "-",
+                    ]
+                )
+            print(
+                f"    b{b}: pbcodec cold {ms(pc)} ms, hot {ms(ph)} ms; numpy f32 cold {ms(cold[NP32].median)} ms "
+                f"(x{cold[NP32].median / pc:.2f})",
+                flush=True,
+            )
             del peers, pb_fns, f32, f16, dec
         del pbs, t
         gc.collect()
@@ -429,9 +466,13 @@ def bench_shape(m: int, n: int, configs: list, args, results: dict) -> None:
     ]
     if torch is None:
         notes.append("torch not installed: torch int8 peer skipped.")
-    print_table(f"y = Ŵx, {m}x{n} (out x in), {args.threads} threads",
-                ["config", "batch", "peer", "bits/w", "cold ms", "vs pb", "hot ms", "vs pb", "Gw/s",
-                 "noise", "n", "rel err"], rows, notes, left=3)
+    print_table(
+        f"y = Ŵx, {m}x{n} (out x in), {args.threads} threads",
+        ["config", "batch", "peer", "bits/w", "cold ms", "vs pb", "hot ms", "vs pb", "Gw/s", "noise", "n", "rel err"],
+        rows,
+        notes,
+        left=3,
+    )
     del W, dense, dense16, tq, buf, W16
     gc.collect()
 
@@ -441,10 +482,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, 10%%/8-bit, fewer samples (< ~60 s)")
     ap.add_argument("--full", action="store_true", help="whole grid: salient {5,10}%% x bits {8,4} x batch {1,4,16}")
     ap.add_argument("--shapes", default=None, help=f"comma-separated MxN list (default {DEFAULT_SHAPES})")
-    ap.add_argument("--threads", type=int, default=pbcodec.get_num_threads(),
-                    help="threads for pbcodec, OpenBLAS and torch (default: pbcodec's default, all cores)")
-    ap.add_argument("--lib-defaults", action="store_true",
-                    help="keep OpenBLAS' and OpenMP's spin-waiting idle threads (see LIB_ENV)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=pbcodec.get_num_threads(),
+        help="threads for pbcodec, OpenBLAS and torch (default: pbcodec's default, all cores)",
+    )
+    ap.add_argument(
+        "--lib-defaults",
+        action="store_true",
+        help="keep OpenBLAS' and OpenMP's spin-waiting idle threads (see LIB_ENV)",
+    )
     ap.add_argument("--cold-mib", type=int, default=COLD_BYTES // MIB, help="cold working set per candidate (MiB)")
     args = ap.parse_args(argv)
     args.cold_bytes = args.cold_mib * MIB
@@ -468,28 +516,44 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_grad_enabled(False)
 
     t_start = time.perf_counter()
-    print(f"bench_matvec: {cpu_name()}, {os.cpu_count()} logical CPUs, threads={args.threads}, "
-          f"pbcodec {pbcodec.__version__} simd={pbcodec.simd_level()}, numpy {np.__version__}, "
-          + (f"torch {torch.__version__} (quantized engine {torch.backends.quantized.engine})" if torch is not None
-             else "torch NOT installed (torch int8 peer skipped)"))
+    print(
+        f"bench_matvec: {cpu_name()}, {os.cpu_count()} logical CPUs, threads={args.threads}, "
+        f"pbcodec {pbcodec.__version__} simd={pbcodec.simd_level()}, numpy {np.__version__}, "
+        + (
+            f"torch {torch.__version__} (quantized engine {torch.backends.quantized.engine})"
+            if torch is not None
+            else "torch NOT installed (torch int8 peer skipped)"
+        )
+    )
     if threadpool_limits is None:
         print("threadpoolctl missing: OpenBLAS uses its default thread count")
     in_effect = all(os.environ.get(k) == v for k, v in LIB_ENV.items())
-    print("library settings: " + ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in LIB_ENV)
-          + (" (idle threads sleep; see LIB_ENV)" if in_effect else
-             " (library defaults: idle BLAS/OpenMP threads spin; run via `pbcodec bench` or"
-             " benches/bench_matvec.py for side-by-side timings)"))
+    print(
+        "library settings: "
+        + ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in LIB_ENV)
+        + (
+            " (idle threads sleep; see LIB_ENV)"
+            if in_effect
+            else " (library defaults: idle BLAS/OpenMP threads spin; run via `pbcodec bench` or"
+            " benches/bench_matvec.py for side-by-side timings)"
+        )
+    )
     print(f"load average at start: {tuple(round(v, 2) for v in os.getloadavg())}")
     ticks0, cpu0 = cpu_ticks(), os.times()
     cold_note = "" if args.cold_bytes >= COLD_BYTES else " (reduced from 256 MiB: cold numbers are less cold)"
-    print(f"same x for every call and candidate; cold working set per candidate >= "
-          f"{fmt_bytes(args.cold_bytes)}{cold_note}; "
-          f"cold: up to {args.rounds} samples, hot: up to {args.hot_rounds}x{HOT_INNER}, "
-          f"<= {args.budget:g} s per candidate and measurement (min {args.min_n} samples; numpy f16 min 1)")
+    print(
+        f"same x for every call and candidate; cold working set per candidate >= "
+        f"{fmt_bytes(args.cold_bytes)}{cold_note}; "
+        f"cold: up to {args.rounds} samples, hot: up to {args.hot_rounds}x{HOT_INNER}, "
+        f"<= {args.budget:g} s per candidate and measurement (min {args.min_n} samples; numpy f16 min 1)"
+    )
 
     bw0 = copy_bandwidth(max(args.cold_bytes, COLD_BYTES), 5)
-    print(f"np.copyto read bandwidth (start): {statistics.median(bw0) / 1e9:.1f} GB/s read "
-          f"(= {2 * statistics.median(bw0) / 1e9:.1f} GB/s read+write)", flush=True)
+    print(
+        f"np.copyto read bandwidth (start): {statistics.median(bw0) / 1e9:.1f} GB/s read "
+        f"(= {2 * statistics.median(bw0) / 1e9:.1f} GB/s read+write)",
+        flush=True,
+    )
 
     results: dict = {}
     for m, n in shapes:
@@ -514,20 +578,50 @@ def main(argv: list[str] | None = None) -> None:
         roof = r["nbytes"] / bw
         c, h = r["cold"][PB].median, r["hot"][PB].median
         gemv_bw = 4 * m * n / r["cold"][NP32].median  # what numpy's own cold GEMV streams, same measurement
-        rows.append([f"{m}x{n}", f"{s:.0%}/{bits}b", str(b), fmt_bytes(r["nbytes"]), ms(roof), ms(c),
-                     f"{roof / c:.0%}", ms(h), f"{roof / h:.0%}", f"{r['nbytes'] / c / 1e9:.1f}",
-                     f"{gemv_bw / 1e9:.1f}", f"{r['nbytes'] / gemv_bw / c:.0%}"])
-    print_table("Roofline: compressed bytes / copy read bandwidth", ["shape", "config", "batch", "t.nbytes",
-                "roof ms", "cold ms", "% roof", "hot ms", "hot % roof", "cold GB/s", "f32 GB/s", "% f32 roof"],
-                rows,
-                [f"read bandwidth = bytes read / time of a single-threaded np.copyto of "
-                 f"{fmt_bytes(max(args.cold_bytes, COLD_BYTES))}: start {statistics.median(bw0) / 1e9:.1f}, "
-                 f"end {statistics.median(bw1) / 1e9:.1f}, used (median of all) {bw / 1e9:.1f} GB/s "
-                 f"(copy traffic read+write = 2x).",
-                 "% roof = roofline time / measured time; cold GB/s = t.nbytes / cold time.",
-                 "f32 GB/s = dense float32 bytes / numpy f32 cold time (same measurement): the read bandwidth numpy's",
-                 "GEMV reaches; % f32 roof = pbcodec's cold time against that (stricter) roofline."],
-                left=3)
+        rows.append(
+            [
+                f"{m}x{n}",
+                f"{s:.0%}/{bits}b",
+                str(b),
+                fmt_bytes(r["nbytes"]),
+                ms(roof),
+                ms(c),
+                f"{roof / c:.0%}",
+                ms(h),
+                f"{roof / h:.0%}",
+                f"{r['nbytes'] / c / 1e9:.1f}",
+                f"{gemv_bw / 1e9:.1f}",
+                f"{r['nbytes'] / gemv_bw / c:.0%}",
+            ]
+        )
+    print_table(
+        "Roofline: compressed bytes / copy read bandwidth",
+        [
+            "shape",
+            "config",
+            "batch",
+            "t.nbytes",
+            "roof ms",
+            "cold ms",
+            "% roof",
+            "hot ms",
+            "hot % roof",
+            "cold GB/s",
+            "f32 GB/s",
+            "% f32 roof",
+        ],
+        rows,
+        [
+            f"read bandwidth = bytes read / time of a single-threaded np.copyto of "
+            f"{fmt_bytes(max(args.cold_bytes, COLD_BYTES))}: start {statistics.median(bw0) / 1e9:.1f}, "
+            f"end {statistics.median(bw1) / 1e9:.1f}, used (median of all) {bw / 1e9:.1f} GB/s "
+            f"(copy traffic read+write = 2x).",
+            "% roof = roofline time / measured time; cold GB/s = t.nbytes / cold time.",
+            "f32 GB/s = dense float32 bytes / numpy f32 cold time (same measurement): the read bandwidth numpy's",
+            "GEMV reaches; % f32 roof = pbcodec's cold time against that (stricter) roofline.",
+        ],
+        left=3,
+    )
 
     # --- batch scaling ---
     rows = []
@@ -545,8 +639,12 @@ def main(argv: list[str] | None = None) -> None:
                     row.append(fmt_ratio(results[k][mode][name].median / t1) if k in results else "-")
             rows.append(row)
     if rows:
-        print_table("Batch scaling: time(batch b) / time(batch 1)", ["shape", "config", "peer", "cold b4",
-                    "cold b16", "hot b4", "hot b16"], rows, left=3)
+        print_table(
+            "Batch scaling: time(batch b) / time(batch 1)",
+            ["shape", "config", "peer", "cold b4", "cold b16", "hot b4", "hot b16"],
+            rows,
+            left=3,
+        )
 
     # --- targets ---
     print("Targets (batch 1, 10% salient, 8-bit, cold):")
@@ -582,10 +680,14 @@ def main(argv: list[str] | None = None) -> None:
     ours = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
     others = max(0.0, (ticks1[0] - ticks0[0]) - ours)
     steal = ticks1[1] - ticks0[1]
-    print(f"\nall targets met: {ok_all}. total {wall:.0f} s, peak RSS {fmt_bytes(peak_rss())}, "
-          f"load average at end: {tuple(round(v, 2) for v in os.getloadavg())}")
-    print(f"CPU time during the run: this process {ours:.0f} s, other processes {others:.1f} s "
-          f"({others / wall:.2f} cores on average), steal {steal:.1f} s")
+    print(
+        f"\nall targets met: {ok_all}. total {wall:.0f} s, peak RSS {fmt_bytes(peak_rss())}, "
+        f"load average at end: {tuple(round(v, 2) for v in os.getloadavg())}"
+    )
+    print(
+        f"CPU time during the run: this process {ours:.0f} s, other processes {others:.1f} s "
+        f"({others / wall:.2f} cores on average), steal {steal:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ kernels).
 
 Run: python -m pbcodec.benchmarks.model [--repeats N]   (needs pbcodec[torch,test])
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,16 +27,30 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TEST = [
-    "The cat sits on the mat.", "A quick brown fox jumps over the lazy dog.", "Stock markets fell sharply today.",
-    "How do I bake sourdough bread?", "Quantum computers use qubits.", "She plays the violin beautifully.",
-    "The weather is sunny and warm.", "Rust is a systems programming language.", "Neural networks can be compressed.",
+    "The cat sits on the mat.",
+    "A quick brown fox jumps over the lazy dog.",
+    "Stock markets fell sharply today.",
+    "How do I bake sourdough bread?",
+    "Quantum computers use qubits.",
+    "She plays the violin beautifully.",
+    "The weather is sunny and warm.",
+    "Rust is a systems programming language.",
+    "Neural networks can be compressed.",
     "I lost my keys at the train station.",
 ]
 CALIBRATION = [
-    "The committee approved the new budget.", "Birds migrate south in winter.", "He fixed the bicycle chain.",
-    "Coffee is grown in tropical regions.", "The library opens at nine.", "Volcanoes can erupt without warning.",
-    "She wrote a letter to her grandmother.", "Trains were delayed by snow.", "Photosynthesis converts light into energy.",
-    "The museum exhibits ancient pottery.", "Learn Python programming quickly.", "The river flooded the valley.",
+    "The committee approved the new budget.",
+    "Birds migrate south in winter.",
+    "He fixed the bicycle chain.",
+    "Coffee is grown in tropical regions.",
+    "The library opens at nine.",
+    "Volcanoes can erupt without warning.",
+    "She wrote a letter to her grandmother.",
+    "Trains were delayed by snow.",
+    "Photosynthesis converts light into energy.",
+    "The museum exhibits ancient pottery.",
+    "Learn Python programming quickly.",
+    "The river flooded the valley.",
 ]
 
 
@@ -77,11 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     base_model = load()
     base = encode(base_model)
     t_base = _median_time(lambda: encode(base_model), args.repeats)
-    print(f"all-MiniLM-L6-v2, {len(TEST)} sentences per encode, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads, pbcodec threads {__import__('pbcodec').get_num_threads()}")
-    print(f"original model: file {src.stat().st_size / 2**20:.1f} MiB, encode {t_base * 1e3:.1f} ms (median of {args.repeats})\n")
-    head = (f"{'salient':>7}  {'bits/w':>6}  {'file MiB':>8}  {'cos |W|':>7}  {'cos calib':>9}  "
-            f"{'encode ms':>9}  {'vs original':>11}")
+    print(
+        f"all-MiniLM-L6-v2, {len(TEST)} sentences per encode, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads, pbcodec threads {__import__('pbcodec').get_num_threads()}"
+    )
+    print(
+        f"original model: file {src.stat().st_size / 2**20:.1f} MiB, encode {t_base * 1e3:.1f} ms (median of {args.repeats})\n"
+    )
+    head = (
+        f"{'salient':>7}  {'bits/w':>6}  {'file MiB':>8}  {'cos |W|':>7}  {'cos calib':>9}  "
+        f"{'encode ms':>9}  {'vs original':>11}"
+    )
     print(head)
     print("-" * len(head))
     for sal in (float(s) for s in args.salient.split(",")):
@@ -97,10 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         report = pbt.compress_model(calib, salient=sal, progress=False, importance=imp)
         cos_cal = float(np.mean(np.sum(encode(calib) * base, axis=1)))
         t = _median_time(lambda: encode(calib), args.repeats)
-        print(f"{sal:7.2f}  {report.bits_per_weight:6.3f}  {size / 2**20:8.1f}  {cos_plain:7.4f}  {cos_cal:9.4f}  "
-              f"{t * 1e3:9.1f}  {t_base / t:10.2f}x")
-    print("\nbits/w: compressed Linear layers only (everything counted); file: `pbcodec compress --salient S` output;"
-          "\ncos: mean cosine of the 10 sentence embeddings to the original model's; vs original: time ratio (>1: faster).")
+        print(
+            f"{sal:7.2f}  {report.bits_per_weight:6.3f}  {size / 2**20:8.1f}  {cos_plain:7.4f}  {cos_cal:9.4f}  "
+            f"{t * 1e3:9.1f}  {t_base / t:10.2f}x"
+        )
+    print(
+        "\nbits/w: compressed Linear layers only (everything counted); file: `pbcodec compress --salient S` output;"
+        "\ncos: mean cosine of the 10 sentence embeddings to the original model's; vs original: time ratio (>1: faster)."
+    )
     return 0
 
 
