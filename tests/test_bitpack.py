@@ -192,8 +192,13 @@ SPECIALS = np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, 1e-
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @given(data=st.data())
 def test_pack_signs_matches_reference(simd, dtype, data):
-    shape = data.draw(shapes)
-    x = data.draw(hnp.arrays(dtype, shape, elements=st.floats(allow_nan=True, width=np.dtype(dtype).itemsize * 8)))
+    # Rows past every SIMD block size, few of them: big float16 draws made hypothesis
+    # reject too many examples (a flaky FailedHealthCheck).
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4))[:-1]
+    shape = (*shape, data.draw(st.integers(0, 200)))
+    x = data.draw(
+        hnp.arrays(dtype, shape, elements=hnp.from_dtype(np.dtype(dtype), allow_nan=True, allow_infinity=True))
+    )
     got = pbcodec.pack_signs(x)
     np.testing.assert_array_equal(got, ref.pack_signs(x))
     np.testing.assert_array_equal(got, np.packbits(np.signbit(x), axis=-1, bitorder="little"))

@@ -27,7 +27,7 @@ import pbcodec  # noqa: E402
 import pbcodec.torch as pbt  # noqa: E402
 
 # The same fixed sentences as the model benchmark (its README table).
-from pbcodec.benchmarks.model import CALIBRATION, TEST  # noqa: E402
+from pbcodec.sentences import CALIBRATION, TEST  # noqa: E402
 
 
 def load():

@@ -275,7 +275,7 @@ def test_malformed_but_checksummed():
     b = base.copy()
     b[-1] = 0
     cases["zero value"] = b
-    for name, body in cases.items():
+    for _name, body in cases.items():
         blob = _reseal(bytes(body))
         with pytest.raises(pbcodec.FormatError):
             pbcodec.RLE.from_bytes(blob)

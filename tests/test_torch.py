@@ -419,7 +419,7 @@ def test_compress_model_mlp():
     assert type(model.gate) is nn.Linear and type(model.lm_head) is nn.Linear
     assert [L["name"] for L in report.layers] == ["up", "down"]
     assert report.skipped == ["gate", "lm_head"]
-    for L, lin in zip(report.layers, (orig.up, orig.down)):
+    for L, lin in zip(report.layers, (orig.up, orig.down), strict=False):
         m, n = lin.weight.shape
         assert L["shape"] == (m, n) and L["params"] == m * n and L["dtype"] == "torch.float32"
         assert 2.0 < L["bits_per_weight"] < 3.0

@@ -295,6 +295,17 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------- main
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``benches/run_all.py`` of a source checkout (benchmarks are not in the wheel)."""
+    import subprocess
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        script = root / "benches" / "run_all.py"
+        if script.is_file():
+            return subprocess.run([sys.executable, str(script)] + (["--quick"] if args.quick else [])).returncode
+    raise CliError("pbcodec bench runs the benchmarks of a source checkout: run it from the repository root")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pbcodec", description="Partially-binarized weight codec.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -338,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "inspect":
             cmd_inspect(args)
         elif args.cmd == "bench":
-            from .benchmarks import run_all
-
-            return run_all(quick=args.quick)
+            return cmd_bench(args)
         return 0
     except BrokenPipeError:  # e.g. `pbcodec inspect F | head`: not an error
         sys.stderr.close()

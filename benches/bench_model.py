@@ -10,7 +10,7 @@ time of the compressed and the original model on the CPU (median of repeated
 `encode` calls on the same 10 sentences; the original runs torch's dense float32
 kernels).
 
-Run: python -m pbcodec.benchmarks.model [--repeats N]   (needs pbcodec[torch,test])
+Run: python benches/bench_model.py [--repeats N]   (needs pbcodec[torch,test])
 """
 
 from __future__ import annotations
@@ -24,34 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import _env  # noqa: F401  (first: sets the BLAS/OpenMP environment)
+from pbcodec.sentences import CALIBRATION, TEST
 
-TEST = [
-    "The cat sits on the mat.",
-    "A quick brown fox jumps over the lazy dog.",
-    "Stock markets fell sharply today.",
-    "How do I bake sourdough bread?",
-    "Quantum computers use qubits.",
-    "She plays the violin beautifully.",
-    "The weather is sunny and warm.",
-    "Rust is a systems programming language.",
-    "Neural networks can be compressed.",
-    "I lost my keys at the train station.",
-]
-CALIBRATION = [
-    "The committee approved the new budget.",
-    "Birds migrate south in winter.",
-    "He fixed the bicycle chain.",
-    "Coffee is grown in tropical regions.",
-    "The library opens at nine.",
-    "Volcanoes can erupt without warning.",
-    "She wrote a letter to her grandmother.",
-    "Trains were delayed by snow.",
-    "Photosynthesis converts light into energy.",
-    "The museum exhibits ancient pottery.",
-    "Learn Python programming quickly.",
-    "The river flooded the valley.",
-]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _median_time(f, repeats: int) -> float:

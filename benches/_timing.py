@@ -131,7 +131,9 @@ def print_table(
     widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
 
     def line(r: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))
+        )
 
     print()
     print(title)

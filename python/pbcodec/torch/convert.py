@@ -1,0 +1,253 @@
+"""Model conversion: replace ``nn.Linear`` layers by :class:`PBLinear`
+(:func:`compress_model`, :func:`replace_linear_layers`) and calibration helpers
+(:func:`activation_importance`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..pb import snr_db
+from .module import PBLinear
+from .report import CompressionReport
+
+
+# ---------------------------------------------------------------------------
+# Whole models
+# ---------------------------------------------------------------------------
+def default_filter(name: str, module: nn.Module) -> bool:
+    """The layers :func:`compress_model` replaces by default: exactly ``nn.Linear`` (not
+    subclasses), ``in_features >= 16`` and ``out_features >= 16``, name without ``lm_head``.
+
+    - Subclasses are left alone because their owners may read ``.weight`` directly
+      (``nn.MultiheadAttention.out_proj`` is ``NonDynamicallyQuantizableLinear``) or the
+      subclass may change ``forward``; pass a ``filter`` to include them.
+    - Tiny layers (classifier heads, gates) are a negligible share of the memory, are
+      usually accuracy-critical, and per-row scales dominate their bits/weight.
+    - ``lm_head``: the output projection is the most quantization-sensitive matrix of an
+      LLM (PB-LLM and most low-bit methods keep it in high precision) and it is often
+      tied to the input embedding, which stays dense anyway, so compressing it would
+      add memory, not save it.
+    """
+    return (
+        type(module) is nn.Linear and module.in_features >= 16 and module.out_features >= 16 and "lm_head" not in name
+    )
+
+
+def _linear_slots(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    """Every place an ``nn.Linear`` is attached: (path, parent, attribute, module); a
+    shared module shows up once per place."""
+    out: list[tuple[str, nn.Module, str, nn.Linear]] = []
+    stack: list[int] = []
+
+    def walk(mod: nn.Module, prefix: str) -> None:
+        if id(mod) in stack:  # cyclic module graph
+            return
+        stack.append(id(mod))
+        for key, child in mod._modules.items():
+            if child is None:
+                continue
+            if isinstance(child, nn.Linear):
+                out.append((prefix + key, mod, key, child))
+            else:
+                walk(child, prefix + key + ".")
+        stack.pop()
+
+    walk(model, "")
+    return out
+
+
+def _swap(slots, new: dict[int, nn.Module]) -> None:
+    for _, parent, key, child in slots:
+        if id(child) in new:
+            setattr(parent, key, new[id(child)])
+
+
+def replace_linear_layers(
+    model: nn.Module,
+    filter: Callable[[str, nn.Module], bool] | None = None,
+    *,
+    state_dict: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Swap ``nn.Linear`` layers of ``model`` for *empty* :class:`PBLinear` modules of the
+    same shape (bias or not, bias dtype and device kept), in place, so that
+    ``model.load_state_dict(compressed_state_dict)`` can fill them.
+
+    With ``state_dict``: exactly the layers stored compressed there (those with a
+    ``<name>.pb_meta`` entry) are replaced, and ``filter`` is ignored. Otherwise
+    ``filter(name, module)`` (default :func:`default_filter`) picks them. Returns the
+    names replaced.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise TypeError("model is itself an nn.Linear: build PBLinear(in_features, out_features) directly")
+    slots = _linear_slots(model)
+    if state_dict is not None:
+        stored = {k[: -len(".pb_meta")] for k in state_dict if k.endswith(".pb_meta")}
+        chosen = {id(lin) for path, _, _, lin in slots if path in stored}
+    else:
+        filt = filter or default_filter
+        chosen = set()
+        seen = set()
+        for path, _, _, lin in slots:
+            if id(lin) not in seen:
+                seen.add(id(lin))
+                if filt(path, lin):
+                    chosen.add(id(lin))
+    new: dict[int, nn.Module] = {}
+    names: list[str] = []
+    for path, _, _, lin in slots:
+        if id(lin) in chosen:
+            if id(lin) not in new:
+                b = lin.bias
+                new[id(lin)] = PBLinear(
+                    lin.in_features,
+                    lin.out_features,
+                    bias=b is not None,
+                    device=lin.weight.device,
+                    dtype=None if b is None else b.dtype,
+                )
+            names.append(path)
+    _swap(slots, new)
+    return names
+
+
+def activation_importance(
+    model: nn.Module,
+    run: Callable[[nn.Module], Any],
+    *,
+    filter: Callable[[str, nn.Module], bool] | None = None,
+    exponent: float = 0.5,
+) -> dict[str, Tensor]:
+    """Per-input-channel importance for :func:`compress_model` from calibration data.
+
+    Calls ``run(model)`` (which should push a few representative inputs through the
+    model) under ``torch.no_grad()``, recording for every ``nn.Linear`` selected by
+    ``filter`` (default :func:`default_filter`) the L2 norm of each input channel over
+    all tokens seen, and returns ``{name: norm ** exponent}`` (float32, CPU).
+
+    Salient weights are then ranked by ``|W[i, j]| * norm_j ** exponent``: a weight
+    matters in proportion to the activations it multiplies. ``exponent=1`` ranks like
+    PB-LLM's Hessian-diagonal score ``w^2 * ||x_j||^2``; the default 0.5 measured
+    better on all-MiniLM-L6-v2 (mean cosine 0.779 vs 0.760 at 30% salient).
+    """
+    filt = filter or default_filter
+    sums: dict[str, Tensor] = {}
+    hooks = []
+
+    def hook(name: str):
+        def f(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            x = inputs[0].detach()
+            sq = x.reshape(-1, x.shape[-1]).to(torch.float64).pow(2).sum(0).cpu()
+            sums[name] = sums[name] + sq if name in sums else sq
+
+        return f
+
+    seen = set()
+    for path, _, _, lin in _linear_slots(model):
+        if id(lin) not in seen and filt(path, lin):
+            seen.add(id(lin))
+            hooks.append(lin.register_forward_hook(hook(path)))
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v.sqrt().pow(exponent).to(torch.float32) for k, v in sums.items()}
+
+
+def compress_model(
+    model: nn.Module,
+    *,
+    salient: float = 0.1,
+    salient_bits: int = 8,
+    filter: Callable[[str, nn.Module], bool] | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> CompressionReport:
+    """Replace the matching ``nn.Linear`` layers of ``model`` by :class:`PBLinear`, in place.
+
+    filter: ``filter(name, module) -> bool``, called once per ``nn.Linear`` (subclasses
+    included) with its dotted name; default :func:`default_filter` (exact ``nn.Linear``,
+    both dimensions >= 16, no ``lm_head``). The root module itself is never replaced.
+    kwargs: passed to :func:`pbcodec.compress` (``count_bits``, ``group_size``, ``select``,
+    ``shift``, ``scale_dtype``, ``importance``). ``group_size`` larger than a layer's
+    ``in_features`` means whole rows for that layer. ``importance`` may be a mapping
+    ``{name: (in_features,) tensor}`` or a callable ``(name, module) -> tensor | None``.
+    progress: show a tqdm bar (if tqdm is installed and stderr is a terminal).
+
+    A module shared by several parents is compressed once and replaced everywhere.
+    Returns a :class:`CompressionReport` (SNR is ``pbcodec.snr_db`` of the original
+    weight against the dequantized one).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Linear):
+        raise TypeError("model is itself an nn.Linear: use PBLinear.from_linear(model) instead")
+    filt = filter or default_filter
+    importance = kwargs.pop("importance", None)
+    group_size = kwargs.pop("group_size", None)
+    slots = _linear_slots(model)
+    targets: list[tuple[str, nn.Linear]] = []
+    skipped: list[str] = []
+    seen = set()
+    for path, _, _, lin in slots:
+        if id(lin) in seen:
+            continue
+        seen.add(id(lin))
+        if filt(path, lin):
+            targets.append((path, lin))
+        else:
+            skipped.append(path)
+
+    it: Iterable[tuple[str, nn.Linear]] = targets
+    if progress:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is optional
+            pass
+        else:
+            it = tqdm(targets, desc="pbcodec", unit="layer", disable=not sys.stderr.isatty())
+
+    new: dict[int, nn.Module] = {}
+    layers: list[dict[str, Any]] = []
+    for name, lin in it:
+        kw = dict(kwargs)
+        if group_size is not None:
+            kw["group_size"] = min(int(group_size), lin.in_features) if lin.in_features else group_size
+        imp = (
+            importance(name, lin)
+            if callable(importance)
+            else (importance.get(name) if importance is not None else None)
+        )
+        if imp is not None:
+            kw["importance"] = imp
+        with torch.no_grad():
+            w = lin.weight.detach()
+            w32 = w.to("cpu", torch.float32).numpy()
+            pbl = PBLinear.from_linear(lin, salient=salient, salient_bits=salient_bits, **kw)
+            t = pbl.pb
+            m, n = t.shape
+            layers.append(
+                {
+                    "name": name,
+                    "shape": (m, n),
+                    "dtype": str(w.dtype),
+                    "params": m * n,
+                    "bytes_before": m * n * w.element_size(),
+                    "bytes_float32": 4 * m * n,
+                    "bytes_after": t.nbytes,
+                    "bits_per_weight": t.bits_per_weight,
+                    "snr_db": snr_db(w32, t.decompress()),
+                    "salient_fraction": t.residual.num_values / (m * n) if m * n else 0.0,
+                }
+            )
+        new[id(lin)] = pbl
+    _swap(slots, new)
+    return CompressionReport(layers, skipped)
