@@ -9,9 +9,11 @@ pub mod crc32c;
 pub mod error;
 pub mod format;
 pub mod half;
+pub mod layout;
 pub mod matvec;
 pub mod parallel;
 pub mod pb;
+pub mod qmatvec;
 pub mod rle;
 pub mod simd;
 

@@ -364,6 +364,48 @@ fn pb_matvec(
     py.detach(|| crate::matvec::matvec(&v, xs, batch, o)).py(py)
 }
 
+/// The execution layout of a PBTensor (docs/format.md §6.5), built once and
+/// kept by the Python object; opaque to Python.
+#[pyclass(frozen, name = "ExecLayout", module = "pbcodec._core")]
+struct PyLayout {
+    inner: crate::layout::Layout,
+}
+
+#[pymethods]
+impl PyLayout {
+    /// Resident size in bytes.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+    /// Whether the int8 activation mode can run on it.
+    #[getter]
+    fn int8_supported(&self) -> bool {
+        self.inner.int8_supported()
+    }
+}
+
+#[pyfunction]
+fn pb_layout(py: Python<'_>, meta: PbMeta, arrays: PbArrays<'_>) -> PyResult<PyLayout> {
+    let v = pb_view(meta, &arrays)?;
+    let inner = py.detach(|| crate::layout::build(&v)).py(py)?;
+    Ok(PyLayout { inner })
+}
+
+#[pyfunction]
+fn pb_matvec_int8(
+    py: Python<'_>,
+    layout: &Bound<'_, PyLayout>,
+    x: PyReadonlyArrayDyn<'_, f32>,
+    batch: usize,
+    mut out: PyReadwriteArrayDyn<'_, f32>,
+) -> PyResult<()> {
+    let l = &layout.get().inner;
+    let xs = ro(&x, "x")?;
+    let o = rw(&mut out, "out")?;
+    py.detach(|| crate::qmatvec::matvec_int8(l, xs, batch, o)).py(py)
+}
+
 #[pyfunction]
 fn pb_to_bytes<'py>(py: Python<'py>, meta: PbMeta, arrays: PbArrays<'py>) -> PyResult<Bound<'py, PyBytes>> {
     let v = pb_view(meta, &arrays)?;
@@ -418,6 +460,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(rle_from_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(rle_nbytes, m)?)?;
     m.add_function(wrap_pyfunction!(crc32c, m)?)?;
+    m.add_class::<PyLayout>()?;
+    m.add_function(wrap_pyfunction!(pb_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(pb_matvec_int8, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;

@@ -66,6 +66,18 @@ pub fn detected() -> Level {
     Level::Scalar
 }
 
+/// Whether the CPU has AVX-512 VNNI (`vpdpbusd`), used by the int8 kernels
+/// on the AVX-512 level; without it they use the AVX2 kernel.
+pub fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512vnni") {
+            return true;
+        }
+    }
+    false
+}
+
 /// Every level this CPU can run, lowest first.
 pub fn available() -> Vec<Level> {
     [Level::Scalar, Level::Avx2, Level::Avx512].into_iter().filter(|&l| l <= detected()).collect()
