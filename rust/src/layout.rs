@@ -12,8 +12,9 @@
 //!   byte order of a 512-bit `vpdpbusd` whose 16 dword lanes are the tile's rows
 //!   and whose 4 bytes per lane are the quad's columns;
 //! - the nonzero residual codes of each tile in (quad, lane) order, stored as
-//!   `q + 127` (0..=254), so an expand with 127 in the empty lanes gives
-//!   `q + 127` in every lane (see `qmatvec`);
+//!   `q + 127` (0..=254): an expand with 127 in the empty lanes then gives
+//!   `q + 127` in every lane (a merge-masked `vpexpandb` measured 1.8x faster on
+//!   Zen 4 than a zero-masked one followed by an add);
 //! - mu/alpha per (tile, group, row) and sigma per (tile, row) as f32.
 //!
 //! Size: 2 bits/weight + one byte per nonzero residual code + scales
@@ -150,8 +151,8 @@ pub fn build(t: &PbRef) -> Result<Layout> {
                                 let (r, c) = (lane / 4, lane % 4);
                                 let v = q[r * n + 4 * k + c];
                                 if v == i8::MIN {
-                                    // The compressor never emits -128 and validation rejects it; a
-                                    // hand-built tensor must not alias it to +128 here.
+                                    // The compressor never emits -128 and validation rejects it; the
+                                    // kernels rely on |q| <= 127 (no overflow in byte arithmetic).
                                     return format_err(format!(
                                         "row {}: residual code -128 is outside -127..127",
                                         ti * TILE + r

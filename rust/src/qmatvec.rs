@@ -288,7 +288,7 @@ mod x86 {
         unsafe {
             let sw = l.signs.as_ptr().add(t * quads);
             let mw = l.masks.as_ptr().add(t * quads);
-            let mut vp = l.values.as_ptr().add(l.value_offsets[t]) as *const i8;
+            let mut vp = l.values.as_ptr().add(l.value_offsets[t]);
             let mu = l.mu.as_ptr().add(t * ng * TILE);
             let alpha = l.alpha.as_ptr().add(t * ng * TILE);
             let ones = _mm512_set1_epi8(1);
@@ -385,7 +385,7 @@ mod x86 {
     unsafe fn quad512<const NB: usize>(
         ks: __mmask64,
         km: __mmask64,
-        vp: &mut *const i8,
+        vp: &mut *const u8,
         ones: __m512i,
         fill: __m512i,
         xp: &[*const i8; NB],
@@ -396,7 +396,9 @@ mod x86 {
         // SAFETY: called from tile512 under its contract (see there).
         unsafe {
             let wb = _mm512_maskz_mov_epi8(ks, ones);
-            let wv = _mm512_mask_expandloadu_epi8(fill, km, *vp);
+            // q + 127 in the salient lanes, 127 (q = 0) elsewhere: every lane is
+            // unsigned, and the 127·X_b this adds is subtracted per block.
+            let wv = _mm512_mask_expandloadu_epi8(fill, km, *vp as *const i8);
             *vp = vp.add(km.count_ones() as usize);
             for u in 0..NB {
                 let xb = _mm512_set1_epi32((xp[u].add(4 * k) as *const i32).read_unaligned());
@@ -406,16 +408,176 @@ mod x86 {
         }
     }
 
-    /// AVX2 tile kernel (also used on AVX-512 CPUs without VNNI): the tile as two
-    /// halves of 8 rows; sign bits expanded with `pshufb`+`pcmpeqb`, residual codes
-    /// expanded from the mask with a `pshufb` table per 8 lanes, products with
-    /// `pmaddubsw` (sign part) and `pmaddubsw` on |q|, sign(x, q) (residual part).
+    /// For each 8-lane mask byte: a `pshufb` index that moves the k-th value
+    /// byte to the lane of the k-th set bit, and 0x80 (zero) to the others.
+    static EXPAND8: [u64; 256] = {
+        let mut t = [0u64; 256];
+        let mut m = 0;
+        while m < 256 {
+            let (mut w, mut c, mut l) = (0u64, 0u64, 0);
+            while l < 8 {
+                let b = if (m >> l) & 1 == 1 {
+                    c += 1;
+                    c - 1
+                } else {
+                    0x80
+                };
+                w |= b << (8 * l);
+                l += 1;
+            }
+            t[m] = w;
+            m += 1;
+        }
+        t
+    };
+
+    /// AVX2 tile kernel (also used on AVX-512 CPUs without VNNI), batch rows in
+    /// passes of up to 2: the tile as two halves of 8 rows. Sign bits become bytes
+    /// 0/1 with `pshufb`+`pand`+`pminub` and meet the activations in `pmaddubsw`
+    /// (int16 sums, widened once per block); residual codes are expanded from the
+    /// mask with a `pshufb` index per 8 lanes and multiplied as |q|·sign(x, q).
     ///
     /// # Safety
     /// The CPU must have AVX2, BMI2 and POPCNT; see `tile_kernel`.
     #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
     pub(super) unsafe fn tile_avx2(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
-        // SAFETY: same contract as this function.
-        unsafe { super::tile_scalar(l, t, qx, yt) }
+        let mut b0 = 0;
+        while b0 < qx.batch {
+            // SAFETY: same contract as this function; b0 + NB <= batch.
+            unsafe {
+                match qx.batch - b0 {
+                    1 => tile256::<1>(l, t, qx, b0, yt),
+                    _ => tile256::<2>(l, t, qx, b0, yt),
+                }
+            }
+            b0 += 2;
+        }
+    }
+
+    /// Residual of 32 lanes (8 rows x 4 columns) whose mask is `m`: Σ q·x per
+    /// row as 8 i32, values read from `*vp` (advanced past them).
+    #[inline(always)]
+    unsafe fn resid32<const NB: usize>(m: u32, vp: &mut *const u8, xb: &[__m256i; NB], out: &mut [__m256i; NB]) {
+        // SAFETY: called from tile256 under its contract: the tile's values plus
+        // VALUE_PAD readable bytes follow *vp, and 16-byte loads stay inside them.
+        unsafe {
+            let (m0, m1, m2, m3) = (m & 0xFF, (m >> 8) & 0xFF, (m >> 16) & 0xFF, m >> 24);
+            let (c0, c1, c2) = (m0.count_ones(), m1.count_ones(), m2.count_ones());
+            let rep = 0x0101_0101_0101_0101u64;
+            // Index bytes of the upper 8 lanes of each 16 count from that half's start.
+            let lo = _mm_set_epi64x(
+                (EXPAND8[m1 as usize] + c0 as u64 * rep) as i64,
+                EXPAND8[m0 as usize] as i64,
+            );
+            let hi = _mm_set_epi64x(
+                (EXPAND8[m3 as usize] + c2 as u64 * rep) as i64,
+                EXPAND8[m2 as usize] as i64,
+            );
+            let idx = _mm256_set_m128i(hi, lo);
+            let c01 = (c0 + c1) as usize;
+            let v = _mm256_loadu2_m128i((*vp).add(c01) as *const __m128i, *vp as *const __m128i);
+            *vp = vp.add(m.count_ones() as usize);
+            // Stored bytes are q + 127; lanes without a value (index 0x80) become 0.
+            let q = _mm256_blendv_epi8(
+                _mm256_sub_epi8(_mm256_shuffle_epi8(v, idx), _mm256_set1_epi8(127)),
+                _mm256_setzero_si256(),
+                idx,
+            );
+            let aq = _mm256_abs_epi8(q);
+            let ones16 = _mm256_set1_epi16(1);
+            for u in 0..NB {
+                // |q| * sign(x, q): no int16 saturation since |q|, |x| <= 127.
+                let pr = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xb[u], q));
+                out[u] = _mm256_add_epi32(out[u], _mm256_madd_epi16(pr, ones16));
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile256<const NB: usize>(l: &Layout, t: usize, qx: &QuantX, b0: usize, yt: &mut [f32]) {
+        let quads = l.quads();
+        let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
+        // SAFETY (whole body): as in tile512; vector loads of values read at most
+        // 16 bytes past a value index inside the tile, covered by VALUE_PAD.
+        unsafe {
+            let sw = l.signs.as_ptr().add(t * quads);
+            let mw = l.masks.as_ptr().add(t * quads);
+            let mut vp = l.values.as_ptr().add(l.value_offsets[t]);
+            let mut xp = [std::ptr::null::<i8>(); NB];
+            for (u, p) in xp.iter_mut().enumerate() {
+                *p = qx.xq.as_ptr().add((b0 + u) * qx.stride);
+            }
+            // Byte L of a half gets byte L/8 of the 32 sign bits; bit L%8 selects it.
+            let shuf = _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+            );
+            let bitsel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let one8 = _mm256_set1_epi8(1);
+            let ones16 = _mm256_set1_epi16(1);
+            let z = _mm256_setzero_si256();
+            // Float state per batch row and half: y, Σ d·S of the group, Σ d·R.
+            let mut y = [[_mm256_setzero_ps(); 2]; NB];
+            let mut ss = [[_mm256_setzero_ps(); 2]; NB];
+            let mut sr = [[_mm256_setzero_ps(); 2]; NB];
+            let mut gb = 0;
+            for kb in 0..blocks {
+                let mut p16 = [[z; 2]; NB]; // Σ bit·x as int16 pairs (< 2^15 per block)
+                let mut r32 = [[z; 2]; NB];
+                for k in kb * QUADS_PER_BLOCK..(kb + 1) * QUADS_PER_BLOCK {
+                    let ws = *sw.add(k);
+                    let wm = *mw.add(k);
+                    let mut xb = [z; NB];
+                    for u in 0..NB {
+                        xb[u] = _mm256_set1_epi32((xp[u].add(4 * k) as *const i32).read_unaligned());
+                    }
+                    for h in 0..2 {
+                        let bits = _mm256_set1_epi32((ws >> (32 * h)) as u32 as i32);
+                        let sel = _mm256_and_si256(_mm256_shuffle_epi8(bits, shuf), bitsel);
+                        let b01 = _mm256_min_epu8(sel, one8);
+                        for u in 0..NB {
+                            p16[u][h] = _mm256_add_epi16(p16[u][h], _mm256_maddubs_epi16(b01, xb[u]));
+                        }
+                        let mut rr = [z; NB];
+                        resid32::<NB>((wm >> (32 * h)) as u32, &mut vp, &xb, &mut rr);
+                        for u in 0..NB {
+                            r32[u][h] = _mm256_add_epi32(r32[u][h], rr[u]);
+                        }
+                    }
+                }
+                for u in 0..NB {
+                    let bi = (b0 + u) * blocks + kb;
+                    let xs = *qx.xsum.get_unchecked(bi);
+                    let d = _mm256_set1_ps(*qx.d.get_unchecked(bi));
+                    for h in 0..2 {
+                        let pp = _mm256_madd_epi16(p16[u][h], ones16);
+                        let s = _mm256_sub_epi32(_mm256_set1_epi32(xs), _mm256_slli_epi32::<1>(pp));
+                        ss[u][h] = _mm256_add_ps(ss[u][h], _mm256_mul_ps(d, _mm256_cvtepi32_ps(s)));
+                        sr[u][h] = _mm256_add_ps(sr[u][h], _mm256_mul_ps(d, _mm256_cvtepi32_ps(r32[u][h])));
+                    }
+                }
+                gb += 1;
+                if gb == bpg || kb + 1 == blocks {
+                    gb = 0;
+                    let g = kb / bpg;
+                    for h in 0..2 {
+                        let muv = _mm256_loadu_ps(l.mu.as_ptr().add((t * ng + g) * TILE + 8 * h));
+                        let alv = _mm256_loadu_ps(l.alpha.as_ptr().add((t * ng + g) * TILE + 8 * h));
+                        for u in 0..NB {
+                            let tg = _mm256_set1_ps(*qx.tsum.get_unchecked((b0 + u) * ng + g));
+                            let part = _mm256_add_ps(_mm256_mul_ps(muv, tg), _mm256_mul_ps(alv, ss[u][h]));
+                            y[u][h] = _mm256_add_ps(y[u][h], part);
+                            ss[u][h] = _mm256_setzero_ps();
+                        }
+                    }
+                }
+            }
+            for h in 0..2 {
+                let sg = _mm256_loadu_ps(l.sigma.as_ptr().add(t * TILE + 8 * h));
+                for u in 0..NB {
+                    let v = _mm256_add_ps(y[u][h], _mm256_mul_ps(sg, sr[u][h]));
+                    _mm256_storeu_ps(yt.as_mut_ptr().add((b0 + u) * TILE + 8 * h), v);
+                }
+            }
+        }
     }
 }
