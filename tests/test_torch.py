@@ -19,10 +19,12 @@ import pbcodec.torch as pbt  # noqa: E402
 from pbcodec.pb import PBTensor  # noqa: E402
 
 
-def make_layer(n=64, m=48, bias=True, seed=0, **kw):
+def make_layer(n=64, m=48, bias=True, seed=0, activations="float32", **kw):
+    """A compressed layer; float32 activations unless asked (these tests check the float
+    kernel path against dense float math; int8 mode has its own tests)."""
     torch.manual_seed(seed)
     lin = nn.Linear(n, m, bias=bias)
-    return lin, pbt.PBLinear.from_linear(lin, **kw)
+    return lin, pbt.PBLinear.from_linear(lin, activations=activations, **kw)
 
 
 def dense_ref(layer, x):
@@ -121,7 +123,7 @@ def test_state_dict_roundtrip_into_empty_layer(kw):
         {"bias"} if bias else set()
     )
     assert sd["pb_meta"].tolist() == [1, 48, 64, layer.group_size, layer.pb.residual.count_bits, layer.salient_bits]
-    empty = pbt.PBLinear(64, 48, bias=bias)
+    empty = pbt.PBLinear(64, 48, bias=bias, activations="float32")
     assert not empty.is_loaded
     with pytest.raises(RuntimeError, match="empty"):
         empty(torch.randn(64))
@@ -143,7 +145,7 @@ def test_safetensors_roundtrip(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     _, layer = make_layer()
     st.save_file(layer.state_dict(), str(tmp_path / "l.safetensors"))
-    empty = pbt.PBLinear(64, 48)
+    empty = pbt.PBLinear(64, 48, activations="float32")
     empty.load_state_dict(st.load_file(str(tmp_path / "l.safetensors")))
     x = torch.randn(2, 64)
     with torch.no_grad():
@@ -206,7 +208,7 @@ def test_meta_skeleton_with_assign():
     sd = {"0." + k: v for k, v in layer.state_dict().items()}
     with torch.device("meta"):
         skel = nn.Sequential(nn.Linear(64, 48), nn.Tanh())
-    assert pbt.replace_linear_layers(skel, state_dict=sd) == ["0"]
+    assert pbt.replace_linear_layers(skel, state_dict=sd, activations="float32") == ["0"]
     skel.load_state_dict(sd, assign=True)
     x = torch.randn(2, 64)
     with torch.no_grad():
@@ -349,10 +351,10 @@ class MLP(nn.Module):
         return self.lm_head(h) + self.gate(h).sum(-1, keepdim=True)
 
 
-def _compiled_model():
+def _compiled_model(activations="int8"):
     torch.manual_seed(0)
     model = MLP()
-    pbt.compress_model(model, progress=False)
+    pbt.compress_model(model, progress=False, activations=activations)
     return model
 
 
@@ -387,14 +389,24 @@ def test_compile_inductor():
     torch._dynamo.reset()
 
 
-def test_export_keeps_the_op():
-    model = _compiled_model()
+@pytest.mark.parametrize("activations", ["int8", "float32"])
+def test_export_keeps_the_op(activations):
+    model = _compiled_model(activations)
     x = torch.randn(4, 256)
     ep = torch.export.export(model, (x,))
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
-    assert targets.count("pbcodec.pb_linear.default") == 2
+    op = "pbcodec.pb_linear_int8.default" if activations == "int8" else "pbcodec.pb_linear.default"
+    assert targets.count(op) == 2
     with torch.no_grad():
-        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+    if activations == "int8":
+        # The program does not depend on this process's layout cache: emptied, the op
+        # rebuilds the layouts from the component tensors and gives the same bits.
+        from pbcodec.torch import _op
+
+        _op._LAYOUTS.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated in recent torch
@@ -414,8 +426,9 @@ def test_compress_model_mlp():
     model = MLP()
     orig = copy.deepcopy(model)
     x = torch.randn(8, 256)
-    report = pbt.compress_model(model, salient=0.1, salient_bits=8, progress=False)
+    report = pbt.compress_model(model, salient=0.1, salient_bits=8, progress=False, activations="float32")
     assert isinstance(model.up, pbt.PBLinear) and isinstance(model.down, pbt.PBLinear)
+    assert [L["activations"] for L in report.layers] == ["float32", "float32"]
     assert type(model.gate) is nn.Linear and type(model.lm_head) is nn.Linear
     assert [L["name"] for L in report.layers] == ["up", "down"]
     assert report.skipped == ["gate", "lm_head"]
@@ -453,6 +466,15 @@ def test_compress_model_mlp():
         assert rel == pytest.approx(10 ** (-report.layers[0]["snr_db"] / 10), rel=0.2)
         cos = F.cosine_similarity(y.flatten(), orig(x).flatten(), dim=0)
         assert cos > 0.6  # two ~7 dB layers of uniform random weights in a row
+        # int8 activations: exactly PBTensor.matvec(..., activations="int8") per layer,
+        # and within the int8 mode's error bound of the float32 mode
+        for lay in (model.up, model.down):
+            lay.activations = "int8"
+        h = model.up(x)
+        ref = model.up.pb.matvec(x.numpy(), activations="int8") + model.up.bias.numpy()
+        np.testing.assert_array_equal(h.numpy(), ref)
+        y8 = model(x)
+        assert float((y8 - y).pow(2).sum() / y.pow(2).sum()) < 5e-4
 
 
 def test_compress_model_filter_shared_and_kwargs():
@@ -528,7 +550,7 @@ def test_large_batches_use_the_dense_path_with_the_same_result(monkeypatch):
     import pbcodec.torch as pbt
 
     lin = nn.Linear(96, 80)
-    layer = pbt.PBLinear.from_linear(lin, salient=0.1)
+    layer = pbt.PBLinear.from_linear(lin, salient=0.1, activations="float32")
     calls = []
     orig = pbcodec.PBTensor.matvec
     monkeypatch.setattr(pbcodec.PBTensor, "matvec", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))

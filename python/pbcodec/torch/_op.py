@@ -4,6 +4,7 @@ between a :class:`pbcodec.PBTensor` and the tensors the op takes."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -226,6 +227,91 @@ def _backward(ctx, grad):
 
 
 pb_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# int8 activations
+# ---------------------------------------------------------------------------
+#: Execution layouts of int8-mode layers: handle -> (PBTensor, its layout). A PBLinear
+#: owns a handle and drops its entry when its buffers change or it is collected; the op
+#: rebuilds a missing entry from the component tensors it is given (e.g. in a new process
+#: running an exported program), so the cache can never serve stale weights.
+_LAYOUTS: dict[int, PBTensor] = {}
+_HANDLES = itertools.count(1)
+
+
+def new_layout_handle() -> int:
+    return next(_HANDLES)
+
+
+def drop_layout(handle: int | None) -> None:
+    if handle is not None:
+        _LAYOUTS.pop(handle, None)
+
+
+@torch.library.custom_op("pbcodec::pb_linear_int8", mutates_args=(), device_types="cpu")
+def pb_linear_int8(
+    x: Tensor,
+    signs: Tensor,
+    mu: Tensor,
+    alpha: Tensor,
+    sigma: Tensor,
+    res_counts: Tensor,
+    res_values: Tensor,
+    res_code_offsets: Tensor,
+    res_value_offsets: Tensor,
+    bias: Tensor | None,
+    m: int,
+    n: int,
+    group_size: int,
+    count_bits: int,
+    salient_bits: int,
+    handle: int,
+) -> Tensor:
+    """:func:`pb_linear` with int8 activations (``PBTensor.matvec(x, activations="int8")``,
+    docs/format.md §6.4) for all rows of ``x`` in one call of the integer kernel, on the
+    layer's execution layout (cached under ``handle``; built from the components when
+    absent). ``torch.ops.pbcodec.pb_linear_int8``; gradients as :func:`pb_linear`
+    (straight through the activation quantization)."""
+    t = _LAYOUTS.get(handle)
+    if t is None:
+        t = _build_pb(
+            (m, n, group_size, count_bits, salient_bits),
+            (
+                _cpu_numpy(a)
+                for a in (signs, mu, alpha, sigma, res_counts, res_values, res_code_offsets, res_value_offsets)
+            ),
+        )
+        t.build_layout()
+        _LAYOUTS[handle] = t
+    lead = tuple(x.shape[:-1])
+    if x.dim() == 0 or x.shape[-1] != n:
+        raise ValueError(f"input must have shape (..., {n}), got {tuple(x.shape)}")
+    x2 = x.detach().reshape(math.prod(lead), n)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    y = torch.from_numpy(t.matvec(x2.contiguous().numpy(), activations="int8"))
+    if bias is not None:
+        y += bias.detach().float()
+    return y.to(x.dtype).reshape(*lead, m)
+
+
+@pb_linear_int8.register_fake
+def _pb_linear_int8_fake(x, *args):
+    n, m = args[10], args[9]
+    torch._check(x.dim() >= 1 and x.shape[-1] == n, lambda: f"input must have shape (..., {n}), got {tuple(x.shape)}")
+    return x.new_empty((*x.shape[:-1], m))
+
+
+def _setup_context_int8(ctx, inputs, output):
+    _setup_context(ctx, inputs[:-1], output)
+
+
+def _backward_int8(ctx, grad):
+    return (*_backward(ctx, grad), None)
+
+
+pb_linear_int8.register_autograd(_backward_int8, setup_context=_setup_context_int8)
 
 
 # ---------------------------------------------------------------------------
