@@ -393,17 +393,23 @@ fn pb_layout(py: Python<'_>, meta: PbMeta, arrays: PbArrays<'_>) -> PyResult<PyL
 }
 
 #[pyfunction]
+#[pyo3(signature = (layout, x, batch, out, bias=None))]
 fn pb_matvec_int8(
     py: Python<'_>,
     layout: &Bound<'_, PyLayout>,
     x: PyReadonlyArrayDyn<'_, f32>,
     batch: usize,
     mut out: PyReadwriteArrayDyn<'_, f32>,
+    bias: Option<PyReadonlyArrayDyn<'_, f32>>,
 ) -> PyResult<()> {
     let l = &layout.get().inner;
     let xs = ro(&x, "x")?;
+    let bs = match &bias {
+        Some(b) => Some(ro(b, "bias")?),
+        None => None,
+    };
     let o = rw(&mut out, "out")?;
-    py.detach(|| crate::qmatvec::matvec_int8(l, xs, batch, o)).py(py)
+    py.detach(|| crate::qmatvec::matvec_int8(l, xs, batch, bs, o)).py(py)
 }
 
 #[pyfunction]

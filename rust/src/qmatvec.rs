@@ -123,8 +123,8 @@ fn tile_kernel(level: Level) -> TileFn {
 }
 
 /// y = Ŵ x with int8 activations (§6.4) for `batch` rows of `x` (`batch x n`)
-/// into `out` (`batch x m`).
-pub fn matvec_int8(l: &Layout, x: &[f32], batch: usize, out: &mut [f32]) -> Result<()> {
+/// into `out` (`batch x m`); with `bias` (`m`), `y + bias` (one f32 addition).
+pub fn matvec_int8(l: &Layout, x: &[f32], batch: usize, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
     let (m, n) = (l.m, l.n);
     if !l.int8_supported() {
         return invalid(format!(
@@ -167,8 +167,16 @@ pub fn matvec_int8(l: &Layout, x: &[f32], batch: usize, out: &mut [f32]) -> Resu
     for t in 0..l.tiles {
         for b in 0..batch {
             let rows = (m - t * TILE).min(TILE);
-            out[b * m + t * TILE..b * m + t * TILE + rows]
-                .copy_from_slice(&yt[t * per_tile + b * TILE..t * per_tile + b * TILE + rows]);
+            let dst = &mut out[b * m + t * TILE..b * m + t * TILE + rows];
+            let src = &yt[t * per_tile + b * TILE..t * per_tile + b * TILE + rows];
+            match bias {
+                Some(bias) => {
+                    for ((d, s), c) in dst.iter_mut().zip(src).zip(&bias[t * TILE..t * TILE + rows]) {
+                        *d = s + c;
+                    }
+                }
+                None => dst.copy_from_slice(src),
+            }
         }
     }
     Ok(())

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _core
 from ..errors import FormatError
 from ..pb import PBTensor
 from ..rle import RLE
@@ -273,27 +274,48 @@ def pb_linear_int8(
     layer's execution layout (cached under ``handle``; built from the components when
     absent). ``torch.ops.pbcodec.pb_linear_int8``; gradients as :func:`pb_linear`
     (straight through the activation quantization)."""
+    t = layout_tensor(
+        handle,
+        (m, n, group_size, count_bits, salient_bits),
+        (signs, mu, alpha, sigma, res_counts, res_values, res_code_offsets, res_value_offsets),
+    )
+    return int8_forward(t, x, bias, m, n)
+
+
+def layout_tensor(handle: int, meta: tuple[int, int, int, int, int], comps: Iterable[Tensor]) -> PBTensor:
+    """The PBTensor (with its execution layout built) cached under ``handle``, built
+    from the component tensors on a miss."""
     t = _LAYOUTS.get(handle)
     if t is None:
-        t = _build_pb(
-            (m, n, group_size, count_bits, salient_bits),
-            (
-                _cpu_numpy(a)
-                for a in (signs, mu, alpha, sigma, res_counts, res_values, res_code_offsets, res_value_offsets)
-            ),
-        )
+        t = _build_pb(meta, (_cpu_numpy(a) for a in comps))
         t.build_layout()
         _LAYOUTS[handle] = t
-    lead = tuple(x.shape[:-1])
+    return t
+
+
+def int8_forward(t: PBTensor, x: Tensor, bias: Tensor | None, m: int, n: int) -> Tensor:
+    """The int8 product of a CPU input with ``t``'s layout: one kernel call for all rows,
+    the bias added in the same call (float32), result in ``x``'s dtype."""
     if x.dim() == 0 or x.shape[-1] != n:
         raise ValueError(f"input must have shape (..., {n}), got {tuple(x.shape)}")
-    x2 = x.detach().reshape(math.prod(lead), n)
+    lead = tuple(x.shape[:-1])
+    x2 = x.detach().reshape(-1, n)
     if x2.dtype != torch.float32:
         x2 = x2.float()
-    y = torch.from_numpy(t.matvec(x2.contiguous().numpy(), activations="int8"))
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty((rows, m), dtype=torch.float32)
+    b = None
     if bias is not None:
-        y += bias.detach().float()
-    return y.to(x.dtype).reshape(*lead, m)
+        b = bias.detach()
+        if b.dtype != torch.float32:
+            b = b.float()
+        b = b.contiguous().numpy()
+    _core.pb_matvec_int8(t._exec_layout(), x2.numpy(), rows, y.numpy(), b)
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y.reshape(*lead, m)
 
 
 @pb_linear_int8.register_fake
