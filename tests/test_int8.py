@@ -448,11 +448,13 @@ def test_layout_size_at_ten_percent_salient():
     assert t.stats()["layout_bytes"] == pytest.approx(documented_layout_bytes(t), rel=0.01)
 
 
-def test_int8_identical_for_any_thread_count(simd):
-    """Enough rows (many 16-row tiles) that the threads really split the work."""
-    rng = np.random.default_rng(8)
-    t = pbcodec.compress(weights(rng, 301, 520, "heavy"), salient=0.1, group_size=128)
-    x = rng.standard_normal((70, 520)).astype(np.float32)
+@pytest.mark.parametrize("m, n, gs, batch", [(301, 520, 128, 70), (1000, 200, None, 16)])
+def test_int8_identical_for_any_thread_count(simd, m, n, gs, batch):
+    """Products big enough (m·n·batch >= 2**20) that the core really splits its 16-row
+    tiles over threads, in chunks of one and of several tiles."""
+    rng = np.random.default_rng(m)
+    t = pbcodec.compress(weights(rng, m, n, "heavy"), salient=0.1, group_size=gs)
+    x = rng.standard_normal((batch, n)).astype(np.float32)
     want = twin(t).matvec(x, activations="int8")
     for th in (1, 2, 3, 5):
         with num_threads(th):
