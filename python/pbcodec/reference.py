@@ -974,6 +974,36 @@ def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
+# §6.4: width of an activation block (one int8 scale per block of x).
+_INT8_BLOCK = 64
+
+
+def _quantize_int8_blocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """§6.4 steps 1-2: quantize each row of float32 ``x`` ``(batch, n)`` per block of 64.
+
+    Returns ``d`` float32 ``(batch, n_blocks)`` (the block scales; NaN for a block
+    holding inf/NaN) and ``xq`` int64 ``(batch, n_blocks, 64)`` in -127..127, with
+    ``n_blocks = ceil(n/64)``; columns >= n are absent (``x = 0``, ``xq = 0``).
+    """
+    f32 = np.float32
+    batch, n = x.shape
+    n_blocks = -(-n // _INT8_BLOCK)
+    blocks = np.zeros((batch, n_blocks * _INT8_BLOCK), f32)
+    blocks[:, :n] = x
+    blocks = blocks.reshape(batch, n_blocks, _INT8_BLOCK)
+
+    finite = np.all(np.isfinite(blocks), axis=2)
+    blocks = np.where(finite[..., None], blocks, f32(0))  # non-finite blocks: all xq = 0
+    a = np.max(np.abs(blocks), axis=2, initial=f32(0))  # max |x[j]|
+    d = a / f32(127)  # float32 division, rounded to nearest even
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = blocks / d[..., None]  # float32 division (inf/NaN only where d == 0)
+    # np.rint rounds half to even; clamp to -127..127; d == 0 gives xq = 0.
+    xq = np.where(d[..., None] == 0, f32(0), np.clip(np.rint(ratio), -127, 127)).astype(np.int64)
+    d = np.where(finite, d, f32(np.nan))
+    return d, xq
+
+
 class PBTensor:
     """A partially-binarized matrix ``Ŵ = B + S`` (§6), in memory.
 
@@ -1072,14 +1102,25 @@ class PBTensor:
         big_s = self.sigma.astype(np.float32)[:, None] * q
         return (b + big_s).astype(dtype)
 
-    def matvec(self, x) -> np.ndarray:
-        """``y = Ŵ x`` (§6.3) for x of shape ``(n,)`` -> ``(m,)`` or ``(batch, n)`` ->
+    def matvec(self, x, *, activations="float32") -> np.ndarray:
+        """``y = Ŵ x`` for x of shape ``(n,)`` -> ``(m,)`` or ``(batch, n)`` ->
         ``(batch, m)``, returned as float32.
 
-        x: a float array (converted to float32 first). Reference semantics only: this
-        computes ``x @ decompress().T`` in float64 (numpy/BLAS order) and rounds to
-        float32, so it is *not* the kernel's float32 accumulation order; compare with
-        the core to ~1e-5 relative, not bitwise.
+        x: a float array (converted to float32 first).
+
+        activations="float32" (default, §6.3): reference semantics only: this computes
+        ``x @ decompress().T`` in float64 (numpy/BLAS order) and rounds to float32, so it
+        is *not* the kernel's float32 accumulation order; compare with the core to
+        ~1e-5 relative, not bitwise.
+
+        activations="int8" (§6.4, normative): per-block (64 columns) int8 quantization
+        of ``x``, exact integer dot products, then a float32 combination in the fixed
+        order of §6.4, so the result equals the core bit for bit. See
+        :meth:`_matvec_int8`. Raises ValueError when ``group_size`` is not a multiple
+        of 64 and the tensor has more than one group per row.
+
+        Raises TypeError for a non-float ``x``, ValueError for a wrong shape or an
+        unknown ``activations``, FormatError for an invalid tensor.
         """
         x = np.asarray(x)
         if x.dtype.kind != "f":
@@ -1087,9 +1128,70 @@ class PBTensor:
         n = self.shape[1]
         if x.ndim not in (1, 2) or x.shape[-1] != n:
             raise ValueError(f"matvec needs x of shape ({n},) or (batch, {n}), got {x.shape}")
-        x64 = x.astype(np.float32).astype(np.float64)
-        w64 = self.decompress(np.float64)
-        return (x64 @ w64.T).astype(np.float32)
+        if activations == "float32":
+            x64 = x.astype(np.float32).astype(np.float64)
+            w64 = self.decompress(np.float64)
+            return (x64 @ w64.T).astype(np.float32)
+        if activations != "int8":
+            raise ValueError(f"activations must be 'float32' or 'int8', got {activations!r}")
+        _validate_pbtensor(self)
+        if _n_groups(n, self.group_size) > 1 and self.group_size % _INT8_BLOCK:
+            raise ValueError(
+                "int8 activations need a group size that is a multiple of 64 (or one group per row); "
+                f"this tensor has group_size {self.group_size}: use activations='float32'"
+            )
+        y = self._matvec_int8(np.atleast_2d(x.astype(np.float32)))
+        return y[0] if x.ndim == 1 else y
+
+    def _matvec_int8(self, x: np.ndarray) -> np.ndarray:
+        """§6.4 for a validated tensor and float32 ``x`` of shape ``(batch, n)``;
+        returns float32 ``(batch, m)``.
+
+        Every float operation is a separate numpy float32 operation (numpy rounds each
+        one to float32 and never fuses a multiply-add); integer sums are int64 (exact).
+        """
+        m, n = self.shape
+        f32 = np.float32
+        n_blocks = -(-n // _INT8_BLOCK)
+
+        # §6.4 steps 1-2: per-block scales d (batch, n_blocks) and codes xq.
+        d, xq = _quantize_int8_blocks(x)
+        big_x = xq.sum(axis=2)  # X_b, (batch, n_blocks)
+
+        # §6.4 step 3: exact integer sums. Columns >= n are padded with s = 0 and q = 0
+        # (they carry xq = 0 anyway, so the padding value does not matter).
+        pad = n_blocks * _INT8_BLOCK - n
+        s = 1 - 2 * unpack_bits(self.signs, 1, n).astype(np.int64)  # bit 1 means s = -1
+        q = rle_decode(self.residual).astype(np.int64)
+        s = np.pad(s, ((0, 0), (0, pad))).reshape(m, n_blocks, _INT8_BLOCK)
+        q = np.pad(q, ((0, 0), (0, pad))).reshape(m, n_blocks, _INT8_BLOCK)
+        big_s = np.einsum("kbj,ibj->kib", xq, s)  # S[i,b] per batch row k: (batch, m, n_blocks)
+        big_r = np.einsum("kbj,ibj->kib", xq, q)  # R[i,b]
+
+        # §6.4 step 4: float32 combination in the fixed order. The scales are exact
+        # float32 copies of the stored float16/float32 values.
+        mu = self.mu.astype(f32)
+        alpha = self.alpha.astype(f32)
+        sigma = self.sigma.astype(f32)
+        n_groups = _n_groups(n, self.group_size)
+        # Blocks per group; with one group per row (or none) it holds all blocks.
+        blocks_per_group = self.group_size // _INT8_BLOCK if n_groups > 1 else n_blocks
+        batch = x.shape[0]
+        with np.errstate(all="ignore"):  # NaN blocks and overflow to inf are defined results
+            y = np.zeros((batch, m), f32)
+            for g in range(n_groups):
+                s_sum = np.zeros((batch, m), f32)  # sS
+                t_sum = np.zeros((batch, 1), f32)  # T (the same for every row i)
+                for b in range(g * blocks_per_group, min((g + 1) * blocks_per_group, n_blocks)):
+                    d_b = d[:, b, None]
+                    s_sum = s_sum + d_b * big_s[:, :, b].astype(f32)
+                    t_sum = t_sum + d_b * big_x[:, b, None].astype(f32)
+                y = y + (mu[None, :, g] * t_sum + alpha[None, :, g] * s_sum)
+            r_sum = np.zeros((batch, m), f32)  # sR, over all blocks regardless of groups
+            for b in range(n_blocks):
+                r_sum = r_sum + d[:, b, None] * big_r[:, :, b].astype(f32)
+            y = y + sigma[None, :] * r_sum
+        return y
 
     # -- §7 serialization ---------------------------------------------------
 
