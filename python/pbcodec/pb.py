@@ -106,8 +106,14 @@ class PBTensor:
     def build_layout(self) -> PBTensor:
         """Build the in-memory execution layout now (docs/format.md §6.5) instead of on
         the first ``matvec(..., activations="int8")``; returns ``self``. Its size is
-        ``stats()["layout_bytes"]`` (about 2.8 bits/weight at 10 % salient)."""
-        self._exec_layout()
+        ``stats()["layout_bytes"]`` (about 2.8 bits/weight at 10 % salient). ValueError
+        if the int8 mode cannot run this tensor (group size not a multiple of 64)."""
+        if not self._exec_layout().int8_supported:
+            object.__setattr__(self, "_layout", None)
+            raise ValueError(
+                "int8 activations need a group size that is a multiple of 64 (or one group per row); "
+                f"this tensor has group_size {self.group_size}"
+            )
         return self
 
     def release_layout(self) -> None:
