@@ -4,6 +4,7 @@ Codec primitives (this module):
 
 - :func:`pack_bits` / :func:`unpack_bits`: k-bit codes <-> little-endian bit streams.
 - :func:`pack_signs` / :func:`unpack_signs`: IEEE sign bits <-> packed bits / ±1.0.
+- :func:`pack_frame` / :func:`unpack_frame`: a whole array of k-bit codes in one self-describing frame.
 - :func:`rle_encode` / :func:`rle_decode` / :class:`RLE`: the escaped zero-run code.
 - :func:`compress` / :class:`PBTensor`: partially-binarized matrices with a
   decode-fused, multi-threaded :meth:`PBTensor.matvec`.
@@ -18,7 +19,7 @@ the level, and :func:`set_simd_level` changes it at run time.
 from __future__ import annotations
 
 from . import _core
-from .bitpack import pack_bits, pack_signs, unpack_bits, unpack_signs
+from .bitpack import pack_bits, pack_frame, pack_signs, unpack_bits, unpack_frame, unpack_signs
 from .errors import FormatError
 from .files import load_file, load_metadata, save_file
 from .pb import PBTensor, compress, snr_db
@@ -39,12 +40,14 @@ __all__ = [
     "snr_db",
     "available_simd_levels",
     "pack_bits",
+    "pack_frame",
     "pack_signs",
     "rle_decode",
     "rle_encode",
     "set_simd_level",
     "simd_level",
     "unpack_bits",
+    "unpack_frame",
     "unpack_signs",
 ]
 
