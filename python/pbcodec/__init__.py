@@ -8,6 +8,7 @@ Codec primitives (this module):
 - :func:`rle_encode` / :func:`rle_decode` / :class:`RLE`: the escaped zero-run code.
 - :func:`compress` / :class:`PBTensor`: partially-binarized matrices with a
   decode-fused, multi-threaded :meth:`PBTensor.matvec`.
+- :func:`from_pbllm`: pack PB-LLM's fake-quantized weights (binarized weights exact).
 - :func:`save_file` / :func:`load_file`: safetensors files holding compressed tensors.
 - :class:`FormatError`: raised for any malformed serialized input.
 - :mod:`pbcodec.reference`: pure-Python twins of everything, written from docs/format.md.
@@ -23,6 +24,7 @@ from .bitpack import pack_bits, pack_frame, pack_signs, unpack_bits, unpack_fram
 from .errors import FormatError
 from .files import load_file, load_metadata, save_file
 from .pb import PBTensor, compress, snr_db
+from .pbllm import from_pbllm
 from .rle import RLE, rle_decode, rle_encode
 
 __version__ = "0.1.0"
@@ -32,6 +34,7 @@ __all__ = [
     "PBTensor",
     "RLE",
     "compress",
+    "from_pbllm",
     "get_num_threads",
     "load_file",
     "load_metadata",
