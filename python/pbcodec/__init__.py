@@ -4,9 +4,11 @@ Codec primitives (this module):
 
 - :func:`pack_bits` / :func:`unpack_bits`: k-bit codes <-> little-endian bit streams.
 - :func:`pack_signs` / :func:`unpack_signs`: IEEE sign bits <-> packed bits / ±1.0.
+- :func:`pack_frame` / :func:`unpack_frame`: a whole array of k-bit codes in one self-describing frame.
 - :func:`rle_encode` / :func:`rle_decode` / :class:`RLE`: the escaped zero-run code.
 - :func:`compress` / :class:`PBTensor`: partially-binarized matrices with a
   decode-fused, multi-threaded :meth:`PBTensor.matvec`.
+- :func:`from_pbllm`: pack PB-LLM's fake-quantized weights (binarized weights exact).
 - :func:`save_file` / :func:`load_file`: safetensors files holding compressed tensors.
 - :class:`FormatError`: raised for any malformed serialized input.
 - :mod:`pbcodec.reference`: pure-Python twins of everything, written from docs/format.md.
@@ -18,10 +20,11 @@ the level, and :func:`set_simd_level` changes it at run time.
 from __future__ import annotations
 
 from . import _core
-from .bitpack import pack_bits, pack_signs, unpack_bits, unpack_signs
+from .bitpack import pack_bits, pack_frame, pack_signs, unpack_bits, unpack_frame, unpack_signs
 from .errors import FormatError
 from .files import load_file, load_metadata, save_file
 from .pb import PBTensor, compress, snr_db
+from .pbllm import from_pbllm
 from .rle import RLE, rle_decode, rle_encode
 
 __version__ = "0.1.0"
@@ -31,6 +34,7 @@ __all__ = [
     "PBTensor",
     "RLE",
     "compress",
+    "from_pbllm",
     "get_num_threads",
     "load_file",
     "load_metadata",
@@ -39,12 +43,14 @@ __all__ = [
     "snr_db",
     "available_simd_levels",
     "pack_bits",
+    "pack_frame",
     "pack_signs",
     "rle_decode",
     "rle_encode",
     "set_simd_level",
     "simd_level",
     "unpack_bits",
+    "unpack_frame",
     "unpack_signs",
 ]
 

@@ -7,6 +7,7 @@ copy, and the GIL is released while it runs.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from . import _core
 from ._util import as_array, as_uint8_codes, check_bits, check_count, prepare_out, rows_of
+from .errors import FormatError
 
 # (uint view, +1.0 bits, -1.0 bits) per float dtype. Keyed by dtype.char
 # ('e' float16, 'f' float32, 'd' float64): dtype.name costs microseconds per call.
@@ -141,3 +143,74 @@ def unpack_signs(packed: Any, count: int, dtype: Any = np.float32, *, out: np.nd
     word, pos, neg = spec
     _SIGN_FNS[np.dtype(word).itemsize][1](p, rows_of(p.shape), count, pos, neg, out.view(word))
     return out
+
+
+# -------------------------------------------------------------- k-bit frames
+
+_FRAME = struct.Struct("<4sHBBQ")  # magic, version, bits, signed, count (docs/format.md §9)
+_FRAME_MAGIC = b"PBBP"
+_FRAME_VERSION = 1
+
+
+def pack_frame(codes: Any, bits: int, *, signed: bool = False) -> bytes:
+    """Pack a whole array of k-bit codes into a self-describing frame
+    (docs/format.md §9: header with width and count, the codes of the
+    C-order flattened array packed as one row, CRC-32C).
+
+    codes: uint8 (or int8, taken as its bytes) codes ``< 2**bits`` when
+    ``signed`` is false; int8 values in ``-2**(bits-1) .. 2**(bits-1) - 1``
+    (stored in two's complement) when it is true. bits: 1..8.
+    Returns bytes. Raises TypeError for another dtype, ValueError for an
+    out-of-range code or ``bits``.
+    """
+    bits = check_bits(bits)
+    a = np.ascontiguousarray(codes).reshape(-1)
+    if signed:
+        if a.dtype != np.int8:
+            raise TypeError(f"signed frames take int8 values, got dtype {a.dtype}")
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        if a.size and (int(a.min()) < lo or int(a.max()) > hi):
+            raise ValueError(f"values must be in {lo}..{hi} for bits={bits}, got {int(a.min())}..{int(a.max())}")
+        u = a.view(np.uint8) & np.uint8((1 << bits) - 1)
+    else:
+        if a.dtype not in (np.uint8, np.int8):
+            raise TypeError(f"unsigned frames take uint8 codes, got dtype {a.dtype}")
+        u = a.view(np.uint8)
+    body = _FRAME.pack(_FRAME_MAGIC, _FRAME_VERSION, bits, int(bool(signed)), u.size) + pack_bits(u, bits).tobytes()
+    return body + struct.pack("<I", _core.crc32c(np.frombuffer(body, np.uint8)))
+
+
+def unpack_frame(buf: Any) -> np.ndarray:
+    """Inverse of :func:`pack_frame`: a 1-D uint8 array of codes (int8 for a
+    signed frame). Raises :class:`pbcodec.FormatError` for anything malformed
+    (docs/format.md §9 lists the checks); never allocates more than 8 codes
+    per byte of ``buf``."""
+    if isinstance(buf, np.ndarray):
+        b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    else:
+        b = np.frombuffer(buf, dtype=np.uint8)
+    if b.size < _FRAME.size + 4:
+        raise FormatError(f"{b.size} bytes is too short for a k-bit frame")
+    magic, version, bits, signed, count = _FRAME.unpack(b[: _FRAME.size].tobytes())
+    if magic != _FRAME_MAGIC:
+        raise FormatError("bad magic: not a pbcodec k-bit frame")
+    if version != _FRAME_VERSION:
+        raise FormatError(f"unsupported k-bit frame version {version} (this build reads {_FRAME_VERSION})")
+    if not 1 <= bits <= 8 or signed not in (0, 1):
+        raise FormatError(f"bad frame parameters: bits={bits}, signed={signed}")
+    need = _FRAME.size + (count * bits + 7) // 8 + 4
+    if need != b.size:
+        raise FormatError(f"length mismatch: header describes {need} bytes, buffer has {b.size}")
+    stored = int.from_bytes(b[-4:].tobytes(), "little")
+    actual = _core.crc32c(np.ascontiguousarray(b[:-4]))
+    if stored != actual:
+        raise FormatError(f"checksum mismatch (stored {stored:#010x}, computed {actual:#010x})")
+    packed = np.ascontiguousarray(b[_FRAME.size : -4])
+    if (count * bits) % 8 and packed[-1] >> ((count * bits) % 8):
+        raise FormatError("nonzero padding bits after the last code")
+    u = unpack_bits(packed, bits, count)
+    if not signed:
+        return u
+    sign = np.uint8(1 << (bits - 1))
+    # Sign-extend: (u ^ s) - s maps the two's-complement pattern to -2**(bits-1)..2**(bits-1)-1.
+    return ((u ^ sign).astype(np.int16) - int(sign)).astype(np.int8)

@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("inspect", help="list the tensors of a file with codec parameters and sizes")
     i.add_argument("file")
 
+    from .pbllm import add_parser as add_pbllm_parser
+
+    add_pbllm_parser(sub)
+
     b = sub.add_parser("bench", help="run the benchmark suite (side by side with numpy/torch) and print its tables")
     b.add_argument("--quick", action="store_true", help="small sizes, few repeats (about a minute)")
 
@@ -348,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_compress(args)
         elif args.cmd == "inspect":
             cmd_inspect(args)
+        elif args.cmd == "import-pbllm":
+            from .pbllm import cli_import
+
+            cli_import(args)
         elif args.cmd == "bench":
             return cmd_bench(args)
         return 0
