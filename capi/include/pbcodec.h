@@ -85,8 +85,12 @@ enum PbcodecActivation
    */
   PBCODEC_ACTIVATION_FLOAT32 = 0,
   /**
-   * int8-quantized activations. Not implemented yet in this build:
-   * returns `PBCODEC_STATUS_UNSUPPORTED`.
+   * int8 activations quantized per block of 64 columns, exact integer dot
+   * products (docs/format.md §6.4): bit-identical to Python's
+   * `PBTensor.matvec(x, activations="int8")`. The first call builds the
+   * tensor's execution layout (§6.5, ~2.8 bits/weight), kept until the tensor
+   * is freed. `PBCODEC_STATUS_INVALID_ARGUMENT` if the group size is not a
+   * multiple of 64 (or one group per row).
    */
   PBCODEC_ACTIVATION_INT8 = 1,
 };
@@ -298,8 +302,8 @@ PbcodecStatus pbcodec_tensor_info(const struct PbcodecTensor *t, struct PbcodecI
  * (docs/format.md §6.3), multi-threaded; results do not depend on the
  * thread count and equal Python's `PBTensor.matvec`.
  *
- * `mode`: a `PbcodecActivation` (`PBCODEC_ACTIVATION_FLOAT32`; INT8 returns
- * `PBCODEC_STATUS_UNSUPPORTED` in this build). `x`: `x_len = batch * n`
+ * `mode`: a `PbcodecActivation` (`PBCODEC_ACTIVATION_FLOAT32` or
+ * `PBCODEC_ACTIVATION_INT8`). `x`: `x_len = batch * n`
  * float32, row-major. `y`: `y_len = batch * m` float32, overwritten. The
  * batch is `x_len / n` (`y_len / m` when `n = 0`).
  */

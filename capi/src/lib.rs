@@ -62,8 +62,12 @@ pub enum PbcodecStatus {
 pub enum PbcodecActivation {
     /// float32 activations, float32 accumulation (docs/format.md §6.3).
     Float32 = 0,
-    /// int8-quantized activations. Not implemented yet in this build:
-    /// returns `PBCODEC_STATUS_UNSUPPORTED`.
+    /// int8 activations quantized per block of 64 columns, exact integer dot
+    /// products (docs/format.md §6.4): bit-identical to Python's
+    /// `PBTensor.matvec(x, activations="int8")`. The first call builds the
+    /// tensor's execution layout (§6.5, ~2.8 bits/weight), kept until the tensor
+    /// is freed. `PBCODEC_STATUS_INVALID_ARGUMENT` if the group size is not a
+    /// multiple of 64 (or one group per row).
     Int8 = 1,
 }
 
@@ -423,6 +427,7 @@ pub unsafe extern "C" fn pbcodec_tensor_from_parts(
             alpha,
             sigma,
             value_offsets: Vec::new(),
+            layout: std::sync::OnceLock::new(),
             _keep: None,
         };
         if p.count_bits == 0 || p.count_bits > 8 || (p.salient_bits != 4 && p.salient_bits != 8) {
@@ -479,8 +484,8 @@ pub unsafe extern "C" fn pbcodec_tensor_info(t: *const PbcodecTensor, info: *mut
 /// (docs/format.md §6.3), multi-threaded; results do not depend on the
 /// thread count and equal Python's `PBTensor.matvec`.
 ///
-/// `mode`: a `PbcodecActivation` (`PBCODEC_ACTIVATION_FLOAT32`; INT8 returns
-/// `PBCODEC_STATUS_UNSUPPORTED` in this build). `x`: `x_len = batch * n`
+/// `mode`: a `PbcodecActivation` (`PBCODEC_ACTIVATION_FLOAT32` or
+/// `PBCODEC_ACTIVATION_INT8`). `x`: `x_len = batch * n`
 /// float32, row-major. `y`: `y_len = batch * m` float32, overwritten. The
 /// batch is `x_len / n` (`y_len / m` when `n = 0`).
 #[no_mangle]
@@ -494,13 +499,7 @@ pub unsafe extern "C" fn pbcodec_tensor_matvec(
 ) -> PbcodecStatus {
     guard(|| {
         let t = unsafe { tensor_ref(t)? };
-        if mode == PbcodecActivation::Int8 as u32 {
-            return fail(
-                PbcodecStatus::Unsupported,
-                "INT8 activations are not implemented in this build of pbcodec (use PBCODEC_ACTIVATION_FLOAT32)",
-            );
-        }
-        if mode != PbcodecActivation::Float32 as u32 {
+        if mode != PbcodecActivation::Float32 as u32 && mode != PbcodecActivation::Int8 as u32 {
             return fail(PbcodecStatus::InvalidArgument, format!("unknown activation mode {mode}"));
         }
         let batch = x_len.checked_div(t.n).or(y_len.checked_div(t.m)).unwrap_or(0);
@@ -512,6 +511,9 @@ pub unsafe extern "C" fn pbcodec_tensor_matvec(
         }
         let xs = unsafe { slice(x, x_len, "x")? };
         let ys = unsafe { slice_mut(y, y_len, "y")? };
+        if mode == PbcodecActivation::Int8 as u32 {
+            return Ok(core_::qmatvec::matvec_int8(t.layout()?, xs, batch, None, ys)?);
+        }
         Ok(core_::matvec::matvec(&t.view(), xs, batch, ys)?)
     })
 }

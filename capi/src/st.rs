@@ -245,6 +245,7 @@ pub(crate) unsafe fn build(
         values: unsafe { u8_part(bytes[5]) },
         code_offsets: unsafe { i64_part(bytes[6]) },
         value_offsets: Vec::new(),
+        layout: std::sync::OnceLock::new(),
         _keep: None,
     };
     let t = t.validate().map_err(|e| format!("{name}: {e}"))?;

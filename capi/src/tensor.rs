@@ -2,8 +2,9 @@
 //! owned or borrowed (from the caller's buffers, or from a file's memory map
 //! that `keep` holds alive).
 use std::any::Any;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use core_::layout::Layout;
 use core_::pb::{self, PbRef, ScaleType};
 use core_::rle::Streams;
 
@@ -42,6 +43,9 @@ pub(crate) struct TensorData {
     pub sigma: Vec<f32>,
     /// Recomputed by the validating walk; never taken from the caller.
     pub value_offsets: Vec<i64>,
+    /// The execution layout for INT8 activations (docs/format.md §6.5), built on
+    /// the first INT8 matvec and kept with the tensor.
+    pub layout: OnceLock<Result<Layout, core_::Error>>,
     /// Whatever owns borrowed memory (a file's map); dropped last.
     pub _keep: Option<Arc<dyn Any + Send + Sync>>,
 }
@@ -74,6 +78,11 @@ impl TensorData {
         }
     }
 
+    /// The execution layout, built once (thread-safe) on first use.
+    pub(crate) fn layout(&self) -> Result<&Layout, core_::Error> {
+        self.layout.get_or_init(|| core_::layout::build(&self.view())).as_ref().map_err(Clone::clone)
+    }
+
     /// From a parsed blob (owns everything; already validated by the parser).
     pub(crate) fn from_core(t: pb::PbTensor) -> TensorData {
         TensorData {
@@ -91,6 +100,7 @@ impl TensorData {
             alpha: t.alpha,
             sigma: t.sigma,
             value_offsets: t.residual.value_offsets,
+            layout: OnceLock::new(),
             _keep: None,
         }
     }

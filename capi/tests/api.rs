@@ -96,15 +96,29 @@ fn blob_round_trip_matches_core() {
 }
 
 #[test]
-fn int8_mode_is_declared_but_unsupported() {
+fn int8_mode_matches_the_core_and_refuses_unsupported_groups() {
     let core = sample(8, 32, ScaleType::F16, None, 8);
     let blob = pb::to_bytes(&core.view()).unwrap();
     let (_, t) = open_blob(&blob);
+    let x: Vec<f32> = (0..64).map(|j| ((j * 7 % 13) as f32 - 6.0) / 3.0).collect();
+    let mut y = [0f32; 16];
+    for _ in 0..2 {
+        // the second call reuses the layout built by the first
+        let st = unsafe { pbcodec_tensor_matvec(t, PbcodecActivation::Int8 as u32, x.as_ptr(), 64, y.as_mut_ptr(), 16) };
+        assert_eq!(st, PbcodecStatus::Ok, "{}", last_error());
+        let lay = core_::layout::build(&core.view()).unwrap();
+        let mut want = [0f32; 16];
+        core_::qmatvec::matvec_int8(&lay, &x, 2, None, &mut want).unwrap();
+        assert_eq!(y.map(f32::to_bits), want.map(f32::to_bits));
+    }
+    unsafe { pbcodec_tensor_free(t) };
+    let grouped = sample(8, 32, ScaleType::F16, Some(16), 8);
+    let (_, t) = open_blob(&pb::to_bytes(&grouped.view()).unwrap());
     let x = [1f32; 32];
     let mut y = [0f32; 8];
     let st = unsafe { pbcodec_tensor_matvec(t, PbcodecActivation::Int8 as u32, x.as_ptr(), 32, y.as_mut_ptr(), 8) };
-    assert_eq!(st, PbcodecStatus::Unsupported);
-    assert!(last_error().contains("INT8"), "{}", last_error());
+    assert_eq!(st, PbcodecStatus::InvalidArgument);
+    assert!(last_error().contains("multiple of 64"), "{}", last_error());
     let st = unsafe { pbcodec_tensor_matvec(t, 7, x.as_ptr(), 32, y.as_mut_ptr(), 8) };
     assert_eq!(st, PbcodecStatus::InvalidArgument);
     assert!(last_error().contains("unknown activation mode 7"));

@@ -100,9 +100,12 @@ int main(int argc, char **argv) {
     for (size_t b = 0; b < batch; b++)
         for (size_t i = 0; i < m; i++) printf("y %zu %zu %.9g\n", b, i, (double)y[b * m + i]);
 
-    /* int8 activations are declared in the ABI but not implemented yet. */
+    /* int8 activations (exact integer kernels; needs whole-row groups or groups of a multiple of 64). */
     st = pbcodec_tensor_matvec(t, PBCODEC_ACTIVATION_INT8, x, batch * n, y, batch * m);
     printf("int8 mode: status %d (%s)\n", (int)st, st == PBCODEC_STATUS_OK ? "ok" : pbcodec_last_error());
+    if (st == PBCODEC_STATUS_OK)
+        for (size_t b = 0; b < batch; b++)
+            for (size_t i = 0; i < m; i++) printf("q %zu %zu %.9g\n", b, i, (double)y[b * m + i]);
 
     free(x);
     free(y);
