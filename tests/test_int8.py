@@ -420,7 +420,9 @@ def test_layout_lifecycle(m, n, gs):
     t = pbcodec.compress(weights(rng, m, n, "heavy"), group_size=gs)
     x = rng.standard_normal((3, n)).astype(np.float32)
     assert t.stats()["layout_bytes"] == 0 and t.stats()["layout_bpw"] == 0.0
-    t.matvec(x)  # float32 mode does not build the layout
+    t.matvec(x)  # float32 mode builds it too (its kernels run on it)
+    assert t.stats()["layout_bytes"] > 0
+    t.release_layout()
     assert t.stats()["layout_bytes"] == 0
     assert t.build_layout() is t
     size = t.stats()["layout_bytes"]

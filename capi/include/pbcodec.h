@@ -81,7 +81,8 @@ enum PbcodecActivation
 #endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
  {
   /**
-   * float32 activations, float32 accumulation (docs/format.md §6.3).
+   * float32 activations, float32 accumulation (docs/format.md §6.3); the
+   * first call builds the tensor's execution layout (§6.5), as INT8 does.
    */
   PBCODEC_ACTIVATION_FLOAT32 = 0,
   /**

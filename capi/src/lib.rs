@@ -60,7 +60,8 @@ pub enum PbcodecStatus {
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PbcodecActivation {
-    /// float32 activations, float32 accumulation (docs/format.md §6.3).
+    /// float32 activations, float32 accumulation (docs/format.md §6.3); the
+    /// first call builds the tensor's execution layout (§6.5), as INT8 does.
     Float32 = 0,
     /// int8 activations quantized per block of 64 columns, exact integer dot
     /// products (docs/format.md §6.4): bit-identical to Python's
@@ -513,6 +514,11 @@ pub unsafe extern "C" fn pbcodec_tensor_matvec(
         let ys = unsafe { slice_mut(y, y_len, "y")? };
         if mode == PbcodecActivation::Int8 as u32 {
             return Ok(core_::qmatvec::matvec_int8(t.layout()?, xs, batch, None, ys)?);
+        }
+        // As Python does: the layout kernel where the group size allows it.
+        let lay = t.layout()?;
+        if core_::fmatvec::supported(lay) {
+            return Ok(core_::fmatvec::matvec_f32(lay, xs, batch, None, ys)?);
         }
         Ok(core_::matvec::matvec(&t.view(), xs, batch, ys)?)
     })

@@ -20,6 +20,17 @@ fn gaussian(m: usize, n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// What the C API's FLOAT32 mode computes: the layout kernel where the group
+/// size allows it (as Python's PBTensor.matvec), else the row-wise kernel.
+fn f32_ref(core: &pb::PbTensor, x: &[f32], batch: usize, want: &mut [f32]) {
+    let lay = core_::layout::build(&core.view()).unwrap();
+    if core_::fmatvec::supported(&lay) {
+        core_::fmatvec::matvec_f32(&lay, x, batch, None, want).unwrap();
+    } else {
+        core_::matvec::matvec(&core.view(), x, batch, want).unwrap();
+    }
+}
+
 fn sample(m: usize, n: usize, scale: ScaleType, group: Option<usize>, bits: u32) -> pb::PbTensor {
     let p = Params {
         salient: 0.1,
@@ -74,7 +85,7 @@ fn blob_round_trip_matches_core() {
         for batch in [1usize, 3] {
             let x = gaussian(batch, n, 3);
             let mut want = vec![0f32; batch * m];
-            core_::matvec::matvec(&core.view(), &x, batch, &mut want).unwrap();
+            f32_ref(&core, &x, batch, &mut want);
             assert_eq!(matvec(t, &x, m), want);
         }
         // decompress equals the core's.
@@ -225,7 +236,7 @@ fn from_parts_borrowed_and_copied() {
     let (mu, al, sg) = (f16s(&core.mu), f16s(&core.alpha), f16s(&core.sigma));
     let x = gaussian(2, n, 5);
     let mut want = vec![0f32; 2 * m];
-    core_::matvec::matvec(&core.view(), &x, 2, &mut want).unwrap();
+    f32_ref(&core, &x, 2, &mut want);
     for flags in [0, PBCODEC_COPY] {
         let p = parts_of(&core, &mu, &al, &sg);
         let mut t = ptr::null_mut();
@@ -324,7 +335,7 @@ fn files_open_list_and_multiply() {
     let buf = file_of(&core);
     let x = gaussian(1, n, 9);
     let mut want = vec![0f32; m];
-    core_::matvec::matvec(&core.view(), &x, 1, &mut want).unwrap();
+    f32_ref(&core, &x, 1, &mut want);
     for flags in [0, PBCODEC_COPY] {
         let (st, f) = open_file(&buf, flags);
         assert_eq!(st, PbcodecStatus::Ok, "{}", last_error());

@@ -105,7 +105,7 @@ class PBTensor:
 
     def build_layout(self) -> PBTensor:
         """Build the in-memory execution layout now (docs/format.md §6.5) instead of on
-        the first ``matvec(..., activations="int8")``; returns ``self``. Its size is
+        the first ``matvec``; returns ``self``. Its size is
         ``stats()["layout_bytes"]`` (about 2.8 bits/weight at 10 % salient). ValueError
         if the int8 mode cannot run this tensor (group size not a multiple of 64)."""
         if not self._exec_layout().int8_supported:
@@ -118,7 +118,7 @@ class PBTensor:
 
     def release_layout(self) -> None:
         """Drop the execution layout (for tensors that are only stored, not multiplied);
-        the next int8 ``matvec`` rebuilds it."""
+        the next ``matvec`` rebuilds it."""
         object.__setattr__(self, "_layout", None)
 
     # -- derived ---------------------------------------------------------
@@ -192,7 +192,10 @@ class PBTensor:
         pass over the weights; multi-threaded over rows (:func:`pbcodec.set_num_threads`),
         GIL released, identical results for any thread count.
 
-        activations: ``"float32"`` (default): float32 arithmetic on ``x`` as given.
+        activations: ``"float32"`` (default): float32 arithmetic on ``x`` as given, on the
+        execution layout (built on the first call and kept, see :meth:`build_layout`; the
+        sign plane through 16-entry tables of partial sums per 4 columns, as in T-MAC);
+        tensors whose group size is not a multiple of 4 use a row-wise kernel instead.
         ``"int8"``: ``x`` is quantized per block of 64 columns (symmetric, one float32
         scale per block) and the products are exact integer dot products on the
         execution layout (built on first use, see :meth:`build_layout`), combined in
@@ -216,7 +219,11 @@ class PBTensor:
         batch = 1 if xa.ndim == 1 else xa.shape[0]
         res = prepare_out(out, (m,) if xa.ndim == 1 else (batch, m), np.float32)
         if activations == "float32":
-            _core.pb_matvec(*self._parts(), xa, batch, res)
+            lay = self._exec_layout()
+            if lay.f32_supported:
+                _core.pb_matvec_layout_f32(lay, xa, batch, res)
+            else:  # group boundaries inside 4-column quads: the row-wise kernel
+                _core.pb_matvec(*self._parts(), xa, batch, res)
         elif activations == "int8":
             _core.pb_matvec_int8(self._exec_layout(), xa, batch, res)
         else:

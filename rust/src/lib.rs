@@ -7,6 +7,7 @@
 pub mod bitpack;
 pub mod crc32c;
 pub mod error;
+pub mod fmatvec;
 pub mod format;
 pub mod half;
 pub mod layout;

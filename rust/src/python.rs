@@ -383,6 +383,11 @@ impl PyLayout {
     fn int8_supported(&self) -> bool {
         self.inner.int8_supported()
     }
+    /// Whether the float32 layout kernels can run on it (group size a multiple of 4).
+    #[getter]
+    fn f32_supported(&self) -> bool {
+        crate::fmatvec::supported(&self.inner)
+    }
 }
 
 #[pyfunction]
@@ -410,6 +415,26 @@ fn pb_matvec_int8(
     };
     let o = rw(&mut out, "out")?;
     py.detach(|| crate::qmatvec::matvec_int8(l, xs, batch, bs, o)).py(py)
+}
+
+#[pyfunction]
+#[pyo3(signature = (layout, x, batch, out, bias=None))]
+fn pb_matvec_layout_f32(
+    py: Python<'_>,
+    layout: &Bound<'_, PyLayout>,
+    x: PyReadonlyArrayDyn<'_, f32>,
+    batch: usize,
+    mut out: PyReadwriteArrayDyn<'_, f32>,
+    bias: Option<PyReadonlyArrayDyn<'_, f32>>,
+) -> PyResult<()> {
+    let l = &layout.get().inner;
+    let xs = ro(&x, "x")?;
+    let bs = match &bias {
+        Some(b) => Some(ro(b, "bias")?),
+        None => None,
+    };
+    let o = rw(&mut out, "out")?;
+    py.detach(|| crate::fmatvec::matvec_f32(l, xs, batch, bs, o)).py(py)
 }
 
 #[pyfunction]
@@ -469,6 +494,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLayout>()?;
     m.add_function(wrap_pyfunction!(pb_layout, m)?)?;
     m.add_function(wrap_pyfunction!(pb_matvec_int8, m)?)?;
+    m.add_function(wrap_pyfunction!(pb_matvec_layout_f32, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(set_simd_level, m)?)?;

@@ -144,24 +144,44 @@ pub fn matvec_int8(l: &Layout, x: &[f32], batch: usize, bias: Option<&[f32]>, ou
     }
     let qx = quantize(x, batch, n, l);
     let kernel = tile_kernel(simd::level());
+    run_tiles(l, batch, bias, out, |t, y| {
+        // SAFETY: the kernel matches simd::level() (a level the CPU has); `l` was
+        // built by layout::build, `qx` by quantize(l), `y` holds batch x 16 floats.
+        unsafe { kernel(l, t, &qx, y) }
+    });
+    Ok(())
+}
+
+/// Run `tile(t, yt)` for every tile (`yt`: batch x 16 floats) over the worker
+/// pool, then scatter the tiles' rows into `out` (`batch x m`), adding `bias`.
+/// Each tile is computed by one thread, so results do not depend on the thread
+/// count; small products run on the calling thread (a pool wake-up costs
+/// ~5-10 µs, more than the work).
+pub(crate) fn run_tiles(
+    l: &Layout,
+    batch: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    tile: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let m = l.m;
     let per_tile = batch * TILE;
     let mut yt = vec![0f32; l.tiles * per_tile];
     let run = |(t0, ys): (usize, &mut [f32])| {
         for (k, y) in ys.chunks_mut(per_tile).enumerate() {
-            // SAFETY: the kernel matches simd::level() (a level the CPU has); `l` was
-            // built by layout::build, `qx` by quantize(l), `y` holds batch x 16 floats.
-            unsafe { kernel(l, t0 + k, &qx, y) };
+            tile(t0 + k, y);
         }
     };
-    // Small products are not worth waking the pool (a wake-up costs ~5-10 µs).
-    let work = m.saturating_mul(n).saturating_mul(batch);
+    let work = m.saturating_mul(l.n).saturating_mul(batch);
     let threads = parallel::num_threads();
     if work < (1 << 20) || threads == 1 {
         run((0, &mut yt[..]));
     } else {
         let tiles_per_task = (l.tiles / (threads * 8)).max(1);
         parallel::pool().install(|| {
-            yt.par_chunks_mut(tiles_per_task * per_tile).enumerate().for_each(|(c, ys)| run((c * tiles_per_task, ys)))
+            yt.par_chunks_mut(tiles_per_task * per_tile)
+                .enumerate()
+                .for_each(|(c, ys)| run((c * tiles_per_task, ys)))
         });
     }
     for t in 0..l.tiles {
@@ -179,7 +199,6 @@ pub fn matvec_int8(l: &Layout, x: &[f32], batch: usize, bias: Option<&[f32]>, ou
             }
         }
     }
-    Ok(())
 }
 
 /// Whether block `kb` is the last of its group.
@@ -256,7 +275,7 @@ unsafe fn tile_scalar(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
 // --------------------------------------------------------------------- x86
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::QuantX;
@@ -462,35 +481,43 @@ mod x86 {
         }
     }
 
-    /// Residual of 32 lanes (8 rows x 4 columns) whose mask is `m`: Σ q·x per
-    /// row as 8 i32, values read from `*vp` (advanced past them).
+    /// The 32 residual codes (8 rows x 4 columns, lane 4r + c) whose mask is `m`,
+    /// as signed bytes (0 in empty lanes), read from `*vp` (advanced past them).
+    ///
+    /// # Safety
+    /// AVX2 must be available; `*vp` points into a layout's values with at least
+    /// `popcount(m)` values plus `VALUE_PAD` readable bytes after it.
     #[inline(always)]
-    unsafe fn resid32<const NB: usize>(m: u32, vp: &mut *const u8, xb: &[__m256i; NB], out: &mut [__m256i; NB]) {
-        // SAFETY: called from tile256 under its contract: the tile's values plus
-        // VALUE_PAD readable bytes follow *vp, and 16-byte loads stay inside them.
+    pub(crate) unsafe fn expand32(m: u32, vp: &mut *const u8) -> __m256i {
+        // SAFETY: see the function's contract; 16-byte loads at value offsets
+        // inside the tile stay within its values plus VALUE_PAD.
         unsafe {
             let (m0, m1, m2, m3) = (m & 0xFF, (m >> 8) & 0xFF, (m >> 16) & 0xFF, m >> 24);
             let (c0, c1, c2) = (m0.count_ones(), m1.count_ones(), m2.count_ones());
             let rep = 0x0101_0101_0101_0101u64;
             // Index bytes of the upper 8 lanes of each 16 count from that half's start.
-            let lo = _mm_set_epi64x(
-                (EXPAND8[m1 as usize] + c0 as u64 * rep) as i64,
-                EXPAND8[m0 as usize] as i64,
-            );
-            let hi = _mm_set_epi64x(
-                (EXPAND8[m3 as usize] + c2 as u64 * rep) as i64,
-                EXPAND8[m2 as usize] as i64,
-            );
+            let lo = _mm_set_epi64x((EXPAND8[m1 as usize] + c0 as u64 * rep) as i64, EXPAND8[m0 as usize] as i64);
+            let hi = _mm_set_epi64x((EXPAND8[m3 as usize] + c2 as u64 * rep) as i64, EXPAND8[m2 as usize] as i64);
             let idx = _mm256_set_m128i(hi, lo);
             let c01 = (c0 + c1) as usize;
             let v = _mm256_loadu2_m128i((*vp).add(c01) as *const __m128i, *vp as *const __m128i);
             *vp = vp.add(m.count_ones() as usize);
             // Stored bytes are q + 127; lanes without a value (index 0x80) become 0.
-            let q = _mm256_blendv_epi8(
+            _mm256_blendv_epi8(
                 _mm256_sub_epi8(_mm256_shuffle_epi8(v, idx), _mm256_set1_epi8(127)),
                 _mm256_setzero_si256(),
                 idx,
-            );
+            )
+        }
+    }
+
+    /// Residual of 32 lanes (8 rows x 4 columns) whose mask is `m`: Σ q·x per
+    /// row as 8 i32, values read from `*vp` (advanced past them).
+    #[inline(always)]
+    unsafe fn resid32<const NB: usize>(m: u32, vp: &mut *const u8, xb: &[__m256i; NB], out: &mut [__m256i; NB]) {
+        // SAFETY: called from tile256 under its contract (see expand32's).
+        unsafe {
+            let q = expand32(m, vp);
             let aq = _mm256_abs_epi8(q);
             let ones16 = _mm256_set1_epi16(1);
             for u in 0..NB {

@@ -91,6 +91,26 @@ def _from_numpy(a: np.ndarray, device: Any = None) -> Tensor:
 
 
 # ---------------------------------------------------------------------------
+# Execution-layout cache
+# ---------------------------------------------------------------------------
+#: Execution layouts of PBLinear layers: handle -> PBTensor with its layout. A PBLinear
+#: owns a handle and drops its entry when its buffers change or it is collected; the op
+#: rebuilds a missing entry from the component tensors it is given (e.g. in a new process
+#: running an exported program), so the cache can never serve stale weights.
+_LAYOUTS: dict[int, PBTensor] = {}
+_HANDLES = itertools.count(1)
+
+
+def new_layout_handle() -> int:
+    return next(_HANDLES)
+
+
+def drop_layout(handle: int | None) -> None:
+    if handle is not None:
+        _LAYOUTS.pop(handle, None)
+
+
+# ---------------------------------------------------------------------------
 # The custom ops
 # ---------------------------------------------------------------------------
 @torch.library.custom_op("pbcodec::pb_linear", mutates_args=(), device_types="cpu")
@@ -110,33 +130,75 @@ def pb_linear(
     group_size: int,
     count_bits: int,
     salient_bits: int,
+    handle: int = -1,
+    int8: bool = False,
 ) -> Tensor:
     """``y = x @ Ŵ.T + bias`` for ``x`` of shape ``(..., n)`` (any float dtype), in float32;
     returns ``(..., m)`` in ``x``'s dtype. CPU tensors only (``torch.ops.pbcodec.pb_linear``).
 
-    Up to :data:`DENSE_ROWS` - 1 rows: the decode-fused kernel, one call for all rows.
-    From :data:`DENSE_ROWS` rows on, the weight is dequantized into a temporary float32
-    matrix (freed after the call) and multiplied with torch's GEMM: the fused kernel's
-    cost grows with the row count like a dense GEMM's but with less efficient
-    arithmetic, so past ~64 rows the dequantize cost is the smaller one (measured on
-    the benchmark machine: 2.3x faster at 128 rows for 384x1536, 1.6x for 4096x4096)."""
-    t = _build_pb(
-        (m, n, group_size, count_bits, salient_bits),
-        (_cpu_numpy(a) for a in (signs, mu, alpha, sigma, res_counts, res_values, res_code_offsets, res_value_offsets)),
-    )
-    lead = tuple(x.shape[:-1])
+    ``handle >= 0``: the layer's cached PBTensor with its execution layout (built from the
+    components on a miss, see :func:`layout_tensor`); ``-1``: the components as given,
+    without a layout. ``int8``: int8 activations (docs/format.md §6.4) for every row count.
+    Otherwise (float32), up to :data:`DENSE_ROWS` - 1 rows go through the fused kernel in
+    one call, and from :data:`DENSE_ROWS` rows on the weight is dequantized into a
+    temporary float32 matrix for torch's GEMM."""
+    meta = (m, n, group_size, count_bits, salient_bits)
+    comps = (signs, mu, alpha, sigma, res_counts, res_values, res_code_offsets, res_value_offsets)
+    if handle >= 0:
+        t = layout_tensor(handle, meta, comps)
+    else:
+        t = _build_pb(meta, (_cpu_numpy(a) for a in comps))
+    return linear_forward(t, x, bias, m, n, int8=int8, use_layout=handle >= 0)
+
+
+def layout_tensor(handle: int, meta: tuple[int, int, int, int, int], comps: Iterable[Tensor]) -> PBTensor:
+    """The PBTensor (with its execution layout built) cached under ``handle``, built
+    from the component tensors on a miss."""
+    t = _LAYOUTS.get(handle)
+    if t is None:
+        t = _build_pb(meta, (_cpu_numpy(a) for a in comps))
+        t._exec_layout()
+        _LAYOUTS[handle] = t
+    return t
+
+
+def linear_forward(
+    t: PBTensor, x: Tensor, bias: Tensor | None, m: int, n: int, *, int8: bool, use_layout: bool
+) -> Tensor:
+    """``x @ Ŵ.T + bias`` for a CPU input: one kernel call for all rows (float32
+    arithmetic, the bias added in the same call), result in ``x``'s dtype."""
     if x.dim() == 0 or x.shape[-1] != n:
         raise ValueError(f"input must have shape (..., {n}), got {tuple(x.shape)}")
-    x2 = x.detach().reshape(math.prod(lead), n)
+    lead = tuple(x.shape[:-1])
+    x2 = x.detach().reshape(-1, n)
     if x2.dtype != torch.float32:
         x2 = x2.float()
-    if x2.shape[0] >= DENSE_ROWS:
-        y = torch.nn.functional.linear(x2, torch.from_numpy(t.decompress()))
-    else:
-        y = torch.from_numpy(t.matvec(x2.contiguous().numpy()))  # zero-copy for contiguous float32 x
+    rows = x2.shape[0]
+    b = None
     if bias is not None:
-        y += bias.detach().float()
-    return y.to(x.dtype).reshape(*lead, m)
+        b = bias.detach()
+        if b.dtype != torch.float32:
+            b = b.float()
+    if not int8 and rows >= DENSE_ROWS:
+        y = torch.nn.functional.linear(x2, torch.from_numpy(t.decompress()), b)
+    else:
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.empty((rows, m), dtype=torch.float32)
+        bn = None if b is None else b.contiguous().numpy()
+        xn, yn = x2.numpy(), y.numpy()  # zero-copy
+        lay = t._exec_layout() if (int8 or use_layout) else None
+        if int8:
+            _core.pb_matvec_int8(lay, xn, rows, yn, bn)
+        elif lay is not None and lay.f32_supported:
+            _core.pb_matvec_layout_f32(lay, xn, rows, yn, bn)
+        else:
+            _core.pb_matvec(*t._parts(), xn, rows, yn)
+            if b is not None:
+                y += b
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y.reshape(*lead, m)
 
 
 @pb_linear.register_fake
@@ -156,6 +218,8 @@ def _pb_linear_fake(
     group_size,
     count_bits,
     salient_bits,
+    handle=-1,
+    int8=False,
 ):
     torch._check(x.dim() >= 1 and x.shape[-1] == n, lambda: f"input must have shape (..., {n}), got {tuple(x.shape)}")
     return x.new_empty((*x.shape[:-1], m))
@@ -210,7 +274,7 @@ def _pb_linear_grad_input_fake(
 
 
 def _setup_context(ctx, inputs, output):
-    x, *comps, bias, m, n, gs, cb, sb = inputs
+    x, *comps, bias, m, n, gs, cb, sb = inputs[:15]
     ctx.save_for_backward(*comps)
     ctx.pb_meta = (m, n, gs, cb, sb)
     ctx.bias_dtype = None if bias is None else bias.dtype
@@ -224,116 +288,10 @@ def _backward(ctx, grad):
         gx = _pb_linear_grad_input(grad, *comps, *ctx.pb_meta)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[9]:
         gb = grad.reshape(-1, m).float().sum(0).to(ctx.bias_dtype)
-    return (gx,) + (None,) * 8 + (gb,) + (None,) * 5
+    return (gx,) + (None,) * 8 + (gb,) + (None,) * 7
 
 
 pb_linear.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ---------------------------------------------------------------------------
-# int8 activations
-# ---------------------------------------------------------------------------
-#: Execution layouts of int8-mode layers: handle -> (PBTensor, its layout). A PBLinear
-#: owns a handle and drops its entry when its buffers change or it is collected; the op
-#: rebuilds a missing entry from the component tensors it is given (e.g. in a new process
-#: running an exported program), so the cache can never serve stale weights.
-_LAYOUTS: dict[int, PBTensor] = {}
-_HANDLES = itertools.count(1)
-
-
-def new_layout_handle() -> int:
-    return next(_HANDLES)
-
-
-def drop_layout(handle: int | None) -> None:
-    if handle is not None:
-        _LAYOUTS.pop(handle, None)
-
-
-@torch.library.custom_op("pbcodec::pb_linear_int8", mutates_args=(), device_types="cpu")
-def pb_linear_int8(
-    x: Tensor,
-    signs: Tensor,
-    mu: Tensor,
-    alpha: Tensor,
-    sigma: Tensor,
-    res_counts: Tensor,
-    res_values: Tensor,
-    res_code_offsets: Tensor,
-    res_value_offsets: Tensor,
-    bias: Tensor | None,
-    m: int,
-    n: int,
-    group_size: int,
-    count_bits: int,
-    salient_bits: int,
-    handle: int,
-) -> Tensor:
-    """:func:`pb_linear` with int8 activations (``PBTensor.matvec(x, activations="int8")``,
-    docs/format.md §6.4) for all rows of ``x`` in one call of the integer kernel, on the
-    layer's execution layout (cached under ``handle``; built from the components when
-    absent). ``torch.ops.pbcodec.pb_linear_int8``; gradients as :func:`pb_linear`
-    (straight through the activation quantization)."""
-    t = layout_tensor(
-        handle,
-        (m, n, group_size, count_bits, salient_bits),
-        (signs, mu, alpha, sigma, res_counts, res_values, res_code_offsets, res_value_offsets),
-    )
-    return int8_forward(t, x, bias, m, n)
-
-
-def layout_tensor(handle: int, meta: tuple[int, int, int, int, int], comps: Iterable[Tensor]) -> PBTensor:
-    """The PBTensor (with its execution layout built) cached under ``handle``, built
-    from the component tensors on a miss."""
-    t = _LAYOUTS.get(handle)
-    if t is None:
-        t = _build_pb(meta, (_cpu_numpy(a) for a in comps))
-        t.build_layout()
-        _LAYOUTS[handle] = t
-    return t
-
-
-def int8_forward(t: PBTensor, x: Tensor, bias: Tensor | None, m: int, n: int) -> Tensor:
-    """The int8 product of a CPU input with ``t``'s layout: one kernel call for all rows,
-    the bias added in the same call (float32), result in ``x``'s dtype."""
-    if x.dim() == 0 or x.shape[-1] != n:
-        raise ValueError(f"input must have shape (..., {n}), got {tuple(x.shape)}")
-    lead = tuple(x.shape[:-1])
-    x2 = x.detach().reshape(-1, n)
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
-    y = torch.empty((rows, m), dtype=torch.float32)
-    b = None
-    if bias is not None:
-        b = bias.detach()
-        if b.dtype != torch.float32:
-            b = b.float()
-        b = b.contiguous().numpy()
-    _core.pb_matvec_int8(t._exec_layout(), x2.numpy(), rows, y.numpy(), b)
-    if x.dtype != torch.float32:
-        y = y.to(x.dtype)
-    return y.reshape(*lead, m)
-
-
-@pb_linear_int8.register_fake
-def _pb_linear_int8_fake(x, *args):
-    n, m = args[10], args[9]
-    torch._check(x.dim() >= 1 and x.shape[-1] == n, lambda: f"input must have shape (..., {n}), got {tuple(x.shape)}")
-    return x.new_empty((*x.shape[:-1], m))
-
-
-def _setup_context_int8(ctx, inputs, output):
-    _setup_context(ctx, inputs[:-1], output)
-
-
-def _backward_int8(ctx, grad):
-    return (*_backward(ctx, grad), None)
-
-
-pb_linear_int8.register_autograd(_backward_int8, setup_context=_setup_context_int8)
 
 
 # ---------------------------------------------------------------------------

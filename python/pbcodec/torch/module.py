@@ -21,8 +21,8 @@ from ._op import (
     _cpu_numpy,
     _from_numpy,
     drop_layout,
-    int8_forward,
     layout_tensor,
+    linear_forward,
     new_layout_handle,
 )
 
@@ -378,14 +378,14 @@ class PBLinear(nn.Module):
         dev = self.signs.device
         if not self.force_dense and x.device.type in ("cpu", "meta") and x.device == dev:
             comps = [self._buffers[k] for k in _OP_TENSORS]
-            if self._activations == "int8" and int8_supported(self.in_features, self._meta[2]):
-                h = self._layout_handle()
-                if not self._needs_op(x):
-                    # Plain CPU inference: skip the custom-op dispatch (~20 µs a call,
-                    # more than the kernel on MiniLM-sized layers).
-                    return int8_forward(layout_tensor(h, self._meta, comps), x, self.bias, *self._meta[:2])
-                return torch.ops.pbcodec.pb_linear_int8(x, *comps, self.bias, *self._meta, h)
-            return torch.ops.pbcodec.pb_linear(x, *comps, self.bias, *self._meta)
+            int8 = self._activations == "int8" and int8_supported(self.in_features, self._meta[2])
+            h = self._layout_handle()
+            if not self._needs_op(x):
+                # Plain CPU inference: skip the custom-op dispatch (~20 µs a call, more
+                # than the kernel on MiniLM-sized layers); the same code as the op's.
+                t = layout_tensor(h, self._meta, comps)
+                return linear_forward(t, x, self.bias, *self._meta[:2], int8=int8, use_layout=True)
+            return torch.ops.pbcodec.pb_linear(x, *comps, self.bias, *self._meta, h, int8)
         w = self._dense_weight(x.device, x.dtype)
         b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
         return F.linear(x, w, b)

@@ -1,0 +1,341 @@
+//! Matrix-vector product with float32 activations on the execution layout
+//! (`activations="float32"`, docs/format.md §6.3; the layout is `layout.rs`).
+//!
+//! Per output row i and group g: Σ_j Ŵ_ij x_j = mu·X_g + alpha·(X_g − 2·P_ig)
+//! + sigma·Σ_j q_ij x_j, with X_g = Σ_{j∈g} x_j and P_ig = Σ_{j∈g, bit=1} x_j.
+//! The sign part uses one 16-entry table per 4-column quad (the sums of x over
+//! every subset of the quad's columns, built once per call, as T-MAC does with
+//! its lookup tables): the 16 rows of a tile look up their 4 sign bits with one
+//! permute per quad. The residual expands each quad's codes to 64 lanes, as the
+//! int8 kernel does, and multiplies them in float.
+//!
+//! Summation order is fixed per level and independent of the thread count;
+//! different levels agree to float rounding (~1e-6 relative).
+use crate::error::invalid;
+use crate::layout::{Layout, TILE};
+use crate::simd::{self, Level};
+use crate::Result;
+
+/// Per-call data derived from x.
+pub(crate) struct Prep {
+    batch: usize,
+    quads: usize,
+    /// `batch x quads x 16` subset sums per quad (entry `s` = Σ_{c ∈ s} x_{4k+c}).
+    tables: Vec<f32>,
+    /// `batch x (quads * 4)`, zero padded.
+    xp: Vec<f32>,
+    /// `batch x n_groups` group sums of x.
+    xg: Vec<f32>,
+    /// Quads per group (all quads for one group).
+    qpg: usize,
+}
+
+/// Whether the float kernels on the layout can run this tensor: group
+/// boundaries must fall on quads (group size a multiple of 4, or one group).
+pub fn supported(l: &Layout) -> bool {
+    l.n_groups <= 1 || l.group_size % 4 == 0
+}
+
+fn prepare(l: &Layout, x: &[f32], batch: usize) -> Prep {
+    let n = l.n;
+    let quads = l.quads();
+    let qpg = if l.n_groups <= 1 { quads.max(1) } else { l.group_size / 4 };
+    let mut xp = vec![0f32; batch * quads * 4];
+    let mut tables = vec![0f32; batch * quads * 16];
+    let mut xg = vec![0f32; batch * l.n_groups];
+    for b in 0..batch {
+        let xr = &x[b * n..(b + 1) * n];
+        xp[b * quads * 4..b * quads * 4 + n].copy_from_slice(xr);
+        for (g, s) in xg[b * l.n_groups..(b + 1) * l.n_groups].iter_mut().enumerate() {
+            *s = xr[(g * l.group_size).min(n)..((g + 1) * l.group_size).min(n)].iter().sum();
+        }
+        let xq = &xp[b * quads * 4..(b + 1) * quads * 4];
+        for (k, t) in tables[b * quads * 16..(b + 1) * quads * 16].chunks_exact_mut(16).enumerate() {
+            for s in 1..16usize {
+                t[s] = t[s & (s - 1)] + xq[4 * k + s.trailing_zeros() as usize];
+            }
+        }
+    }
+    Prep { batch, quads, tables, xp, xg, qpg }
+}
+
+type TileFn = unsafe fn(&Layout, usize, &Prep, &mut [f32]);
+
+/// The float tile kernel of each SIMD level.
+///
+/// # Safety
+/// The entry for a level may only be called when the CPU supports that level,
+/// with a layout built by `layout::build`, a `Prep` made by `prepare` for it,
+/// and `yt` holding `batch x 16` floats.
+fn tile_kernel(level: Level) -> TileFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match level {
+            Level::Avx512 => return x86::tile_avx512,
+            Level::Avx2 => return x86::tile_avx2,
+            Level::Scalar => {}
+        }
+    }
+    let _ = level;
+    tile_scalar
+}
+
+/// y = Ŵ x (float32 activations) for `batch` rows of `x` into `out`
+/// (`batch x m`), plus `bias` if given.
+pub fn matvec_f32(l: &Layout, x: &[f32], batch: usize, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+    let (m, n) = (l.m, l.n);
+    if !supported(l) {
+        return invalid(format!("the layout kernels need a group size that is a multiple of 4, got {}", l.group_size));
+    }
+    if x.len() != batch.saturating_mul(n) {
+        return invalid(format!("x has {} elements, expected {batch} x {n}", x.len()));
+    }
+    if out.len() != batch.saturating_mul(m) {
+        return invalid(format!("out has {} elements, expected {batch} x {m}", out.len()));
+    }
+    if bias.is_some_and(|b| b.len() != m) {
+        return invalid(format!("bias must have {m} elements"));
+    }
+    if m == 0 || batch == 0 {
+        return Ok(());
+    }
+    let p = prepare(l, x, batch);
+    let kernel = tile_kernel(simd::level());
+    crate::qmatvec::run_tiles(l, batch, bias, out, |t, y| {
+        // SAFETY: the kernel matches simd::level() (a level the CPU has); `l` was
+        // built by layout::build, `p` by prepare(l), `y` holds batch x 16 floats.
+        unsafe { kernel(l, t, &p, y) }
+    });
+    Ok(())
+}
+
+// ------------------------------------------------------------------ scalar
+
+/// Portable kernel: one table lookup per row and quad for the sign part, the
+/// residual by walking the mask's set bits.
+///
+/// # Safety
+/// Safe with any layout from `layout::build` and its `Prep`; `unsafe` only to
+/// share the kernel table's signature.
+unsafe fn tile_scalar(l: &Layout, t: usize, p: &Prep, yt: &mut [f32]) {
+    let quads = p.quads;
+    let ng = l.n_groups;
+    let sw = &l.signs[t * quads..(t + 1) * quads];
+    let mw = &l.masks[t * quads..(t + 1) * quads];
+    for b in 0..p.batch {
+        let tab = &p.tables[b * quads * 16..(b + 1) * quads * 16];
+        let xq = &p.xp[b * quads * 4..(b + 1) * quads * 4];
+        let mut vi = l.value_offsets[t];
+        let mut y = [0f32; TILE];
+        let mut r = [0f32; TILE];
+        for g in 0..ng {
+            let mut pp = [0f32; TILE];
+            for k in g * p.qpg..((g + 1) * p.qpg).min(quads) {
+                let w = sw[k];
+                for (rr, pv) in pp.iter_mut().enumerate() {
+                    *pv += tab[16 * k + ((w >> (4 * rr)) & 15) as usize];
+                }
+                let mut bits = mw[k];
+                while bits != 0 {
+                    let lane = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    r[lane / 4] += (l.values[vi] as i32 - 127) as f32 * xq[4 * k + lane % 4];
+                    vi += 1;
+                }
+            }
+            let xg = p.xg[b * ng + g];
+            for rr in 0..TILE {
+                let (mu, al) = (l.mu[(t * ng + g) * TILE + rr], l.alpha[(t * ng + g) * TILE + rr]);
+                y[rr] += mu * xg + al * (xg - 2.0 * pp[rr]);
+            }
+        }
+        for rr in 0..TILE {
+            yt[b * TILE + rr] = y[rr] + l.sigma[t * TILE + rr] * r[rr];
+        }
+    }
+}
+
+// --------------------------------------------------------------------- x86
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Prep;
+    use crate::layout::{Layout, TILE};
+
+    /// AVX-512 (F/BW/VBMI) tile kernel, batch rows in passes of up to 2.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW/VL/VBMI/VBMI2 and POPCNT; see `tile_kernel`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
+    pub(super) unsafe fn tile_avx512(l: &Layout, t: usize, p: &Prep, yt: &mut [f32]) {
+        let mut b0 = 0;
+        while b0 < p.batch {
+            // SAFETY: same contract as this function; b0 + NB <= batch.
+            unsafe {
+                if p.batch - b0 == 1 {
+                    tile512::<1>(l, t, p, b0, yt);
+                } else {
+                    tile512::<2>(l, t, p, b0, yt);
+                }
+            }
+            b0 += 2;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn tile512<const NB: usize>(l: &Layout, t: usize, p: &Prep, b0: usize, yt: &mut [f32]) {
+        let quads = p.quads;
+        let ng = l.n_groups;
+        // SAFETY (whole body): t < tiles, so the tile's words, scales and values are
+        // inside the layout; tables and xp rows hold quads*16 and quads*4 floats;
+        // the expand-load reads exactly popcount(mask) bytes of the tile's values.
+        unsafe {
+            let sw = l.signs.as_ptr().add(t * quads);
+            let mw = l.masks.as_ptr().add(t * quads);
+            let mut vp = l.values.as_ptr().add(l.value_offsets[t]) as *const i8;
+            // Byte 0 of each dword r gets bits 4r..4r+7 of the sign word: the low
+            // 4 bits (row r's nibble) index the table (vpermps reads 4 bits).
+            let ctrl = _mm512_set_epi8(
+                0, 0, 0, 60, 0, 0, 0, 56, 0, 0, 0, 52, 0, 0, 0, 48, 0, 0, 0, 44, 0, 0, 0, 40, 0, 0, 0, 36, 0, 0, 0,
+                32, 0, 0, 0, 28, 0, 0, 0, 24, 0, 0, 0, 20, 0, 0, 0, 16, 0, 0, 0, 12, 0, 0, 0, 8, 0, 0, 0, 4, 0, 0, 0, 0,
+            );
+            let fill = _mm512_set1_epi8(127);
+            let mut tab = [std::ptr::null::<f32>(); NB];
+            let mut xq = [std::ptr::null::<f32>(); NB];
+            for u in 0..NB {
+                tab[u] = p.tables.as_ptr().add((b0 + u) * quads * 16);
+                xq[u] = p.xp.as_ptr().add((b0 + u) * quads * 4);
+            }
+            let mut y = [_mm512_setzero_ps(); NB];
+            // Residual partial sums: chunk h holds rows 4h..4h+3, lane 4r'+c.
+            let mut racc = [[_mm512_setzero_ps(); 4]; NB];
+            for g in 0..ng {
+                let mut pp = [_mm512_setzero_ps(); NB];
+                let k1 = ((g + 1) * p.qpg).min(quads);
+                for k in g * p.qpg..k1 {
+                    let w = _mm512_set1_epi64(*sw.add(k) as i64);
+                    let idx = _mm512_multishift_epi64_epi8(ctrl, w);
+                    let km: __mmask64 = *mw.add(k);
+                    let v = _mm512_mask_expandloadu_epi8(fill, km, vp);
+                    vp = vp.add(km.count_ones() as usize);
+                    let q = _mm512_sub_epi8(v, fill);
+                    let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(q)));
+                    let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<1>(q)));
+                    let q2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<2>(q)));
+                    let q3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<3>(q)));
+                    for u in 0..NB {
+                        let tv = _mm512_loadu_ps(tab[u].add(16 * k));
+                        pp[u] = _mm512_add_ps(pp[u], _mm512_permutexvar_ps(idx, tv));
+                        let x4 = _mm512_broadcast_f32x4(_mm_loadu_ps(xq[u].add(4 * k)));
+                        racc[u][0] = _mm512_fmadd_ps(q0, x4, racc[u][0]);
+                        racc[u][1] = _mm512_fmadd_ps(q1, x4, racc[u][1]);
+                        racc[u][2] = _mm512_fmadd_ps(q2, x4, racc[u][2]);
+                        racc[u][3] = _mm512_fmadd_ps(q3, x4, racc[u][3]);
+                    }
+                }
+                let muv = _mm512_loadu_ps(l.mu.as_ptr().add((t * ng + g) * TILE));
+                let alv = _mm512_loadu_ps(l.alpha.as_ptr().add((t * ng + g) * TILE));
+                for u in 0..NB {
+                    let xg = _mm512_set1_ps(*p.xg.get_unchecked((b0 + u) * ng + g));
+                    let s = _mm512_sub_ps(xg, _mm512_add_ps(pp[u], pp[u]));
+                    y[u] = _mm512_add_ps(y[u], _mm512_fmadd_ps(muv, xg, _mm512_mul_ps(alv, s)));
+                }
+            }
+            let sg = _mm512_loadu_ps(l.sigma.as_ptr().add(t * TILE));
+            for u in 0..NB {
+                // Reduce lanes 4r'+c over c: r = hsum4 of each chunk, 16 rows out.
+                let mut rows = [0f32; TILE];
+                for h in 0..4 {
+                    let mut tmp = [0f32; 16];
+                    _mm512_storeu_ps(tmp.as_mut_ptr(), racc[u][h]);
+                    for r in 0..4 {
+                        rows[4 * h + r] = (tmp[4 * r] + tmp[4 * r + 1]) + (tmp[4 * r + 2] + tmp[4 * r + 3]);
+                    }
+                }
+                let rv = _mm512_loadu_ps(rows.as_ptr());
+                _mm512_storeu_ps(yt.as_mut_ptr().add((b0 + u) * TILE), _mm512_fmadd_ps(sg, rv, y[u]));
+            }
+        }
+    }
+
+    /// AVX2 tile kernel: two halves of 8 rows; the 16-entry tables as two 8-entry
+    /// `vpermps` and a blend on the index's bit 3; the residual expanded with the
+    /// int8 kernel's `pshufb` tables and converted to float per 2 rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA, BMI2 and POPCNT; see `tile_kernel`.
+    #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
+    pub(super) unsafe fn tile_avx2(l: &Layout, t: usize, p: &Prep, yt: &mut [f32]) {
+        let quads = p.quads;
+        let ng = l.n_groups;
+        // SAFETY (whole body): as in tile512; 16-byte value loads stay inside the
+        // tile's values plus VALUE_PAD.
+        unsafe {
+            let sw = l.signs.as_ptr().add(t * quads);
+            let mw = l.masks.as_ptr().add(t * quads);
+            let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+            for b in 0..p.batch {
+                let tab = p.tables.as_ptr().add(b * quads * 16);
+                let xq = p.xp.as_ptr().add(b * quads * 4);
+                let mut vp = l.values.as_ptr().add(l.value_offsets[t]);
+                let mut y = [_mm256_setzero_ps(); 2];
+                // Residual: chunk c holds rows 2c, 2c+1 (lanes 4r'+c' of 8).
+                let mut racc = [_mm256_setzero_ps(); 8];
+                for g in 0..ng {
+                    let mut pp = [_mm256_setzero_ps(); 2];
+                    let k1 = ((g + 1) * p.qpg).min(quads);
+                    for k in g * p.qpg..k1 {
+                        let w = *sw.add(k);
+                        let tlo = _mm256_loadu_ps(tab.add(16 * k));
+                        let thi = _mm256_loadu_ps(tab.add(16 * k + 8));
+                        for h in 0..2 {
+                            let idx = _mm256_srlv_epi32(_mm256_set1_epi32((w >> (32 * h)) as u32 as i32), shifts);
+                            let lo = _mm256_permutevar8x32_ps(tlo, idx);
+                            let hi = _mm256_permutevar8x32_ps(thi, idx);
+                            let sel = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
+                            pp[h] = _mm256_add_ps(pp[h], _mm256_blendv_ps(lo, hi, sel));
+                        }
+                        let km = *mw.add(k);
+                        let x4l = _mm_loadu_ps(xq.add(4 * k));
+                        let x4 = _mm256_set_m128(x4l, x4l);
+                        for h in 0..2 {
+                            let q = crate::qmatvec::x86::expand32((km >> (32 * h)) as u32, &mut vp);
+                            for c in 0..4 {
+                                let b8 = match c {
+                                    0 => _mm256_castsi256_si128(q),
+                                    1 => _mm_srli_si128::<8>(_mm256_castsi256_si128(q)),
+                                    2 => _mm256_extracti128_si256::<1>(q),
+                                    _ => _mm_srli_si128::<8>(_mm256_extracti128_si256::<1>(q)),
+                                };
+                                let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8));
+                                racc[4 * h + c] = _mm256_fmadd_ps(qf, x4, racc[4 * h + c]);
+                            }
+                        }
+                    }
+                    let xg = _mm256_set1_ps(*p.xg.get_unchecked(b * ng + g));
+                    for h in 0..2 {
+                        let muv = _mm256_loadu_ps(l.mu.as_ptr().add((t * ng + g) * TILE + 8 * h));
+                        let alv = _mm256_loadu_ps(l.alpha.as_ptr().add((t * ng + g) * TILE + 8 * h));
+                        let s = _mm256_sub_ps(xg, _mm256_add_ps(pp[h], pp[h]));
+                        y[h] = _mm256_add_ps(y[h], _mm256_fmadd_ps(muv, xg, _mm256_mul_ps(alv, s)));
+                    }
+                }
+                let mut rows = [0f32; TILE];
+                for (c, acc) in racc.iter().enumerate() {
+                    let mut tmp = [0f32; 8];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), *acc);
+                    for r in 0..2 {
+                        rows[2 * c + r] = (tmp[4 * r] + tmp[4 * r + 1]) + (tmp[4 * r + 2] + tmp[4 * r + 3]);
+                    }
+                }
+                for h in 0..2 {
+                    let sg = _mm256_loadu_ps(l.sigma.as_ptr().add(t * TILE + 8 * h));
+                    let rv = _mm256_loadu_ps(rows.as_ptr().add(8 * h));
+                    _mm256_storeu_ps(yt.as_mut_ptr().add(b * TILE + 8 * h), _mm256_fmadd_ps(sg, rv, y[h]));
+                }
+            }
+        }
+    }
+}
