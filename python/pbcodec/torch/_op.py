@@ -163,42 +163,44 @@ def layout_tensor(handle: int, meta: tuple[int, int, int, int, int], comps: Iter
 
 
 def linear_forward(
-    t: PBTensor, x: Tensor, bias: Tensor | None, m: int, n: int, *, int8: bool, use_layout: bool
+    t: PBTensor, x: Tensor, bias: Tensor | np.ndarray | None, m: int, n: int, *, int8: bool, use_layout: bool
 ) -> Tensor:
     """``x @ Ŵ.T + bias`` for a CPU input: one kernel call for all rows (float32
-    arithmetic, the bias added in the same call), result in ``x``'s dtype."""
+    arithmetic, the bias added in the same call), result in ``x``'s dtype. ``bias``
+    may be a tensor or a float32 numpy array (PBLinear passes a cached view)."""
     if x.dim() == 0 or x.shape[-1] != n:
         raise ValueError(f"input must have shape (..., {n}), got {tuple(x.shape)}")
-    lead = tuple(x.shape[:-1])
-    x2 = x.detach().reshape(-1, n)
+    x2 = x.detach()
+    if x2.dim() != 2:
+        x2 = x2.reshape(-1, n)
     if x2.dtype != torch.float32:
         x2 = x2.float()
     rows = x2.shape[0]
-    b = None
-    if bias is not None:
+    bn = bias
+    if isinstance(bias, Tensor):
         b = bias.detach()
-        if b.dtype != torch.float32:
-            b = b.float()
+        bn = (b if b.dtype == torch.float32 else b.float()).contiguous().numpy()
     if not int8 and rows >= DENSE_ROWS:
+        b = None if bn is None else torch.from_numpy(bn)
         y = torch.nn.functional.linear(x2, torch.from_numpy(t.decompress()), b)
     else:
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = torch.empty((rows, m), dtype=torch.float32)
-        bn = None if b is None else b.contiguous().numpy()
-        xn, yn = x2.numpy(), y.numpy()  # zero-copy
-        lay = t._exec_layout() if (int8 or use_layout) else None
+        yn = np.empty((rows, m), np.float32)
+        xn = x2.numpy()  # zero-copy
+        lay = t._layout if t._layout is not None else (t._exec_layout() if (int8 or use_layout) else None)
         if int8:
             _core.pb_matvec_int8(lay, xn, rows, yn, bn)
         elif lay is not None and lay.f32_supported:
             _core.pb_matvec_layout_f32(lay, xn, rows, yn, bn)
         else:
             _core.pb_matvec(*t._parts(), xn, rows, yn)
-            if b is not None:
-                y += b
+            if bn is not None:
+                yn += bn
+        y = torch.from_numpy(yn)
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
-    return y.reshape(*lead, m)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], m)
 
 
 @pb_linear.register_fake

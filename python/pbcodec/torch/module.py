@@ -111,6 +111,7 @@ class PBLinear(nn.Module):
         self._pb: PBTensor | None = None
         self._dense: Tensor | None = None
         self._activations = "float32"
+        self._bias_np: tuple | None = None
         self.activations = activations
         self._handle: int | None = None  # int8 mode: key of the cached execution layout
 
@@ -212,6 +213,21 @@ class PBLinear(nn.Module):
             )
         self._activations = mode
 
+    def _bias_numpy(self) -> Any:
+        """A float32 numpy view of the bias for the direct path (cached; a new bias
+        object, dtype or device gets a new one; in-place updates show through)."""
+        b = self.bias
+        if b is None:
+            return None
+        c = self._bias_np
+        if c is not None and c[0] is b and c[1] == b.dtype and c[2] == b.data_ptr():
+            return c[3]
+        d = b.detach()
+        arr = (d if d.dtype == torch.float32 else d.float()).contiguous().numpy()
+        if d.dtype == torch.float32 and d.is_contiguous():
+            self._bias_np = (b, b.dtype, b.data_ptr(), arr)  # a view: stays current
+        return arr
+
     def _needs_op(self, x: Tensor) -> bool:
         """Whether a call must go through the custom op: under torch.compile/export or
         jit tracing (the graph must see the op), for meta inputs (fake kernel), or when
@@ -299,6 +315,7 @@ class PBLinear(nn.Module):
         state["_pb"] = None
         state["_dense"] = None
         state["_handle"] = None  # a copy gets its own layout cache entry
+        state["_bias_np"] = None
         return state
 
     def _load_from_state_dict(
@@ -377,14 +394,14 @@ class PBLinear(nn.Module):
         self._check_loaded()
         dev = self.signs.device
         if not self.force_dense and x.device.type in ("cpu", "meta") and x.device == dev:
-            comps = [self._buffers[k] for k in _OP_TENSORS]
             int8 = self._activations == "int8" and int8_supported(self.in_features, self._meta[2])
             h = self._layout_handle()
             if not self._needs_op(x):
                 # Plain CPU inference: skip the custom-op dispatch (~20 µs a call, more
                 # than the kernel on MiniLM-sized layers); the same code as the op's.
-                t = layout_tensor(h, self._meta, comps)
-                return linear_forward(t, x, self.bias, *self._meta[:2], int8=int8, use_layout=True)
+                t = layout_tensor(h, self._meta, [self._buffers[k] for k in _OP_TENSORS])
+                return linear_forward(t, x, self._bias_numpy(), *self._meta[:2], int8=int8, use_layout=True)
+            comps = [self._buffers[k] for k in _OP_TENSORS]
             return torch.ops.pbcodec.pb_linear(x, *comps, self.bias, *self._meta, h, int8)
         w = self._dense_weight(x.device, x.dtype)
         b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
