@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.cmd == "demo":
-            from .demo import run
+            from .demo import ensure_lib_env, run
+
+            ensure_lib_env(sys.argv[1:] if argv is None else list(argv))
 
             run(seed=args.seed)
         elif args.cmd == "compress":
