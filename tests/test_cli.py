@@ -126,7 +126,8 @@ def test_inspect(tmp_path, capsys):
     [
         (lambda d: ["compress", str(d / "missing.safetensors"), str(d / "o.safetensors")], "no such file"),
         (lambda d: ["compress", str(d / "garbage.safetensors"), str(d / "o.safetensors")], "error"),
-        (lambda d: ["compress", str(d / "in.safetensors"), str(d / "in.safetensors")], "exists"),
+        (lambda d: ["compress", str(d / "in.safetensors"), str(d / "o.safetensors"), "--group-size", "0"], "group"),
+        (lambda d: ["compress", str(d / "in.safetensors"), str(d / "in.safetensors")], "inside the input"),
         (lambda d: ["compress", str(d / "in.safetensors"), str(d / "o.safetensors"), "--salient", "2"], "salient"),
         (lambda d: ["inspect", str(d / "garbage.safetensors")], "error"),
     ],

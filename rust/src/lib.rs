@@ -9,6 +9,7 @@ pub mod crc32c;
 pub mod error;
 pub mod format;
 pub mod half;
+pub mod json;
 pub mod matvec;
 pub mod parallel;
 pub mod pb;

@@ -46,6 +46,14 @@ _NUMPY_DTYPES = {
 }
 
 
+def _check_input(x: Tensor) -> None:
+    """Floating-point inputs only, like ``nn.Linear`` (whose float weight makes integer,
+    bool and complex inputs fail with the same RuntimeError): a cast would wrap, saturate
+    or drop the imaginary part silently."""
+    if not x.is_floating_point():
+        raise RuntimeError(f"PBLinear needs a floating-point input, got {x.dtype} (as nn.Linear does)")
+
+
 # ---------------------------------------------------------------------------
 # PBTensor <-> tensors
 # ---------------------------------------------------------------------------
@@ -118,6 +126,7 @@ def pb_linear(
     cost grows with the row count like a dense GEMM's but with less efficient
     arithmetic, so past ~64 rows the dequantize cost is the smaller one (measured on
     the benchmark machine: 2.3x faster at 128 rows for 384x1536, 1.6x for 4096x4096)."""
+    _check_input(x)
     t = _build_pb(
         (m, n, group_size, count_bits, salient_bits),
         (_cpu_numpy(a) for a in (signs, mu, alpha, sigma, res_counts, res_values, res_code_offsets, res_value_offsets)),
@@ -156,6 +165,7 @@ def _pb_linear_fake(
     salient_bits,
 ):
     torch._check(x.dim() >= 1 and x.shape[-1] == n, lambda: f"input must have shape (..., {n}), got {tuple(x.shape)}")
+    torch._check(x.is_floating_point(), lambda: f"PBLinear needs a floating-point input, got {x.dtype}")
     return x.new_empty((*x.shape[:-1], m))
 
 
