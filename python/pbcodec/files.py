@@ -573,7 +573,7 @@ def _build_pb(name: str, d: dict, raw: Mapping[str, RawTensor], path: str) -> PB
     version = _int(d, "version", name, path)
     if version != VERSION:
         raise FormatError(f"{path}: {name}: unsupported {CODEC} version {version} (this build reads {VERSION})")
-    if d.get("dense_bits", 1) != 1:
+    if "dense_bits" in d and _int(d, "dense_bits", name, path) != 1:
         raise FormatError(f"{path}: {name}: dense_bits {d.get('dense_bits')!r} is not supported")
     shape = d.get("shape")
     if not (isinstance(shape, list) and len(shape) == 2 and all(s >= 0 for s in shape)):

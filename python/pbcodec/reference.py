@@ -1468,7 +1468,8 @@ def load_file(path) -> dict:
         raise FormatError(f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise FormatError("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError("__metadata__ must map strings to strings")
     data = buf[8 + n :]
@@ -1513,7 +1514,10 @@ def load_file(path) -> dict:
         raise FormatError("pbcodec metadata must be a JSON object")
     owned = set()
     for name, d in desc.items():
-        if not isinstance(d, dict) or d.get("codec") != "pbcodec.pb" or d.get("version") != 1:
+        if not isinstance(d, dict):
+            raise FormatError(f"{name}: description is not an object")
+        d = {k: v for k, v in d.items() if v is not None}  # §8: a null field counts as absent
+        if d.get("codec") != "pbcodec.pb" or not _is_json_int(d.get("version")) or d["version"] != 1:
             raise FormatError(f"{name}: unknown codec or version")
         missing = [k for k in _PB_PARTS if f"{name}.{k}" not in arrays]
         if missing:
@@ -1524,7 +1528,8 @@ def load_file(path) -> dict:
             m, n_ = d["shape"]
             if not all(_is_json_int(v) for v in (m, n_, d["group_size"], d["count_bits"], d["salient_bits"])):
                 raise FormatError("non-integer parameters")
-            if d.get("scale_dtype") not in ("float16", "float32") or d.get("dense_bits", 1) != 1:
+            dense_bits = d.get("dense_bits", 1)
+            if d.get("scale_dtype") not in ("float16", "float32") or not _is_json_int(dense_bits) or dense_bits != 1:
                 raise FormatError("bad scale_dtype or dense_bits")
             ng = _n_groups(n_, d["group_size"]) if d["group_size"] > 0 else -1
             want = {
