@@ -153,6 +153,10 @@ def test_every_dtype_and_shape_round_trips_with_the_oracle(tmp_path, code, shape
     theirs = oracle_write(code, shape, data) if ok else None
     by_oracle = theirs is not None
     if not by_oracle:
+        try:  # does this safetensors know the dtype at all?
+            oracle_read(handmade(code, (0,), b""))
+        except safetensors.SafetensorError:
+            pytest.skip(f"this safetensors does not know {code}")
         theirs = handmade(code, shape, data)
         try:
             oracle_read(theirs)

@@ -1439,6 +1439,41 @@ def save_file(tensors, path, metadata=None) -> None:
         f.write(struct.pack("<Q", len(hb)) + hb + b"".join(entries[k][2] for k in order))
 
 
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, in file order."""
+
+
+_DESC_FIELDS = ("codec", "version", "shape", "dense_bits", "group_size", "count_bits", "salient_bits", "scale_dtype")
+
+
+def _descriptions(text) -> dict:
+    """§8.2: the description object. Keys may not repeat in it nor among a description's
+    known fields; other fields are ignored, whatever they hold."""
+    try:
+        top = json.loads(text, object_pairs_hook=_Pairs)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"pbcodec metadata is not valid JSON ({e})") from None
+    if not isinstance(top, _Pairs):
+        raise FormatError("pbcodec metadata must be a JSON object")
+    out = {}
+    for name, row in top:
+        if name in out:
+            raise FormatError(f"description {name!r} appears twice")
+        if not isinstance(row, _Pairs):
+            raise FormatError(f"{name}: description is not an object")
+        fields = {}
+        for k, v in row:
+            if k not in _DESC_FIELDS:
+                continue
+            if k in fields:
+                raise FormatError(f"{name}: field {k!r} appears twice")
+            if isinstance(v, _Pairs) or (isinstance(v, list) and not all(_is_json_int(x) for x in v)):
+                raise FormatError(f"{name}: field {k!r} must be a scalar or a list of integers")
+            fields[k] = v
+        out[name] = fields
+    return out
+
+
 def _no_duplicates(pairs):
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
@@ -1506,17 +1541,10 @@ def load_file(path) -> dict:
     if pos != len(data):
         raise FormatError("bytes after the last tensor")
     out = {}
-    try:
-        desc = json.loads(metadata["pbcodec"], object_pairs_hook=_no_duplicates) if "pbcodec" in metadata else {}
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise FormatError(f"pbcodec metadata is not valid JSON ({e})") from None
-    if not isinstance(desc, dict):
-        raise FormatError("pbcodec metadata must be a JSON object")
+    desc = _descriptions(metadata["pbcodec"]) if "pbcodec" in metadata else {}
     owned = set()
     for name, d in desc.items():
-        if not isinstance(d, dict):
-            raise FormatError(f"{name}: description is not an object")
-        d = {k: v for k, v in d.items() if v is not None}  # §8: a null field counts as absent
+        d = {k: v for k, v in d.items() if v is not None}  # §8.2: a null field counts as absent
         if d.get("codec") != "pbcodec.pb" or not _is_json_int(d.get("version")) or d["version"] != 1:
             raise FormatError(f"{name}: unknown codec or version")
         missing = [k for k in _PB_PARTS if f"{name}.{k}" not in arrays]
