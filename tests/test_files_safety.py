@@ -313,3 +313,28 @@ def test_load_metadata_reads_only_the_header(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files, "_read_data", no_data)
     assert pbcodec.load_metadata(p) == {"k": "v"}
+
+
+LOAD_PEAK = """
+import sys, numpy as np, pbcodec
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")
+before = hwm()
+got = pbcodec.load_file(sys.argv[1])
+assert got["w"].decompress().shape == (64, 128) and got["big"].flags.writeable
+print(hwm() - before)
+"""
+
+
+@pytest.mark.skipif(not LINUX or not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak RSS")
+def test_default_load_peaks_at_about_the_file_size(tmp_path):
+    p = tmp_path / "big.safetensors"
+    t = pbcodec.compress(np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32))
+    pbcodec.save_file({"w": t, "big": np.ones(16 << 20, np.float32)}, p)  # 64 MiB
+    r = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(p)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    size = p.stat().st_size
+    assert int(r.stdout) <= 1.1 * size + (8 << 20), f"peak grew by {int(r.stdout) / size:.2f}x the file"

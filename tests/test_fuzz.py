@@ -174,3 +174,58 @@ def test_load_file_structured_header_mutations(tmp_path_factory, data):
         outcomes.append(sorted(got))
     assert outcomes[0] == outcomes[1]
     event("accepted" if outcomes[0] is not None else "rejected")
+
+
+DIMS = st.sampled_from([0, 1, 2, 3, 8, 40, 2**31, 2**32, 2**60 - 1, 2**60, 2**62, 2**63 - 1, 2**63, 2**64 - 1])
+
+
+def _seal(b: bytes) -> bytes:
+    return b + ref.crc32c(b).to_bytes(4, "little")
+
+
+@st.composite
+def rle_blobs(draw):
+    """RLE blobs with a valid checksum and structurally placed but extreme fields: zero
+    and huge dimensions, counts, index widths, short or long bodies."""
+    ndim = draw(st.integers(1, 4))
+    shape = [draw(DIMS) for _ in range(ndim)]
+    num_codes, num_values = draw(DIMS), draw(DIMS)
+    cb, vb = draw(st.integers(0, 9)), draw(st.sampled_from([4, 8, 0, 16]))
+    w = draw(st.sampled_from([4, 8, 2]))
+    head = struct.pack("<4sHBBBBHI", b"PBRL", 1, cb, vb, ndim, w, 0, 0)
+    head += b"".join(struct.pack("<Q", d) for d in shape) + struct.pack("<QQ", num_codes, num_values)
+    return _seal(head + bytes(draw(st.lists(st.integers(0, 255), max_size=24))))
+
+
+@settings(max_examples=200)
+@given(rle_blobs())
+def test_rle_from_bytes_structured(blob):
+    outcomes = [_parse_or_format_error(parse, blob) for parse in (pbcodec.RLE.from_bytes, ref.RLE.from_bytes)]
+    assert (outcomes[0] is None) == (outcomes[1] is None)
+    event("accepted" if outcomes[0] is not None else "rejected")
+    if outcomes[0] is not None:
+        assert outcomes[0].to_bytes() == blob == outcomes[1].to_bytes()
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_pbtensor_from_bytes_structured(data):
+    """PBTensor blobs of shape (m, n) with zero and huge dimensions around an embedded RLE
+    of the same shape, valid checksums: FormatError or a tensor, never anything else, and
+    the reference agrees."""
+    m, n = data.draw(DIMS), data.draw(DIMS)
+    g = data.draw(st.sampled_from([0, 1, 2, n, n + 1, 2**64 - 1]))
+    rle = _seal(struct.pack("<4sHBBBBHI", b"PBRL", 1, 4, 8, 2, 4, 0, 0) + struct.pack("<QQQQ", m, n, 0, 0))
+    rle += bytes(4 * min(m, 4)) if data.draw(st.booleans()) else b""
+    body = struct.pack("<4sHBB", b"PBTN", 1, 1, data.draw(st.sampled_from([16, 32]))) + struct.pack(
+        "<QQQQ", m, n, g & (2**64 - 1), data.draw(st.sampled_from([len(rle), 0, 2**64 - 1]))
+    )
+    blob = _seal(body + bytes(data.draw(st.lists(st.integers(0, 255), max_size=16))) + rle)
+    outcomes = [_parse_or_format_error(parse, blob) for parse in (pbcodec.PBTensor.from_bytes, ref.PBTensor.from_bytes)]
+    assert (outcomes[0] is None) == (outcomes[1] is None)
+    event("accepted" if outcomes[0] is not None else "rejected")
+    if outcomes[0] is not None:
+        t = outcomes[0]
+        assert t.to_bytes() == blob
+        if t.shape[0] * t.shape[1] <= 2**20:
+            np.testing.assert_array_equal(t.decompress(), outcomes[1].decompress())
