@@ -377,7 +377,7 @@ def test_review_regressions():
     seed=st.integers(0, 2**32 - 1),
 )
 def test_scale_range_errors_match_the_reference(m, n, log_scale, cfg, seed):
-    """float16 overflow and underflow (a nonzero alpha/sigma rounding to 0) are refused
+    """float16 overflow and underflow (a row whose scales all round to 0) are refused
     alike, by the core and the reference; otherwise the bytes are identical."""
     w = (weights(np.random.default_rng(seed), m, n) * 10.0**log_scale).astype(np.float32)
     outcomes = []
@@ -403,5 +403,12 @@ def test_float16_underflow_boundary():
                 with pytest.raises(pbcodec.ScaleRangeError, match="underflow"):
                     impl(w, salient=0, shift=False)
         assert pbcodec.compress(w, salient=0, shift=False, scale_dtype="float32").alpha[0, 0] == np.float32(a)
-    # A zero row has zero scales: not an underflow.
+    # A zero row has zero scales: not an underflow. Nor is a row that keeps nonzero scales
+    # while some alpha rounds to 0 (group size 1: alpha is mu's own rounding error).
     assert pbcodec.compress(np.zeros((2, 16), np.float32)).alpha.max() == 0
+    w = (1e-6 * (1 + np.arange(64) / 64)).astype(np.float32)[None, :]
+    t = pbcodec.compress(w, salient=0, group_size=1)
+    assert (
+        np.any((t.alpha == 0) & (t.mu.astype(np.float32) != w))
+        and t.to_bytes() == ref.compress(w, salient=0, group_size=1).to_bytes()
+    )

@@ -610,7 +610,7 @@ def test_compress_model_adapts_per_layer_and_names_failures(monkeypatch):
     report = pbt.compress_model(model, group_size=48, progress=False)
     notes = {L["name"]: L["notes"] for L in report.layers}
     assert notes["0"] == ["group size 48 > 32 columns: whole rows"]
-    assert any("underflows float16" in n for n in notes["1"]) and model[1].pb.scale_dtype == np.float32
+    assert any("underflows to 0" in n for n in notes["1"]) and model[1].pb.scale_dtype == np.float32
     assert model[2].group_size == 48 and notes["2"] == []
     assert "note: 1: float16 scales do not fit" in str(report)
     # Non-finite weights: an error naming the layer.

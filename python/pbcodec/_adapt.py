@@ -5,9 +5,8 @@ When a whole model is compressed with one set of options, some tensors cannot ta
 them as given. The rule, applied per tensor and reported with the tensor's name:
 
 - ``group_size`` larger than the tensor's number of columns: whole rows (one group).
-- float16 scales that do not fit (a ``mu``/``alpha``/``sigma`` overflows, or a nonzero
-  ``alpha``/``sigma`` underflows to zero: :class:`pbcodec.ScaleRangeError`): float32
-  scales for that tensor.
+- float16 scales that do not fit (a scale overflows, or a row's scales all underflow to
+  zero: :class:`pbcodec.ScaleRangeError`): float32 scales for that tensor.
 - float32 scales that still do not fit (weights near float32's limits): the tensor is
   left uncompressed (the caller copies it unchanged) with the reason.
 

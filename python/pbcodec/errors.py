@@ -8,7 +8,8 @@ class FormatError(ValueError):
 
 
 class ScaleRangeError(ValueError):
-    """A scale that the chosen scale dtype cannot hold: a float16 ``mu``, ``alpha``
-    or ``sigma`` that overflows, or a nonzero ``alpha``/``sigma`` that underflows to
-    zero (docs/format.md §6.1). Compress with ``scale_dtype="float32"`` instead; the
+    """A scale that the chosen scale dtype cannot hold: a ``mu``, ``alpha`` or ``sigma``
+    that overflows float16, or a row with a nonzero weight whose float16 scales all
+    underflow to zero, so that it would decompress to zeros (docs/format.md §6.1).
+    Compress with ``scale_dtype="float32"`` instead; the
     command line and :func:`pbcodec.torch.compress_model` do so per tensor."""

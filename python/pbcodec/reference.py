@@ -756,23 +756,16 @@ def _check_scale_dtype(scale_dtype) -> np.dtype:
     return dt
 
 
-def _to_scale(x: np.ndarray, dtype: np.dtype, name: str, multiplier: bool) -> np.ndarray:
+def _to_scale(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
     """§6.1 ``to_scale``: float64 -> float16/float32, round half to even (numpy's casts
     round correctly and directly, with no float32 step for float16). A non-finite
-    result (overflow) is a ScaleRangeError; so is, for float16 and a multiplier
-    (alpha, sigma), a nonzero value that rounds to zero (underflow)."""
+    result (overflow) is a ScaleRangeError."""
     with np.errstate(over="ignore", under="ignore"):
         out = x.astype(dtype)
     if not np.all(np.isfinite(out)):
         raise ScaleRangeError(
             f"{name} overflows {dtype} scales (largest {float(np.max(np.abs(x)))!r}); use scale_dtype='float32'"
         )
-    if multiplier and dtype == np.float16:
-        lost = (out == 0) & (x != 0)
-        if np.any(lost):
-            raise ScaleRangeError(
-                f"{name} = {float(x[lost][0])!r} underflows float16 (rounds to 0); use scale_dtype='float32'"
-            )
     return out
 
 
@@ -862,7 +855,8 @@ def compress(
     Raises TypeError for a non-float weight (or non-real importance), ValueError for
     bad shapes (more than 2**60 elements, zeros aside) or parameters, non-finite input,
     and ScaleRangeError (a ValueError) for a scale that overflows the scale type, or a
-    nonzero float16 alpha/sigma that underflows to zero (use ``scale_dtype="float32"``).
+    row with a nonzero weight whose float16 scales all round to zero (use
+    ``scale_dtype="float32"``).
     """
     w = _check_weight(weight)
     m, n = w.shape
@@ -928,7 +922,7 @@ def compress(
     else:
         c = np.zeros((m, 0), dtype=np.float64)
         mu = np.zeros((m, 0), dtype=np.float64)
-    mu_q = _to_scale(mu, scale_dtype, "mu", multiplier=False)
+    mu_q = _to_scale(mu, scale_dtype, "mu")
     mu_col = _per_column(mu_q.astype(np.float64), n, group_size)
     if ng:
         dev = np.where(keep, np.abs(w64 - mu_col), 0.0)
@@ -936,7 +930,7 @@ def compress(
         np.divide(_sum_left_to_right(_grouped(dev, ng, group_size, 0.0)), c, out=alpha, where=c > 0)
     else:
         alpha = np.zeros((m, 0), dtype=np.float64)
-    alpha_q = _to_scale(alpha, scale_dtype, "alpha", multiplier=True)
+    alpha_q = _to_scale(alpha, scale_dtype, "alpha")
     alpha_col = _per_column(alpha_q.astype(np.float64), n, group_size)
     negative = w64 < mu_col  # s = -1 here; W == mu_q gives s = +1
     s = np.where(negative, -1.0, 1.0)
@@ -945,7 +939,17 @@ def compress(
     big_q = _q_max(salient_bits)
     r = w64 - (mu_col + s * alpha_col)
     max_abs = np.max(np.where(salient_mask, np.abs(r), 0.0), axis=1, initial=0.0)
-    sigma_q = _to_scale(max_abs / big_q, scale_dtype, "sigma", multiplier=True)
+    sigma_q = _to_scale(max_abs / big_q, scale_dtype, "sigma")
+    if scale_dtype == np.float16:
+        # §6.1 underflow: a row with a nonzero weight whose scales all round to 0 would
+        # decompress to zeros.
+        vanished = np.all(mu_q == 0, axis=1) & np.all(alpha_q == 0, axis=1) & (sigma_q == 0) & np.any(w != 0, axis=1)
+        if np.any(vanished):
+            i = int(np.flatnonzero(vanished)[0])
+            raise ScaleRangeError(
+                f"row {i}: every float16 scale underflows to 0 (largest |weight| {float(np.max(np.abs(w[i])))!r}); "
+                "use scale_dtype='float32'"
+            )
     sigma64 = sigma_q.astype(np.float64)[:, None]
     ratio = np.zeros((m, n), dtype=np.float64)
     np.divide(r, sigma64, out=ratio, where=salient_mask & (sigma64 > 0))

@@ -33,23 +33,16 @@ impl ScaleType {
     }
     /// Round a float64 to this type (nearest-even); the result is returned as
     /// the f32 holding that exact value. A result that is not finite (overflow)
-    /// is an error; so is, for float16 and a multiplier (`alpha`, `sigma`), a
-    /// nonzero value that rounds to zero (underflow: it would erase the row's
-    /// signs or residual). `mu` is an offset: a tiny mean rounding to zero moves
-    /// every weight by less than 2^-25, so it is not checked (docs/format.md §6.1).
-    fn round(self, v: f64, what: &str, row: usize, multiplier: bool) -> Result<f32> {
+    /// is an error (docs/format.md §6.1; underflow is checked per row, see
+    /// `binarize_row`).
+    fn round(self, v: f64, what: &str, row: usize) -> Result<f32> {
         let r = match self {
             ScaleType::F16 => f16_to_f32(f64_to_f16(v)),
             ScaleType::F32 => v as f32,
         };
-        let name = if self == ScaleType::F16 { "float16" } else { "float32" };
         if !r.is_finite() {
+            let name = if self == ScaleType::F16 { "float16" } else { "float32" };
             return Err(Error::Scale(format!("row {row}: {what} = {v:e} overflows {name}; use scale_dtype='float32'")));
-        }
-        if multiplier && self == ScaleType::F16 && r == 0.0 && v != 0.0 {
-            return Err(Error::Scale(format!(
-                "row {row}: {what} = {v:e} underflows float16 (rounds to 0, below 2**-25); use scale_dtype='float32'"
-            )));
         }
         Ok(r)
     }
@@ -177,14 +170,14 @@ fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowO
                 c += 1;
             }
         }
-        let mu = p.scale.round(if p.shift && c > 0 { sum / c as f64 } else { 0.0 }, "mu", i, false)?;
+        let mu = p.scale.round(if p.shift && c > 0 { sum / c as f64 } else { 0.0 }, "mu", i)?;
         let mut asum = 0f64;
         for j in g0..g1 {
             if sal[j] == 0 {
                 asum += (w[j] as f64 - mu as f64).abs();
             }
         }
-        let alpha = p.scale.round(if c > 0 { asum / c as f64 } else { 0.0 }, "alpha", i, true)?;
+        let alpha = p.scale.round(if c > 0 { asum / c as f64 } else { 0.0 }, "alpha", i)?;
         for j in g0..g1 {
             if w[j] < mu {
                 out.signs[j / 8] |= 1 << (j % 8);
@@ -205,7 +198,20 @@ fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowO
             rmax = rmax.max(resid(j).abs());
         }
     }
-    let sigma = p.scale.round(rmax / qm as f64, "sigma", i, true)?;
+    let sigma = p.scale.round(rmax / qm as f64, "sigma", i)?;
+    // Underflow (float16): a row with a nonzero weight whose scales all round to 0
+    // would decompress to zeros -- the counterpart of overflow, refused alike. A single
+    // scale rounding to 0 in a row that keeps others (e.g. alpha = mu's own rounding
+    // error with group_size 1) loses less than 2^-25 per weight and is not an error.
+    if p.scale == ScaleType::F16 && sigma == 0.0 && out.mu.iter().chain(out.alpha.iter()).all(|&v| v == 0.0) {
+        let big = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if big != 0.0 {
+            return Err(Error::Scale(format!(
+                "row {i}: every float16 scale underflows to 0 (largest |weight| {big:e}): the row would \
+                 decompress to zeros; use scale_dtype='float32'"
+            )));
+        }
+    }
     if sigma > 0.0 {
         for j in 0..n {
             if sal[j] != 0 {
@@ -631,15 +637,21 @@ mod tests {
             let r = compress(&w, 4, 64, None, &p);
             match scale {
                 ScaleType::F16 => {
-                    assert!(matches!(&r, Err(Error::Scale(m)) if m.contains("underflows float16")), "{r:?}")
+                    assert!(matches!(&r, Err(Error::Scale(m)) if m.contains("underflows to 0")), "{r:?}")
                 }
                 ScaleType::F32 => assert!(r.is_ok()),
             }
         }
         let big: Vec<f32> = gaussian(4, 64, 3).iter().map(|v| v * 1e6).collect();
         assert!(matches!(compress(&big, 4, 64, None, &params()), Err(Error::Scale(m)) if m.contains("overflows")));
-        // A zero row is not an underflow (its scales are exactly 0).
+        // A zero row is not an underflow (its scales are exactly 0), nor is a row that keeps
+        // a nonzero scale while one rounds to 0 (group size 1: alpha is mu's rounding error).
         assert!(compress(&[0.0; 64], 1, 64, None, &params()).is_ok());
+        let one = Params { group_size: Some(1), salient: 0.0, ..params() };
+        let w: Vec<f32> = (0..64).map(|j| 1e-6 * (1.0 + j as f32 / 64.0)).collect();
+        let t = compress(&w, 1, 64, None, &one).unwrap();
+        let lost = (0..64).filter(|&j| t.alpha[j] == 0.0 && w[j] as f64 != t.mu[j] as f64).count();
+        assert!(lost > 0 && t.mu.iter().all(|&v| v > 0.0), "{lost}");
     }
 
     #[test]
