@@ -370,3 +370,17 @@ def test_symlinks_in_the_input(tmp_path, capsys):
     code, _, err = run(["compress", str(src), str(tmp_path / "pb2"), "-q"], capsys)
     assert code == 1 and "symlink loop" in err and "\n" not in err
     assert not (tmp_path / "pb2").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".pbcodec")]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_special_files_in_the_input_are_refused(tmp_path, capsys):
+    src = tmp_path / "model"
+    write_model(src, np.random.default_rng(16), shards=True)
+    os.mkfifo(src / "pipe")  # reading it would block forever
+    code, _, err = run(["compress", str(src), str(tmp_path / "pb"), "-q"], capsys)
+    assert code == 1 and "not a regular file" in err and "\n" not in err
+    (src / "pipe").unlink()
+    (src / "dangling").symlink_to(tmp_path / "nowhere")
+    code, _, err = run(["compress", str(src), str(tmp_path / "pb"), "-q"], capsys)
+    assert code == 1 and "dangling" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -204,8 +204,19 @@ def _copy_tree(src: Path, dst: Path, ancestors: tuple = ()) -> None:
         if item.is_dir():
             _copy_tree(item, dst / item.name, ancestors + (ident,))
         else:
-            _copy_file(item, dst / item.name)
+            _copy_item(item, dst / item.name)
     fsync_dir(dst)
+
+
+def _copy_item(item: Path, dst: Path) -> None:
+    """Copy a file or directory of the input next to the shards; anything else (a FIFO,
+    a socket, a device: reading one could block forever) is refused."""
+    if item.is_dir():
+        _copy_tree(item, dst)
+    elif item.is_file():
+        _copy_file(item, dst)
+    else:
+        raise CliError(f"{item}: not a regular file or directory (broken symlink, FIFO, device...)")
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -264,7 +275,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
             for item in sorted(src.iterdir()):  # configs, tokenizers: copied as they are
                 if item.suffix == ".safetensors" or item == index or item.name.startswith(".pbcodec-"):
                     continue
-                (_copy_tree if item.is_dir() else _copy_file)(item, tmp / item.name)
+                _copy_item(item, tmp / item.name)
             if old_index is not None and index is not None:
                 total_size = sum((tmp / s.name).stat().st_size for s in shards)
                 new = {
@@ -371,7 +382,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         raise CliError(f"{path}: no such file")
     tensors = load_file(path)  # validates everything
     with open(path, "rb") as f:
-        _, entries, meta = read_header(f, os.fspath(path))
+        _, entries, meta, _ = read_header(f, os.fspath(path))
     w = max([len(k) for k in tensors] + [6])
     print(f"{'tensor':<{w}}  {'codec':>7}  {'dtype':>5}  {'shape':>12}  {'params':<22}  {'bytes':>10}  {'bits/w':>7}")
     total = 0

@@ -356,8 +356,8 @@ def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+    if pid == os.getpid() or os.name != "posix":
+        return True  # (on Windows os.kill would terminate the process: never probe there)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -456,10 +456,12 @@ def _parse_table(raw: bytes, schema: str, what: str) -> tuple[list, dict | None]
         raise FormatError(f"{what}: {e}") from None
 
 
-def read_header(f: Any, path: str) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
+def read_header(f: Any, path: str) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], int]:
     """Read and validate the header of the safetensors file open as ``f``. Returns
-    ``(data_start, {name: (dtype, shape, begin, end)}, metadata)``; every tensor's
-    span is checked against the data buffer (exact cover, no holes or overlaps)."""
+    ``(data_start, {name: (dtype, shape, begin, end)}, metadata, data_length)``; every
+    tensor's span is checked against the data buffer of ``data_length`` bytes (exact
+    cover, no holes or overlaps), measured once: a file that changes size afterwards is
+    caught by the reader, not trusted."""
     size = os.fstat(f.fileno()).st_size
     f.seek(0)
     if size < 8:
@@ -504,7 +506,7 @@ def read_header(f: Any, path: str) -> tuple[int, dict[str, tuple[str, tuple[int,
         pos = end
     if pos != buf_len:
         raise FormatError(f"{path}: {buf_len - pos} bytes after the last tensor")
-    return 8 + n, entries, metadata
+    return 8 + n, entries, metadata, buf_len
 
 
 def _read_data(f: Any, start: int, length: int, path: str) -> np.ndarray:
@@ -535,16 +537,19 @@ def read_safetensors(path: str | os.PathLike, *, mmap: bool = False) -> tuple[di
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
-        start, entries, metadata = read_header(f, path)
-        size = os.fstat(f.fileno()).st_size
-        length = size - start
+        # One size for everything: the header was validated against it, and the data must
+        # still have it once read (a file truncated or extended meanwhile is an error).
+        start, entries, metadata, length = read_header(f, path)
+        changed = FormatError(f"{path}: the file changed size while it was read")
         if mmap:
             mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ) if length else None
+            if mm is not None and len(mm) != start + length:
+                raise changed
             data: Any = memoryview(mm)[start:] if mm is not None else memoryview(b"")
         else:
             data = memoryview(_read_data(f, start, length, path))
-            if os.fstat(f.fileno()).st_size != size or f.read(1):
-                raise FormatError(f"{path}: the file changed size while it was read")
+            if os.fstat(f.fileno()).st_size != start + length or f.read(1):
+                raise changed
     tensors = {name: RawTensor(dt, shape, data[b:end]) for name, (dt, shape, b, end) in entries.items()}
     return tensors, metadata
 
