@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import mmap as _mmap
+import operator
 import os
 import re
 import secrets
@@ -188,7 +189,7 @@ class RawTensor:
     __slots__ = ("dtype", "shape", "_data")
 
     def __init__(self, dtype: str, shape: Iterable[int], data: Any) -> None:
-        shape = tuple(shape)
+        shape = tuple(operator.index(d) for d in shape)  # numpy integers too; TypeError for others
         n = tensor_nbytes(dtype, shape)
         view = memoryview(data)
         if not view.c_contiguous:
