@@ -411,8 +411,8 @@ fn env_threads_error() -> Option<String> {
 /// rows a list of `(key, values)` with `values` a tuple in the schema's field order
 /// (None for a missing field; str, int, float, bool, None or a list of ints), and
 /// strings None or a dict (the header's `__metadata__`). Field values are built
-/// directly, without per-field pairs, and short strings (dtype codes) are interned:
-/// a valid header costs a few times its size.
+/// directly, without per-field pairs, and short strings (dtype codes) are interned, so
+/// a valid header costs little more than the Python objects it describes.
 #[pyfunction]
 fn json_table<'py>(py: Python<'py>, buf: &[u8], schema: &str) -> PyResult<(Bound<'py, PyList>, Py<PyAny>)> {
     use crate::json::{Value, DESCRIPTIONS, HEADER};
