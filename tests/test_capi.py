@@ -133,7 +133,7 @@ def _replace(tensors, name, fn):
     from pbcodec.files import _raw
 
     a = tensors[name].array().copy()
-    tensors[name] = _raw(fn(a))
+    tensors[name] = _raw(fn(a), name)
 
 
 def _corruptions(path, tmp_path):

@@ -2,6 +2,11 @@
 selection rules, errors as one line with a non-zero exit, no partial output."""
 
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
 
 import numpy as np
 import pbcodec
@@ -126,7 +131,8 @@ def test_inspect(tmp_path, capsys):
     [
         (lambda d: ["compress", str(d / "missing.safetensors"), str(d / "o.safetensors")], "no such file"),
         (lambda d: ["compress", str(d / "garbage.safetensors"), str(d / "o.safetensors")], "error"),
-        (lambda d: ["compress", str(d / "in.safetensors"), str(d / "in.safetensors")], "exists"),
+        (lambda d: ["compress", str(d / "in.safetensors"), str(d / "o.safetensors"), "--group-size", "0"], "group"),
+        (lambda d: ["compress", str(d / "in.safetensors"), str(d / "in.safetensors")], "inside the input"),
         (lambda d: ["compress", str(d / "in.safetensors"), str(d / "o.safetensors"), "--salient", "2"], "salient"),
         (lambda d: ["inspect", str(d / "garbage.safetensors")], "error"),
     ],
@@ -154,3 +160,227 @@ def test_console_script_entry_point():
 
     eps = [e for e in entry_points(group="console_scripts") if e.name == "pbcodec"]
     assert eps and eps[0].value == "pbcodec.cli:main"
+
+
+# -- issue 7: per-tensor adaptation, errors naming tensors, modes, durability ---------
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip()
+
+
+def test_group_size_wider_than_a_tensor_means_whole_rows(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    tensors = {
+        "narrow.weight": rng.standard_normal((64, 32)).astype(np.float32),
+        "wide.weight": rng.standard_normal((32, 96)).astype(np.float32),
+    }
+    pbcodec.save_file(tensors, src)
+    code, out, _ = run(["compress", str(src), str(dst), "-q", "--group-size", "48"], capsys)
+    assert code == 0
+    assert "group size 48 > 32 columns: whole rows" in out and "1 with adapted settings" in out
+    got = pbcodec.load_file(dst)
+    assert got["narrow.weight"].group_size == 32 and got["wide.weight"].group_size == 48
+    # The same rule as compress_model: exactly what compress() gives with whole rows.
+    assert got["narrow.weight"] == pbcodec.compress(tensors["narrow.weight"])
+
+
+def test_scales_out_of_float16_range_are_adapted(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    base = rng.standard_normal((32, 32)).astype(np.float32)
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    pbcodec.save_file({"tiny.weight": base * 1e-8, "big.weight": base * 1e6, "fine.weight": base}, src)
+    code, out, _ = run(["compress", str(src), str(dst), "-q"], capsys)
+    assert code == 0, out
+    got, orig = pbcodec.load_file(dst), pbcodec.load_file(src)
+    for name in ("tiny.weight", "big.weight"):  # float32 scales for these two, noted
+        assert got[name].scale_dtype == np.float32
+        assert got[name] == pbcodec.compress(orig[name], scale_dtype="float32")
+    assert got["fine.weight"].scale_dtype == np.float16
+    assert "underflows to 0" in out and "overflows float16" in out and "float32 scales" in out
+
+
+def test_a_tensor_whose_scales_fit_nothing_is_copied_with_the_reason(tmp_path, capsys, monkeypatch):
+    # Finite float32 weights always fit float32 scales (means and mean deviations stay
+    # in range); the rule for the case anyway: copy the tensor unchanged, say why.
+    import pbcodec._adapt as adapt
+
+    def never_fits(w, **kw):
+        raise pbcodec.ScaleRangeError("row 0: alpha = 1e39 overflows float32; use scale_dtype='float32'")
+
+    monkeypatch.setattr(adapt, "compress", never_fits)
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((32, 32)).astype(np.float32)
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    pbcodec.save_file({"w.weight": w}, src)
+    code, out, _ = run(["compress", str(src), str(dst), "-q"], capsys)
+    assert code == 0
+    np.testing.assert_array_equal(pbcodec.load_file(dst)["w.weight"], w)
+    assert "not compressed: scales do not fit float32 (row 0: alpha = 1e39 overflows float32)" in out
+
+
+def test_errors_name_the_tensor(tmp_path, capsys):
+    rng = np.random.default_rng(9)
+    src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    bad = rng.standard_normal((32, 32)).astype(np.float32)
+    bad[3, 5] = np.nan
+    pbcodec.save_file(
+        {f"layers.{i}.weight": rng.standard_normal((32, 32)).astype(np.float32) for i in range(5)}
+        | {"layers.3.mlp.weight": bad},
+        src,
+    )
+    code, _, err = run(["compress", str(src), str(dst), "-q"], capsys)
+    assert code == 1 and "\n" not in err
+    assert "'layers.3.mlp.weight'" in err and "weight[3, 5] is not finite" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_outputs_honour_the_umask(tmp_path, capsys):
+    rng = np.random.default_rng(10)
+    src = tmp_path / "model"
+    write_model(src, rng, shards=True)
+    old = os.umask(0o027)
+    try:
+        assert main(["compress", str(src), str(tmp_path / "pb"), "-q"]) == 0
+        assert main(["compress", str(src / "model-00001-of-00002.safetensors"), str(tmp_path / "one.st"), "-q"]) == 0
+    finally:
+        os.umask(old)
+    capsys.readouterr()
+    assert stat.S_IMODE((tmp_path / "pb").stat().st_mode) == 0o750
+    for p in (tmp_path / "pb").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o640, p
+    assert stat.S_IMODE((tmp_path / "one.st").stat().st_mode) == 0o640
+    # Replacing an output keeps its mode, as writing into it would.
+    (tmp_path / "one.st").chmod(0o644)
+    assert (
+        main(["compress", str(src / "model-00001-of-00002.safetensors"), str(tmp_path / "one.st"), "-q", "--force"])
+        == 0
+    )
+    assert stat.S_IMODE((tmp_path / "one.st").stat().st_mode) == 0o644
+
+
+def test_directory_output_is_durable(tmp_path, monkeypatch, capsys):
+    rng = np.random.default_rng(11)
+    src = tmp_path / "model"
+    write_model(src, rng, shards=True)
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), stat.S_ISDIR(os.fstat(fd).st_mode)))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert main(["compress", str(src), str(tmp_path / "pb"), "-q"]) == 0
+    files_synced = [n for n, d in synced if not d]
+    dirs_synced = [n for n, d in synced if d]
+    # Each shard (under its temporary name, before its rename), each copied file and the
+    # index; the temporary directory before its rename, and the parent after it.
+    assert sum(n.startswith(".pbcodec-") for n in files_synced) == 2
+    assert "config.json" in files_synced and "model.safetensors.index.json" in files_synced
+    assert any(n.startswith(".pbcodec-") for n in dirs_synced) and dirs_synced[-1] == tmp_path.name
+
+
+KILLED_CLI = """
+import os, signal, sys
+from pbcodec.cli import main
+real = os.replace
+def replace(a, b):
+    if os.path.isdir(a):
+        os.kill(os.getpid(), signal.SIGKILL)  # killed just before the directory is renamed
+    return real(a, b)
+os.replace = replace
+main(["compress", sys.argv[1], sys.argv[2], "-q"])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses SIGKILL and /proc pids")
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, capsys):
+    rng = np.random.default_rng(12)
+    src, dst = tmp_path / "model", tmp_path / "pb"
+    write_model(src, rng, shards=True)
+    r = subprocess.run([sys.executable, "-c", KILLED_CLI, str(src), str(dst)], timeout=300)
+    assert r.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".pbcodec-")]
+    assert len(left) == 1 and not dst.exists()
+    assert main(["compress", str(src), str(dst), "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pb"]
+    # A rerun with --force replaces the directory and leaves nothing else behind.
+    assert main(["compress", str(src), str(dst), "-q", "--force"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pb"]
+    capsys.readouterr()
+
+
+def test_output_inside_the_input_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(13)
+    src = tmp_path / "model"
+    write_model(src, rng, shards=True)
+    before = sorted(p.name for p in src.iterdir())
+    for argv in (
+        ["compress", str(src), str(src / "out")],
+        ["compress", str(src), str(src / "out")],  # a rerun must not nest either
+        ["compress", str(src), str(src)],
+        ["compress", str(src), str(src / "deeper" / "out"), "--force"],
+        [
+            "compress",
+            str(src / "model-00001-of-00002.safetensors"),
+            str(src / "model-00001-of-00002.safetensors"),
+            "--force",
+        ],
+    ):
+        code, _, err = run(argv, capsys)
+        assert code == 1 and "inside the input" in err and "\n" not in err
+    assert sorted(p.name for p in src.iterdir()) == before
+    # The input inside an existing output that --force would replace.
+    outer = tmp_path / "outer"
+    (outer / "model").mkdir(parents=True)
+    write_model(outer / "model" / "m", rng, shards=True)
+    code, _, err = run(["compress", str(outer / "model" / "m"), str(outer), "--force"], capsys)
+    assert code == 1 and "inside" in err
+    assert (outer / "model" / "m" / "config.json").exists()
+
+
+@pytest.mark.parametrize("index", ["[]", "{not json", '{"metadata": []}', '"x"', "\xff"])
+def test_malformed_index_is_one_line(tmp_path, capsys, index):
+    rng = np.random.default_rng(14)
+    src = tmp_path / "model"
+    write_model(src, rng, shards=True)
+    (src / "model.safetensors.index.json").write_bytes(index.encode("latin-1"))
+    code, _, err = run(["compress", str(src), str(tmp_path / "pb"), "-q"], capsys)
+    assert code == 1 and err.startswith("pbcodec: error:") and "\n" not in err and "index" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_symlinks_in_the_input(tmp_path, capsys):
+    rng = np.random.default_rng(15)
+    blobs, src = tmp_path / "blobs", tmp_path / "snapshot"
+    write_model(blobs, rng, shards=True)
+    src.mkdir()
+    for p in blobs.iterdir():  # a Hugging Face cache snapshot: every file a symlink to a blob
+        (src / p.name).symlink_to(p)
+    (src / "tokenizer").mkdir()
+    (src / "tokenizer" / "vocab.txt").write_text("a b c")
+    assert main(["compress", str(src), str(tmp_path / "pb"), "-q"]) == 0
+    assert (tmp_path / "pb" / "config.json").read_text() == '{"hidden_size": 32}'
+    assert not (tmp_path / "pb" / "config.json").is_symlink()
+    assert (tmp_path / "pb" / "tokenizer" / "vocab.txt").read_text() == "a b c"
+    # A symlink loop: one line, exit 1, nothing left behind.
+    (src / "tokenizer" / "loop").symlink_to(src / "tokenizer")
+    code, _, err = run(["compress", str(src), str(tmp_path / "pb2"), "-q"], capsys)
+    assert code == 1 and "symlink loop" in err and "\n" not in err
+    assert not (tmp_path / "pb2").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".pbcodec")]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_special_files_in_the_input_are_refused(tmp_path, capsys):
+    src = tmp_path / "model"
+    write_model(src, np.random.default_rng(16), shards=True)
+    os.mkfifo(src / "pipe")  # reading it would block forever
+    code, _, err = run(["compress", str(src), str(tmp_path / "pb"), "-q"], capsys)
+    assert code == 1 and "not a regular file" in err and "\n" not in err
+    (src / "pipe").unlink()
+    (src / "dangling").symlink_to(tmp_path / "nowhere")
+    code, _, err = run(["compress", str(src), str(tmp_path / "pb"), "-q"], capsys)
+    assert code == 1 and "dangling" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

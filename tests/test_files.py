@@ -63,15 +63,17 @@ def test_standard_safetensors_reads_every_component(tmp_path, sample):
     assert desc["layer.0.weight"]["codec"] == "pbcodec.pb" and desc["layer.0.weight"]["shape"] == [32, 200]
 
 
-def test_loaded_arrays_are_memory_mapped_and_aligned(tmp_path, sample):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_loaded_arrays_are_aligned_and_mapped_only_on_request(tmp_path, sample, mmap):
     p = tmp_path / "m.safetensors"
     pbcodec.save_file(sample, p)
-    got = pbcodec.load_file(p)
-    assert not got["ids"].flags.writeable
+    got = pbcodec.load_file(p, mmap=mmap)
     t = got["layer.0.weight"]
     for a in (t.signs, t.residual.counts, t.residual.code_offsets, got["layer.0.bias"]):
         assert a.flags.aligned
-    assert not t.residual.counts.flags.owndata  # a view of the mapping, not a copy
+    assert not t.residual.counts.flags.owndata  # a view of one buffer, not a copy per tensor
+    # Default: memory this process owns (writable); mmap=True: read-only views of the file.
+    assert got["ids"].flags.writeable is not mmap
 
 
 def test_write_is_atomic(tmp_path):
@@ -117,7 +119,7 @@ def _rename(h, old, new):
 # case -> (rewrite, message the loader must give): each check is reached on its own.
 MALFORMED = {
     "not json": (dict(raw_header=b"{not json"), "not valid JSON"),
-    "header is a list": (dict(raw_header=b"[1, 2]"), "not a JSON object"),
+    "header is a list": (dict(raw_header=b"[1, 2]"), "expected a JSON object"),
     "truncated data": (dict(data=lambda b: b[:-1]), "data_offsets"),
     "trailing data": (dict(data=lambda b: b + b"\0"), "after the last tensor"),
     "unknown dtype": (dict(header=lambda h: {**h, "ids": {**h["ids"], "dtype": "Q7"}}), "unsupported dtype"),
@@ -130,8 +132,8 @@ MALFORMED = {
     "wrong salient bits": (dict(header=lambda h: _meta(h, lambda d: d["w"].update(salient_bits=4))), "salient_bits"),
     "wrong count bits": (dict(header=lambda h: _meta(h, lambda d: d["w"].update(count_bits=9))), "count_bits"),
     "string group size": (dict(header=lambda h: _meta(h, lambda d: d["w"].update(group_size="64"))), "group_size"),
-    "metadata not json": (dict(header=lambda h: {**h, "__metadata__": {"pbcodec": "{"}}), "not JSON"),
-    "metadata values not strings": (dict(header=lambda h: {**h, "__metadata__": {"pbcodec": 3}}), "strings"),
+    "metadata not json": (dict(header=lambda h: {**h, "__metadata__": {"pbcodec": "{"}}), "not valid JSON"),
+    "metadata values not strings": (dict(header=lambda h: {**h, "__metadata__": {"pbcodec": 3}}), "a string"),
 }
 
 

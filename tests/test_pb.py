@@ -367,3 +367,48 @@ def test_review_regressions():
         pbcodec.compress(np.ones((2, 8), np.float32), count_bits=3.7)
     with pytest.raises(TypeError):
         t.decompress(np.int32)
+
+
+@given(
+    m=st.integers(1, 6),
+    n=st.integers(1, 40),
+    log_scale=st.floats(-10.0, 6.0),
+    cfg=config,
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_scale_range_errors_match_the_reference(m, n, log_scale, cfg, seed):
+    """float16 overflow and underflow (a row whose scales all round to 0) are refused
+    alike, by the core and the reference; otherwise the bytes are identical."""
+    w = (weights(np.random.default_rng(seed), m, n) * 10.0**log_scale).astype(np.float32)
+    outcomes = []
+    for impl in (pbcodec.compress, ref.compress):
+        try:
+            outcomes.append(impl(w, **cfg).to_bytes())
+        except pbcodec.ScaleRangeError:
+            outcomes.append("ScaleRangeError")
+    assert outcomes[0] == outcomes[1]
+    if cfg["scale_dtype"] == "float32":
+        assert outcomes[0] != "ScaleRangeError"
+
+
+def test_float16_underflow_boundary():
+    # alpha of a row of +-a is a: 2**-25 rounds (half to even) to 0 -> refused; the next
+    # float32 above rounds up to the smallest float16 subnormal -> accepted.
+    for a, ok in [(2.0**-25, False), (np.nextafter(np.float32(2.0**-25), np.float32(1)), True), (1e-9, False)]:
+        w = np.tile(np.array([a, -a], np.float32), (2, 8))
+        for impl in (pbcodec.compress, ref.compress):
+            if ok:
+                assert impl(w, salient=0, shift=False).alpha[0, 0] == np.float16(2.0**-24)
+            else:
+                with pytest.raises(pbcodec.ScaleRangeError, match="underflow"):
+                    impl(w, salient=0, shift=False)
+        assert pbcodec.compress(w, salient=0, shift=False, scale_dtype="float32").alpha[0, 0] == np.float32(a)
+    # A zero row has zero scales: not an underflow. Nor is a row that keeps nonzero scales
+    # while some alpha rounds to 0 (group size 1: alpha is mu's own rounding error).
+    assert pbcodec.compress(np.zeros((2, 16), np.float32)).alpha.max() == 0
+    w = (1e-6 * (1 + np.arange(64) / 64)).astype(np.float32)[None, :]
+    t = pbcodec.compress(w, salient=0, group_size=1)
+    assert (
+        np.any((t.alpha == 0) & (t.mu.astype(np.float32) != w))
+        and t.to_bytes() == ref.compress(w, salient=0, group_size=1).to_bytes()
+    )

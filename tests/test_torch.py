@@ -565,3 +565,96 @@ def test_large_batches_use_the_dense_path_with_the_same_result(monkeypatch):
         want = F.linear(x, layer.dequantize(), lin.bias)
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
         assert bool(calls) == fused
+
+
+# -- issue 7: nn.Linear's dtype errors, one state-dict validator, adaptation rule -----
+BAD_INPUTS = {
+    "int64": lambda: torch.ones(3, 64, dtype=torch.int64),
+    "uint8": lambda: torch.full((3, 64), 200, dtype=torch.uint8),
+    "int32": lambda: torch.ones(64, dtype=torch.int32),
+    "bool": lambda: torch.ones(3, 64, dtype=torch.bool),
+    "complex64": lambda: torch.ones(3, 64, dtype=torch.complex64),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("dense", [False, True])
+def test_non_float_inputs_raise_like_nn_linear(kind, dense):
+    lin, layer = make_layer()
+    layer.force_dense = dense
+    x = BAD_INPUTS[kind]()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            lin(x)  # what nn.Linear does
+        with pytest.raises(RuntimeError, match="floating-point"):
+            layer(x)
+        with pytest.raises(RuntimeError, match="floating-point"):
+            torch.ops.pbcodec.pb_linear(x, *(layer._buffers[k] for k in pbt._OP_TENSORS), None, *layer._meta)
+
+
+def test_state_dict_components_must_have_their_exact_shapes(tmp_path):
+    """A transposed sign plane has the right element count but changes outputs by up
+    to 2.0: it is refused, by the validator load_file uses too."""
+    _, layer = make_layer(n=64, m=16, seed=3)
+    sd = layer.state_dict()
+    assert sd["signs"].shape == (16, 8)
+    cases = {
+        "signs": sd["signs"].t().contiguous(),
+        "mu": sd["mu"].reshape(-1),
+        "sigma": sd["sigma"].reshape(1, -1),
+        "res_code_offsets": sd["res_code_offsets"].reshape(1, -1),
+        "res_counts": sd["res_counts"].reshape(1, -1),
+    }
+    for key, bad in cases.items():
+        with pytest.raises(pbcodec.FormatError, match="has shape"):
+            pbt.PBLinear(64, 16).load_state_dict({**sd, key: bad})
+    # The same component shapes in a file: the same check, the same message.
+    t = layer.pb
+    comps = {
+        "w.signs": t.signs.T.copy(),
+        "w.mu": t.mu,
+        "w.alpha": t.alpha,
+        "w.sigma": t.sigma,
+        "w.residual.counts": t.residual.counts,
+        "w.residual.values": t.residual.values,
+        "w.residual.code_offsets": t.residual.code_offsets,
+    }
+    p = tmp_path / "w.safetensors"
+    pbcodec.save_file({"w": t}, p)
+    meta = pbcodec.load_metadata(p)
+    from pbcodec.files import _raw, write_safetensors
+
+    write_safetensors(p, {k: _raw(v, k) for k, v in comps.items()}, meta)
+    with pytest.raises(pbcodec.FormatError, match=r"signs has shape \(8, 16\), expected \(16, 8\)"):
+        pbcodec.load_file(p)
+
+
+def test_compress_model_adapts_per_layer_and_names_failures(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 64), nn.Linear(64, 32))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-8)  # float16 scales would underflow to zero
+    report = pbt.compress_model(model, group_size=48, progress=False)
+    notes = {L["name"]: L["notes"] for L in report.layers}
+    assert notes["0"] == ["group size 48 > 32 columns: whole rows"]
+    assert any("underflows to 0" in n for n in notes["1"]) and model[1].pb.scale_dtype == np.float32
+    assert model[2].group_size == 48 and notes["2"] == []
+    assert "note: 1: float16 scales do not fit" in str(report)
+    # Non-finite weights: an error naming the layer.
+    bad = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with torch.no_grad():
+        bad[1].weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="layer '1'.*weight\\[3, 5\\] is not finite"):
+        pbt.compress_model(bad, progress=False)
+    # Scales that fit nothing (not reachable with finite float32 weights; the rule
+    # anyway): the layer stays dense, with the reason.
+    import pbcodec._adapt as adapt
+
+    def never_fits(w, **kw):
+        raise pbcodec.ScaleRangeError("row 0: alpha = 1e39 overflows float32; use scale_dtype='float32'")
+
+    monkeypatch.setattr(adapt, "compress", never_fits)
+    other = nn.Sequential(nn.Linear(32, 32))
+    report = pbt.compress_model(other, progress=False)
+    assert type(other[0]) is nn.Linear and report.skipped == ["0"]
+    assert report.skip_reasons == {"0": "scales do not fit float32 (row 0: alpha = 1e39 overflows float32)"}

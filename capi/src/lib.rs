@@ -178,7 +178,7 @@ fn fail<T>(status: PbcodecStatus, msg: impl Into<String>) -> R<T> {
 impl From<core_::Error> for Fail {
     fn from(e: core_::Error) -> Fail {
         match e {
-            core_::Error::Invalid(m) => Fail(PbcodecStatus::InvalidArgument, m),
+            core_::Error::Invalid(m) | core_::Error::Scale(m) => Fail(PbcodecStatus::InvalidArgument, m),
             core_::Error::Format(m) => Fail(PbcodecStatus::Format, m),
         }
     }

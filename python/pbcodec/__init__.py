@@ -10,19 +10,26 @@ Codec primitives (this module):
   decode-fused, multi-threaded :meth:`PBTensor.matvec`.
 - :func:`from_pbllm`: pack PB-LLM's fake-quantized weights (binarized weights exact).
 - :func:`save_file` / :func:`load_file`: safetensors files holding compressed tensors.
-- :class:`FormatError`: raised for any malformed serialized input.
+- :class:`RawTensor`: a stored tensor whose dtype numpy lacks (bfloat16 without
+  ``ml_dtypes``, float8, packed float4/6), kept as its safetensors dtype and bytes.
+- :class:`FormatError`: raised for any malformed serialized input or file;
+  :class:`ScaleRangeError`: a scale the chosen scale dtype cannot hold.
 - :mod:`pbcodec.reference`: pure-Python twins of everything, written from docs/format.md.
 
 SIMD kernels are chosen at run time; ``PBCODEC_SIMD=scalar|avx2|avx512`` caps
 the level, and :func:`set_simd_level` changes it at run time.
+``PBCODEC_NUM_THREADS`` sets the worker threads (an int in 1..1024, checked like
+:func:`set_num_threads`; an invalid value is ignored with a ``RuntimeWarning``).
 """
 
 from __future__ import annotations
 
+import warnings
+
 from . import _core
 from .bitpack import pack_bits, pack_frame, pack_signs, unpack_bits, unpack_frame, unpack_signs
-from .errors import FormatError
-from .files import load_file, load_metadata, save_file
+from .errors import FormatError, ScaleRangeError
+from .files import RawTensor, load_file, load_metadata, save_file
 from .pb import PBTensor, compress, snr_db
 from .pbllm import from_pbllm
 from .rle import RLE, rle_decode, rle_encode
@@ -33,6 +40,8 @@ __all__ = [
     "FormatError",
     "PBTensor",
     "RLE",
+    "RawTensor",
+    "ScaleRangeError",
     "compress",
     "from_pbllm",
     "get_num_threads",
@@ -75,8 +84,9 @@ def set_simd_level(level: str) -> None:
 
 def set_num_threads(n: int) -> None:
     """Worker threads for multi-threaded kernels (default: ``PBCODEC_NUM_THREADS``
-    or all cores). Results are identical for any thread count."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 1024:
+    or all cores): an int in 1..1024 (ValueError otherwise; the core checks both
+    sources with the same rule). Results are identical for any thread count."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n < 2**63:
         raise ValueError(f"number of threads must be an int in 1..1024, got {n!r}")
     _core.set_num_threads(n)
 
@@ -84,3 +94,9 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """Current number of worker threads."""
     return int(_core.get_num_threads())
+
+
+_env_error = _core.env_threads_error()
+if _env_error is not None:
+    warnings.warn(_env_error, RuntimeWarning, stacklevel=2)
+del _env_error

@@ -87,9 +87,34 @@ def as_int8(x: Any, name: str = "values") -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def c_aligned(a: np.ndarray) -> np.ndarray:
+    """``a`` if it is C-contiguous and aligned, else an aligned C-contiguous copy: the
+    core reads arrays as Rust slices, which must be both (an unaligned view, e.g. of a
+    memory-mapped file or a byte offset into a buffer, is copied, not rejected)."""
+    f = a.flags
+    if f.c_contiguous and f.aligned:
+        return a
+    return np.require(a, requirements=["C", "A"])
+
+
+def unshared(a: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``a``, or a copy of it when it may share memory with the caller's ``out=``
+    (``f(x, out=x)``): the result is then what it would be without ``out=``, as with
+    numpy's own functions."""
+    if out is not None and np.may_share_memory(a, out):
+        return a.copy()
+    return a
+
+
+def check_disjoint(out: np.ndarray | None, arrays: Any, what: str) -> None:
+    """ValueError when ``out=`` overlaps the (encoded) data it is computed from."""
+    if out is not None and any(np.may_share_memory(out, a) for a in arrays):
+        raise ValueError(f"out overlaps the {what} it is computed from; pass a separate array")
+
+
 def prepare_out(out: Any, shape: tuple[int, ...], dtype: Any, name: str = "out") -> np.ndarray:
     """Allocate the result, or check a caller's `out=`: exact dtype and shape,
-    C-contiguous and writeable (results are written in place, never copied)."""
+    C-contiguous, aligned and writeable (results are written in place, never copied)."""
     if out is None:
         return np.empty(shape, dtype=dtype)
     if (
@@ -97,6 +122,7 @@ def prepare_out(out: Any, shape: tuple[int, ...], dtype: Any, name: str = "out")
         and out.dtype is np.dtype(dtype)
         and out.shape == shape
         and out.flags.c_contiguous
+        and out.flags.aligned
         and out.flags.writeable
     ):
         return out  # fast path; the checks below name the problem
@@ -109,6 +135,11 @@ def prepare_out(out: Any, shape: tuple[int, ...], dtype: Any, name: str = "out")
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
     if not out.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.aligned:
+        raise ValueError(
+            f"{name} is not aligned in memory (address {out.ctypes.data:#x} is not a multiple of "
+            f"{out.dtype.alignment}); results are written in place, so pass an aligned array"
+        )
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writeable")
     return out

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._util import as_array, as_uint8_codes, check_bits, check_count, prepare_out, rows_of
+from ._util import as_array, as_uint8_codes, c_aligned, check_bits, check_count, prepare_out, rows_of, unshared
 from .errors import FormatError
 
 # (uint view, +1.0 bits, -1.0 bits) per float dtype. Keyed by dtype.char
@@ -55,6 +55,7 @@ def pack_bits(codes: Any, bits: int, *, out: np.ndarray | None = None) -> np.nda
     a = as_uint8_codes(codes, bits)
     n = a.shape[-1]
     out = prepare_out(out, a.shape[:-1] + ((n * bits + 7) // 8,), np.uint8)
+    a = unshared(a, out)
     _core.pack_bits(a, rows_of(a.shape), n, bits, out)
     return out
 
@@ -75,6 +76,7 @@ def unpack_bits(packed: Any, bits: int, count: int, *, out: np.ndarray | None = 
         raise ValueError(f"packed rows have {p.shape[-1]} bytes; {count} codes of {bits} bits need {need}")
     p = np.ascontiguousarray(p)
     out = prepare_out(out, p.shape[:-1] + (count,), np.uint8)
+    p = unshared(p, out)
     _core.unpack_bits(p, rows_of(p.shape), count, bits, out)
     return out
 
@@ -89,7 +91,7 @@ def _sign_view(x: Any) -> np.ndarray:
         import torch  # only reached when given a torch tensor
 
         x = x.detach().cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
-    a = np.ascontiguousarray(as_array(x, "x"))
+    a = c_aligned(as_array(x, "x"))
     if not a.dtype.isnative:  # e.g. '>f4': the kernels read native words
         a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype.char == "H":  # raw bfloat16 (or float16) bits
@@ -112,6 +114,7 @@ def pack_signs(x: Any, *, out: np.ndarray | None = None) -> np.ndarray:
     w = _sign_view(x)
     n = w.shape[-1]
     out = prepare_out(out, w.shape[:-1] + ((n + 7) // 8,), np.uint8)
+    w = unshared(w, out)
     _SIGN_FNS[w.itemsize][0](w, w.size // n if n else rows_of(w.shape), n, out)
     return out
 
@@ -138,6 +141,7 @@ def unpack_signs(packed: Any, count: int, dtype: Any = np.float32, *, out: np.nd
         raise ValueError(f"packed rows have {p.shape[-1]} bytes; {count} signs need {(count + 7) // 8}")
     p = np.ascontiguousarray(p)
     out = prepare_out(out, p.shape[:-1] + (count,), dt)
+    p = unshared(p, out)
     spec = _sign_words(dt)
     assert spec is not None  # _float_dtype accepted it
     word, pos, neg = spec

@@ -8,6 +8,18 @@ their rows are read individually), norms are tiny vectors, and the output head
 is usually the most sensitive layer. ``--include GLOB`` replaces the name rule
 (any 2-D float tensor matching a glob is compressed), ``--exclude GLOB`` removes
 matches; both may be repeated.
+
+Options that do not fit a tensor are adapted for that tensor, with the reason in the
+summary table (the rule :func:`pbcodec.torch.compress_model` follows too):
+``--group-size`` larger than its number of columns means whole rows; float16 scales
+that overflow or underflow become float32 scales; a tensor whose scales do not fit
+even float32 is copied unchanged. Any other problem (non-finite weights, a malformed
+file) stops the run with one line naming the file and tensor, exit status 1.
+
+The output is written atomically and durably (temporary file or directory, fsync,
+rename; temporaries of killed runs are removed by the next run), with the
+permissions ``open()`` gives new files (umask honoured). OUT may not be inside the
+input directory (nor the input itself).
 """
 
 from __future__ import annotations
@@ -15,10 +27,11 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
 import shutil
+import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,9 +98,9 @@ def compress_file(
     """Compress the selected tensors of one safetensors file into ``dst``
     (atomically); copy the rest byte for byte. Returns one summary row per
     input tensor and the names of the tensors written."""
-    import numpy as np
-
-    from . import compress, snr_db
+    from . import snr_db
+    from ._adapt import compress_adapted
+    from .errors import ScaleRangeError
     from .files import META_KEY, pb_components, read_safetensors, write_safetensors
 
     raw, meta = read_safetensors(src)
@@ -98,41 +111,40 @@ def compress_file(
     rows = []
     for name in sorted(raw):
         t = raw[name]
+        row = dict(name=name, shape=t.shape, dtype=t.dtype, before=t.nbytes, selected=False, notes=[])
         if selected(name, t):
+            row["selected"] = True
             w = t.float32()
-            pbt = compress(w, **kwargs)
-            parts, desc[name] = pb_components(name, pbt)
-            for k in parts:
-                if k in raw or k in out:
-                    raise CliError(f"{src}: component name {k!r} collides with an existing tensor")
-            out.update(parts)
-            rows.append(
-                dict(
-                    name=name,
-                    shape=t.shape,
-                    dtype=t.dtype,
-                    before=t.nbytes,
+            try:
+                pbt, row["notes"] = compress_adapted(w, **kwargs)
+            except ScaleRangeError as e:
+                pbt = None
+                row["notes"] = [f"not compressed: scales do not fit float32 ({str(e).split(';')[0]})"]
+            except (ValueError, TypeError) as e:
+                raise CliError(f"{src}: tensor {name!r}: {e}") from None
+            if pbt is not None:
+                parts, desc[name] = pb_components(name, pbt)
+                for k in parts:
+                    if k in raw or k in out:
+                        raise CliError(f"{src}: tensor {name!r}: component name {k!r} collides with an existing tensor")
+                out.update(parts)
+                row.update(
                     after=pbt.nbytes,
                     bpw=pbt.bits_per_weight,
                     snr=snr_db(w, pbt.decompress()),
                     compressed=True,
+                    group=pbt.group_size,
+                    scale=str(pbt.scale_dtype),
                 )
-            )
-            del w, pbt
-        else:
-            out[name] = t
-            rows.append(
-                dict(
-                    name=name,
-                    shape=t.shape,
-                    dtype=t.dtype,
-                    before=t.nbytes,
-                    after=t.nbytes,
-                    bpw=8.0 * t.nbytes / max(int(np.prod(t.shape)), 1),
-                    snr=None,
-                    compressed=False,
-                )
-            )
+                rows.append(row)
+                del w, pbt
+                if progress is not None:
+                    progress.step(name, t.nbytes)
+                continue
+            del w
+        out[name] = t
+        row.update(after=t.nbytes, bpw=8.0 * t.nbytes / max(math.prod(t.shape), 1), snr=None, compressed=False)
+        rows.append(row)
         if progress is not None:
             progress.step(name, t.nbytes)
     new_meta = dict(meta)
@@ -147,10 +159,85 @@ def _find_index(src: Path) -> Path | None:
     return found[0] if found else None
 
 
+def _read_index(index: Path) -> dict:
+    """The shard index (``model.safetensors.index.json``), checked: a JSON object whose
+    ``metadata``, when present, is an object."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            old = json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CliError(f"{index}: not a valid shard index ({e})") from None
+    if not isinstance(old, dict) or not isinstance(old.get("metadata", {}), dict):
+        raise CliError(f"{index}: not a valid shard index (expected a JSON object with an object 'metadata')")
+    return old
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    """Whether ``path`` is ``parent`` or lies under it (symlinks resolved)."""
+    p, q = path.resolve(), parent.resolve()
+    return p == q or q in p.parents
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy a file's bytes (following symlinks) into a new file with the permissions
+    ``open()`` gives (umask honoured), fsync'ed."""
+    from .files import create_file
+
+    fd = create_file(os.fspath(dst))
+    with open(src, "rb") as fi, os.fdopen(fd, "wb") as fo:
+        shutil.copyfileobj(fi, fo, 1 << 20)
+        fo.flush()
+        os.fsync(fo.fileno())
+
+
+def _copy_tree(src: Path, dst: Path, ancestors: tuple = ()) -> None:
+    """Copy a directory (configs, tokenizers), following symlinks like ``cp -rL`` but
+    refusing a symlink loop (a directory that contains itself)."""
+    from .files import fsync_dir
+
+    st = src.stat()
+    ident = (st.st_dev, st.st_ino)
+    if ident in ancestors:
+        raise CliError(f"{src}: symlink loop (this directory contains itself)")
+    os.mkdir(dst, 0o777)  # umask applies
+    for item in sorted(src.iterdir()):
+        if item.is_dir():
+            _copy_tree(item, dst / item.name, ancestors + (ident,))
+        else:
+            _copy_item(item, dst / item.name)
+    fsync_dir(dst)
+
+
+def _copy_item(item: Path, dst: Path) -> None:
+    """Copy a file or directory of the input next to the shards; anything else (a FIFO,
+    a socket, a device: reading one could block forever) is refused."""
+    if item.is_dir():
+        _copy_tree(item, dst)
+    elif item.is_file():
+        _copy_file(item, dst)
+    else:
+        raise CliError(f"{item}: not a regular file or directory (broken symlink, FIFO, device...)")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Option errors named by their flags, before any file is read or written."""
+    if not (0.0 <= args.salient <= 1.0):
+        raise CliError(f"--salient must be in [0, 1], got {args.salient}")
+    if args.group_size is not None and args.group_size < 1:
+        raise CliError(f"--group-size must be at least 1, got {args.group_size}")
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
+    from .files import fsync_dir, remove_stale_temps, temp_path
+
     src, dst = Path(args.input), Path(args.output)
+    _check_options(args)
     if not src.exists():
         raise CliError(f"{src}: no such file or directory")
+    if _inside(dst, src) and (src.is_dir() or dst.resolve() == src.resolve()):
+        raise CliError(f"{dst} is inside the input {src}; write the output elsewhere")
+    if src.is_dir() and dst.exists() and _inside(src, dst):
+        raise CliError(f"the input {src} is inside {dst}; write the output elsewhere")
     if dst.exists() and not args.force:
         raise CliError(f"{dst} exists; pass --force to replace it")
     count_bits: Any = args.count_bits if args.count_bits == "auto" else int(args.count_bits)
@@ -163,25 +250,21 @@ def cmd_compress(args: argparse.Namespace) -> None:
         scale_dtype=args.scale_dtype,
     )
     selected = make_selector(args.include or [], args.exclude or [])
-    import numpy as np
-
-    from . import compress
-
-    # Bad options fail here, before any file is read or written.
-    compress(np.zeros((1, 64), np.float32), **{**kwargs, "group_size": None if args.group_size is None else 1})
-    if args.group_size is not None and args.group_size < 1:
-        raise CliError(f"--group-size must be at least 1, got {args.group_size}")
     t0 = time.perf_counter()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dst.parent)
     if src.is_dir():
-        shards = sorted(src.glob("*.safetensors"))
+        shards = sorted(p for p in src.glob("*.safetensors") if not p.name.startswith(".pbcodec-"))
         if not shards:
             raise CliError(f"{src}: no .safetensors files")
+        index = _find_index(src)
+        old_index = _read_index(index) if index is not None else None
         total = sum(p.stat().st_size for p in shards)
         progress = _Progress(total, not args.quiet)
         # Build everything in a temporary sibling directory, then rename: a
         # failure never leaves a partial OUT behind.
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".pbcodec-", dir=dst.parent))
+        tmp = Path(temp_path(dst.parent))
+        os.mkdir(tmp, 0o777)  # umask applies, like any new directory
         try:
             rows: list[dict] = []
             weight_map: dict[str, str] = {}
@@ -189,33 +272,60 @@ def cmd_compress(args: argparse.Namespace) -> None:
                 shard_rows, names = compress_file(shard, tmp / shard.name, selected, kwargs, progress)
                 rows += shard_rows
                 weight_map.update((name, shard.name) for name in names)
-            index = _find_index(src)
-            for item in src.iterdir():  # configs, tokenizers: copied as they are
-                if item.suffix != ".safetensors" and item != index:
-                    (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
-            if index is not None:
+            for item in sorted(src.iterdir()):  # configs, tokenizers: copied as they are
+                if item.suffix == ".safetensors" or item == index or item.name.startswith(".pbcodec-"):
+                    continue
+                _copy_item(item, tmp / item.name)
+            if old_index is not None and index is not None:
                 total_size = sum((tmp / s.name).stat().st_size for s in shards)
-                with open(index) as f:
-                    old = json.load(f)
                 new = {
-                    "metadata": {**old.get("metadata", {}), "total_size": total_size},
+                    "metadata": {**old_index.get("metadata", {}), "total_size": total_size},
                     "weight_map": dict(sorted(weight_map.items())),
                 }
-                with open(tmp / index.name, "w") as f:
+                tmp_index = tmp / index.name
+                with os.fdopen(_create(tmp_index), "w") as f:
                     json.dump(new, f, indent=2)
+                    f.flush()
+                    os.fsync(f.fileno())
             progress.close()
-            if dst.exists():
-                shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-            os.replace(tmp, dst)
+            if dst.exists() and dst.is_dir() and not dst.is_symlink():
+                os.chmod(tmp, stat.S_IMODE(dst.stat().st_mode))  # replacing keeps the mode
+            fsync_dir(tmp)
+            _replace_dir(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        fsync_dir(dst.parent)
     else:
         progress = _Progress(src.stat().st_size, not args.quiet)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_dir() and not dst.is_symlink():
+            raise CliError(f"{dst} is a directory; the output of a file is a file")
         rows, _ = compress_file(src, dst, selected, kwargs, progress)
         progress.close()
     _print_summary(rows, time.perf_counter() - t0)
+
+
+def _create(path: Path) -> int:
+    from .files import create_file
+
+    return create_file(os.fspath(path))
+
+
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    """Put the finished directory ``tmp`` at ``dst``. A directory cannot be renamed
+    over a non-empty one, so an old ``dst`` is first renamed to a temporary name
+    (removed afterwards, or by the next run if this one is killed)."""
+    from .files import temp_path
+
+    old = None
+    if dst.is_symlink() or dst.is_file():
+        dst.unlink()
+    elif dst.exists():
+        old = Path(temp_path(dst.parent))
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -228,22 +338,31 @@ def _fmt_bytes(n: float) -> str:
 
 def _print_summary(rows: list[dict], seconds: float) -> None:
     comp = [r for r in rows if r["compressed"]]
-    w = max([len(r["name"]) for r in comp] + [6])
+    skipped = [r for r in rows if r["selected"] and not r["compressed"]]
+    w = max([len(r["name"]) for r in comp + skipped] + [6])
     print(
-        f"\n{'tensor':<{w}}  {'shape':>12}  {'dtype':>5}  {'bits/w':>7}  {'SNR dB':>7}  {'before':>10}  {'after':>10}"
+        f"\n{'tensor':<{w}}  {'shape':>12}  {'dtype':>5}  {'group':>6}  {'scales':>7}  {'bits/w':>7}  {'SNR dB':>7}"
+        f"  {'before':>10}  {'after':>10}  note"
     )
-    for r in comp:
+    for r in comp + skipped:
         shape = "x".join(map(str, r["shape"]))
+        if r["compressed"]:
+            group = str(r["group"]) if r["group"] != r["shape"][1] else "row"
+            cols = f"{group:>6}  {r['scale']:>7}  {r['bpw']:7.3f}  {r['snr']:7.2f}"
+        else:
+            cols = f"{'-':>6}  {'-':>7}  {r['bpw']:7.3f}  {'-':>7}"
         print(
-            f"{r['name']:<{w}}  {shape:>12}  {r['dtype']:>5}  {r['bpw']:7.3f}  {r['snr']:7.2f}  "
-            f"{_fmt_bytes(r['before']):>10}  {_fmt_bytes(r['after']):>10}"
+            f"{r['name']:<{w}}  {shape:>12}  {r['dtype']:>5}  {cols}  "
+            f"{_fmt_bytes(r['before']):>10}  {_fmt_bytes(r['after']):>10}  {'; '.join(r['notes'])}".rstrip()
         )
     before = sum(r["before"] for r in rows)
     after = sum(r["after"] for r in rows)
     copied = [r for r in rows if not r["compressed"]]
+    adapted = sum(1 for r in comp if r["notes"])
     print(
-        f"\n{len(comp)} tensors compressed, {len(copied)} copied unchanged "
-        f"({_fmt_bytes(sum(r['before'] for r in copied))}) in {seconds:.1f} s"
+        f"\n{len(comp)} tensors compressed ({adapted} with adapted settings, see notes), {len(copied)} copied "
+        f"unchanged ({_fmt_bytes(sum(r['before'] for r in copied))}; {len(skipped)} of them selected but not "
+        f"compressed) in {seconds:.1f} s"
     )
     if comp:
         cb, ca = sum(r["before"] for r in comp), sum(r["after"] for r in comp)
@@ -255,16 +374,15 @@ def _print_summary(rows: list[dict], seconds: float) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from .files import load_file, read_safetensors
+    from .files import load_file, read_header
     from .pb import PBTensor
 
     path = Path(args.file)
     if not path.is_file():
         raise CliError(f"{path}: no such file")
     tensors = load_file(path)  # validates everything
-    raw, meta = read_safetensors(path)
+    with open(path, "rb") as f:
+        _, entries, meta, _ = read_header(f, os.fspath(path))
     w = max([len(k) for k in tensors] + [6])
     print(f"{'tensor':<{w}}  {'codec':>7}  {'dtype':>5}  {'shape':>12}  {'params':<22}  {'bytes':>10}  {'bits/w':>7}")
     total = 0
@@ -279,11 +397,12 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                 f"  salient {r.num_values / max(t.shape[0] * t.shape[1], 1):.3f}"
             )
         else:
-            n = raw[name].nbytes
+            code, _, b, e = entries[name]
+            n = e - b
             shape = "x".join(map(str, t.shape)) or "scalar"
             print(
-                f"{name:<{w}}  {'-':>7}  {raw[name].dtype:>5}  {shape:>12}  {'':<22}  {n:>10}  "
-                f"{8 * n / max(int(np.prod(t.shape)), 1):7.3f}"
+                f"{name:<{w}}  {'-':>7}  {code:>5}  {shape:>12}  {'':<22}  {n:>10}  "
+                f"{8 * n / max(math.prod(t.shape), 1):7.3f}"
             )
         total += n
     other = {k: v for k, v in meta.items() if k != "pbcodec"}

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._util import count_bits_arg, prepare_out
+from ._util import c_aligned, check_disjoint, count_bits_arg, prepare_out, unshared
 from .errors import FormatError
 from .rle import RLE
 
@@ -35,7 +35,7 @@ def _as_weight(weight: Any) -> np.ndarray:
         raise TypeError(f"weight must be a float array (float32/float16), got dtype {w.dtype}")
     if w.ndim != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {w.shape}")
-    return np.ascontiguousarray(w, dtype=np.float32)
+    return c_aligned(np.ascontiguousarray(w, dtype=np.float32))
 
 
 class PBTensor:
@@ -176,6 +176,7 @@ class PBTensor:
             raise TypeError(f"decompress dtype must be a float dtype, got {dt}")
         if dt == np.float32:
             res = prepare_out(out, self.shape, np.float32)
+            check_disjoint(out, self._parts()[1], "compressed data")
             _core.pb_decompress(*self._parts(), res)
             return res
         full = np.empty(self.shape, np.float32)
@@ -215,9 +216,10 @@ class PBTensor:
             xa = xa.astype(np.float32)
         if xa.ndim not in (1, 2) or xa.shape[-1] != n:
             raise ValueError(f"x must have shape ({n},) or (batch, {n}), got {xa.shape}")
-        xa = np.ascontiguousarray(xa)
+        xa = c_aligned(xa)
         batch = 1 if xa.ndim == 1 else xa.shape[0]
         res = prepare_out(out, (m,) if xa.ndim == 1 else (batch, m), np.float32)
+        xa = unshared(xa, out)  # matvec(x, out=x): x is read while out is written
         if activations == "float32":
             lay = self._exec_layout()
             if lay.f32_supported:
@@ -256,53 +258,72 @@ class PBTensor:
         salient_bits: int,
     ) -> PBTensor:
         """Build from raw component arrays (a file's tensors, a state_dict) and
-        validate them like :meth:`from_bytes` does (:class:`FormatError` on any
-        inconsistency). Unaligned or non-contiguous inputs are copied; the
+        validate them like :meth:`from_bytes` does: the one validator of compressed
+        parts, used by :func:`pbcodec.load_file` and by ``PBLinear.load_state_dict``.
+
+        Every component must have exactly its dtype and shape (docs/format.md §8):
+        signs uint8 ``(m, ceil(n/8))``; mu, alpha float16/float32 ``(m, n_groups)`` and
+        sigma ``(m,)`` of the same dtype; counts uint8 and values (int8, or uint8
+        nibbles for 4-bit) 1-D; code_offsets int64 ``(m + 1,)``. Any mismatch, a
+        parameter out of range or content failing the checks of §7 raises
+        :class:`FormatError`. Unaligned or non-contiguous inputs are copied; the
         residual's value offsets are recomputed from its codes."""
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+        if not (isinstance(shape, (tuple, list)) and len(shape) == 2 and all(is_int(d) and d >= 0 for d in shape)):
+            raise FormatError(f"shape must be two non-negative ints, got {shape!r}")
         m, n = (int(d) for d in shape)
+        for what, v in (("group_size", group_size), ("count_bits", count_bits), ("salient_bits", salient_bits)):
+            if not is_int(v):
+                raise FormatError(f"{what} must be an int, got {v!r}")
+        g, cb, sb = int(group_size), int(count_bits), int(salient_bits)
+        if (m or 1) * (n or 1) >= 1 << 60:
+            raise FormatError(f"shape ({m}, {n}) is too large (limit: 2**60 elements)")
+        if sb not in (4, 8) or not 1 <= cb <= 8:
+            raise FormatError(f"bad residual parameters: count_bits={cb}, salient_bits={sb}")
+        if not (g == 1 if n == 0 else 1 <= g <= n):
+            raise FormatError(f"group_size {g} out of range for n = {n} (1..n, or 1 when n = 0)")
+        ng = 0 if n == 0 else -(-n // g)
         mu_a = np.asarray(mu)
         if mu_a.dtype not in _SCALE_BITS:
-            raise FormatError(f"scales must be float16 or float32, got {mu_a.dtype}")
+            raise FormatError(f"mu must be float16 or float32, got {mu_a.dtype}")
         dt = mu_a.dtype
 
-        def arr(a: Any, dtype: Any, name: str) -> np.ndarray:
+        def arr(a: Any, dtype: Any, name: str, want: tuple | None) -> np.ndarray:
             a = np.asarray(a)
             if a.dtype != np.dtype(dtype):
                 raise FormatError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}")
-            return np.require(a.ravel(), requirements=["C", "A"])
+            if (a.shape != want) if want is not None else (a.ndim != 1):
+                raise FormatError(f"{name} has shape {a.shape}, expected {want if want is not None else '1-D'}")
+            return np.require(a, requirements=["C", "A"])
 
-        if int(salient_bits) not in (4, 8) or not 1 <= int(count_bits) <= 8:
-            raise FormatError(f"bad residual parameters: count_bits={count_bits}, salient_bits={salient_bits}")
-        vals = arr(values, np.int8 if int(salient_bits) == 8 else np.uint8, "values")
-        co = arr(code_offsets, np.int64, "code_offsets")
+        # Shapes first: nothing below is sized by a number the arrays do not back.
+        signs_a = arr(signs, np.uint8, "signs", (m, (n + 7) // 8))
+        mu_a = arr(mu, dt, "mu", (m, ng))
+        alpha_a = arr(alpha, dt, "alpha", (m, ng))
+        sigma_a = arr(sigma, dt, "sigma", (m,))
+        counts_a = arr(counts, np.uint8, "counts", None)
+        vals = arr(values, np.int8 if sb == 8 else np.uint8, "values", None)
+        co = arr(code_offsets, np.int64, "code_offsets", (m + 1,))
         parts = (
-            (m, n, int(group_size), _SCALE_BITS[dt], int(count_bits), int(salient_bits)),
+            (m, n, g, _SCALE_BITS[dt], cb, sb),
             (
-                arr(signs, np.uint8, "signs"),
-                arr(mu, dt, "mu").astype(np.float32),
-                arr(alpha, dt, "alpha").astype(np.float32),
-                arr(sigma, dt, "sigma").astype(np.float32),
-                arr(counts, np.uint8, "counts"),
+                signs_a.ravel(),
+                mu_a.astype(np.float32).ravel(),
+                alpha_a.astype(np.float32).ravel(),
+                sigma_a.astype(np.float32),
+                counts_a,
                 vals.view(np.uint8),
                 co,
                 np.zeros(m + 1, np.int64),  # recomputed by the validating walk
             ),
         )
-        if co.shape != (m + 1,):
-            raise FormatError(f"code_offsets must have {m + 1} entries, got {co.size}")
         vo = _core.pb_validate(*parts)
-        ng = 0 if n == 0 else -(-n // int(group_size))
-        residual = RLE((m, n), int(count_bits), int(salient_bits), parts[1][4], vals, co, vo)
+        residual = RLE((m, n), cb, sb, counts_a, vals, co, vo)
         # The validated (aligned, contiguous) arrays, not the caller's originals.
-        return cls(
-            (m, n),
-            parts[1][0].reshape(m, (n + 7) // 8),
-            arr(mu, dt, "mu").reshape(m, ng),
-            arr(alpha, dt, "alpha").reshape(m, ng),
-            arr(sigma, dt, "sigma").reshape(m),
-            residual,
-            int(group_size),
-        )
+        return cls((m, n), signs_a, mu_a, alpha_a, sigma_a, residual, g)
 
     def stats(self) -> dict:
         """Size breakdown in bits per weight and the codec parameters."""
@@ -412,7 +433,7 @@ def compress(
     if importance is not None:
         if type(importance).__module__.startswith("torch"):
             importance = importance.detach().cpu().float().numpy()
-        imp = np.ascontiguousarray(np.asarray(importance, dtype=np.float32))
+        imp = c_aligned(np.ascontiguousarray(np.asarray(importance, dtype=np.float32)))
         if imp.shape != (n,):
             raise ValueError(f"importance must have shape ({n},), got {imp.shape}")
     sbits = _SCALE_BITS[_scale_dtype(scale_dtype)]

@@ -20,7 +20,7 @@ import struct
 
 import numpy as np
 
-from .errors import FormatError
+from .errors import FormatError, ScaleRangeError
 
 __all__ = [
     "FormatError",
@@ -83,6 +83,12 @@ def _packed_len(count: int, bits: int) -> int:
 def _rows_of(shape) -> int:
     """Number of rows of an array of ``shape``: product of ``shape[:-1]``, 1 for 1-D."""
     return math.prod(shape[:-1])
+
+
+def _nonzero_product(shape) -> int:
+    """Product of the nonzero dimensions (§4, §7, §8 bound shapes by it, so that a
+    shape is representable even when a zero dimension makes it empty)."""
+    return math.prod(d for d in shape if d)
 
 
 # ---------------------------------------------------------------------------
@@ -398,9 +404,9 @@ class RLE:
         # Python ints are exact, so "overflow checks" become: a size beyond u64 is an
         # error, and any other wrong size fails the exact length comparison.
         rows = _rows_of(shape)
-        # §4: rows and the element count (exact products) must be below 2**63.
-        if rows >= 1 << 63 or math.prod(shape) >= 1 << 63:
-            raise FormatError(f"shape {shape} has too many elements")
+        # §4: the product of the nonzero dimensions must be below 2**63.
+        if _nonzero_product(shape) >= 1 << 63:
+            raise FormatError(f"shape {shape} is too large (limit: 2**63 elements)")
         row_ends_len = w * rows
         counts_len = _packed_len(num_codes, count_bits)
         values_len = num_values if value_bits == 8 else (num_values + 1) // 2
@@ -563,8 +569,8 @@ def _validate_rle(rle: RLE, canonical: bool) -> np.ndarray:
         raise FormatError(f"value_bits {vb} not 4 or 8")
     if not 1 <= len(shape) <= _MAX_NDIM:
         raise FormatError(f"ndim {len(shape)} not in 1..{_MAX_NDIM}")
-    if any(d < 0 or d > _U64_MAX for d in shape):
-        raise FormatError(f"shape {shape} has an entry outside 0..2**64-1")
+    if any(d < 0 for d in shape) or _nonzero_product(shape) >= 1 << 63:
+        raise FormatError(f"shape {shape} is invalid or too large (limit: 2**63 elements)")
     rows = _rows_of(shape)
     co, vo = rle.code_offsets, rle.value_offsets
     for name, off in (("code_offsets", co), ("value_offsets", vo)):
@@ -754,12 +760,12 @@ def _check_scale_dtype(scale_dtype) -> np.dtype:
 
 def _to_scale(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
     """§6.1 ``to_scale``: float64 -> float16/float32, round half to even (numpy's casts
-    round correctly and directly, with no float32 step for float16); a non-finite
-    result is a ValueError."""
-    with np.errstate(over="ignore"):
+    round correctly and directly, with no float32 step for float16). A non-finite
+    result (overflow) is a ScaleRangeError."""
+    with np.errstate(over="ignore", under="ignore"):
         out = x.astype(dtype)
     if not np.all(np.isfinite(out)):
-        raise ValueError(
+        raise ScaleRangeError(
             f"{name} overflows {dtype} scales (largest {float(np.max(np.abs(x)))!r}); use scale_dtype='float32'"
         )
     return out
@@ -849,11 +855,15 @@ def compress(
     scale_dtype: ``"float16"``/``"float32"`` (or the numpy type / dtype).
 
     Raises TypeError for a non-float weight (or non-real importance), ValueError for
-    bad shapes or parameters, non-finite input, and for a scale that overflows the
-    scale type (use ``scale_dtype="float32"``).
+    bad shapes (more than 2**60 elements, zeros aside) or parameters, non-finite input,
+    and ScaleRangeError (a ValueError) for a scale that overflows the scale type, or a
+    row with a nonzero weight whose float16 scales all round to zero (use
+    ``scale_dtype="float32"``).
     """
     w = _check_weight(weight)
     m, n = w.shape
+    if _nonzero_product((m, n)) >= 1 << 60:
+        raise ValueError(f"shape ({m}, {n}) is too large (limit: 2**60 elements)")
     if isinstance(salient, (bool, np.bool_)) or not isinstance(salient, (int, float, np.integer, np.floating)):
         raise TypeError(f"salient must be a number in [0, 1], got {salient!r}")
     salient = float(salient)
@@ -932,6 +942,16 @@ def compress(
     r = w64 - (mu_col + s * alpha_col)
     max_abs = np.max(np.where(salient_mask, np.abs(r), 0.0), axis=1, initial=0.0)
     sigma_q = _to_scale(max_abs / big_q, scale_dtype, "sigma")
+    if scale_dtype == np.float16:
+        # §6.1 underflow: a row with a nonzero weight whose scales all round to 0 would
+        # decompress to zeros.
+        vanished = np.all(mu_q == 0, axis=1) & np.all(alpha_q == 0, axis=1) & (sigma_q == 0) & np.any(w != 0, axis=1)
+        if np.any(vanished):
+            i = int(np.flatnonzero(vanished)[0])
+            raise ScaleRangeError(
+                f"row {i}: every float16 scale underflows to 0 (largest |weight| {float(np.max(np.abs(w[i])))!r}); "
+                "use scale_dtype='float32'"
+            )
     sigma64 = sigma_q.astype(np.float64)[:, None]
     ratio = np.zeros((m, n), dtype=np.float64)
     np.divide(r, sigma64, out=ratio, where=salient_mask & (sigma64 > 0))
@@ -1255,6 +1275,8 @@ class PBTensor:
             raise FormatError(f"dense_bits {dense_bits} not supported (only 1)")
         if scale_bits not in (16, 32):
             raise FormatError(f"scale width {scale_bits} bits, expected 16 or 32")
+        if _nonzero_product((m, n)) >= 1 << 60:
+            raise FormatError(f"shape ({m}, {n}) is too large (limit: 2**60 elements)")
         if n == 0:
             if group_size != 1:
                 raise FormatError(f"group_size must be stored as 1 when n = 0, got {group_size}")
@@ -1329,8 +1351,8 @@ def _check_residual_codes(residual: RLE) -> None:
 def _validate_pbtensor(t: PBTensor) -> None:
     """Everything §7 requires of a tensor, for an in-memory PBTensor (FormatError)."""
     m, n = t.shape
-    if any(d < 0 or d > _U64_MAX for d in t.shape):
-        raise FormatError(f"shape {t.shape} has an entry outside 0..2**64-1")
+    if any(d < 0 for d in t.shape) or _nonzero_product(t.shape) >= 1 << 60:
+        raise FormatError(f"shape {t.shape} is invalid or too large (limit: 2**60 elements)")
     gs = t.group_size
     if n == 0:
         if gs != 1:
@@ -1382,57 +1404,120 @@ def snr_db(W, W_hat) -> float:
 # §8 files: compressed tensors in safetensors
 # ---------------------------------------------------------------------------
 
-_ST_CODES = {
-    "bool": "BOOL",
-    "uint8": "U8",
-    "int8": "I8",
-    "uint16": "U16",
-    "int16": "I16",
-    "float16": "F16",
-    "uint32": "U32",
-    "int32": "I32",
-    "float32": "F32",
-    "uint64": "U64",
-    "int64": "I64",
-    "float64": "F64",
+# §8 dtype table: code -> (bits per element, numpy dtype name, ml_dtypes name).
+_ST_DTYPES = {
+    "BOOL": (8, "bool", None),
+    "U8": (8, "uint8", None),
+    "I8": (8, "int8", None),
+    "U16": (16, "uint16", None),
+    "I16": (16, "int16", None),
+    "F16": (16, "float16", None),
+    "U32": (32, "uint32", None),
+    "I32": (32, "int32", None),
+    "F32": (32, "float32", None),
+    "U64": (64, "uint64", None),
+    "I64": (64, "int64", None),
+    "F64": (64, "float64", None),
+    "C64": (64, "complex64", None),
+    "BF16": (16, None, "bfloat16"),
+    "F8_E5M2": (8, None, "float8_e5m2"),
+    "F8_E4M3": (8, None, "float8_e4m3fn"),
+    "F8_E4M3FNUZ": (8, None, "float8_e4m3fnuz"),
+    "F8_E5M2FNUZ": (8, None, "float8_e5m2fnuz"),
+    "F8_E8M0": (8, None, "float8_e8m0fnu"),
+    "F4": (4, None, None),
+    "F6_E2M3": (6, None, None),
+    "F6_E3M2": (6, None, None),
 }
-_ST_DTYPES = {v: np.dtype(k) for k, v in _ST_CODES.items()}
+_ST_MAX_HEADER = 100_000_000
+_ST_MAX_NDIM = 32
+_PB_PARTS = ("signs", "mu", "alpha", "sigma", "residual.counts", "residual.values", "residual.code_offsets")
 
 
-def _st_entry(a: np.ndarray):
-    a = np.ascontiguousarray(a)
-    code = _ST_CODES.get(a.dtype.name)
+class StoredTensor:
+    """A tensor kept as its safetensors dtype code, shape and bytes (what the reference
+    ``load_file`` returns when numpy has no such dtype here)."""
+
+    def __init__(self, dtype, shape, data):
+        self.dtype, self.shape, self.data = dtype, tuple(shape), bytes(data)
+
+    def __eq__(self, other):
+        return (self.dtype, self.shape, bytes(self.data)) == (other.dtype, other.shape, bytes(other.data))
+
+
+def _ml_dtype(name):
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(getattr(ml_dtypes, name)) if hasattr(ml_dtypes, name) else None
+
+
+def _st_exact_dtype(code):
+    """The numpy dtype holding ``code`` exactly here, or None."""
+    _, nm, ml = _ST_DTYPES[code]
+    if nm is not None:
+        return np.dtype(nm)
+    return _ml_dtype(ml) if ml is not None else None
+
+
+def _st_nbytes(code, shape) -> int:
+    """§8: bytes of a tensor; ValueError when the shape breaks the §8 rules."""
+    bits = _ST_DTYPES[code][0]
+    if len(shape) > _ST_MAX_NDIM:
+        raise ValueError(f"{len(shape)} dimensions, at most {_ST_MAX_NDIM}")
+    if _nonzero_product(shape) * max(bits // 8, 1) >= 1 << 63:
+        raise ValueError(f"shape {list(shape)} is too large")
+    if math.prod(shape) * bits % 8:
+        raise ValueError(f"{code} of shape {list(shape)} does not fill whole bytes")
+    return math.prod(shape) * bits // 8
+
+
+def _st_entry(name, a):
+    """(code, shape, little-endian bytes) of an array or a stored tensor."""
+    if isinstance(getattr(a, "dtype", None), str):  # StoredTensor / pbcodec.RawTensor
+        code, shape, data = a.dtype, tuple(a.shape), bytes(a.data)
+        if code not in _ST_DTYPES or len(data) != _st_nbytes(code, shape):
+            raise ValueError(f"tensor {name!r}: {code} data do not match shape {shape}")
+        return code, [int(d) for d in shape], data
+    a = np.asarray(a)
+    code = None
+    for c, (_, nm, ml) in _ST_DTYPES.items():
+        want = np.dtype(nm) if nm is not None else (_ml_dtype(ml) if ml is not None else None)
+        if want is not None and a.dtype.newbyteorder("=") == want:
+            code = c
+            break
     if code is None:
-        raise TypeError(f"cannot store dtype {a.dtype} in a safetensors file")
+        raise TypeError(f"tensor {name!r}: cannot store dtype {a.dtype} in a safetensors file")
+    if a.ndim > _ST_MAX_NDIM:
+        raise ValueError(f"tensor {name!r}: {a.ndim} dimensions, at most {_ST_MAX_NDIM}")
     return code, [int(d) for d in a.shape], a.astype(a.dtype.newbyteorder("<")).tobytes()
 
 
 def save_file(tensors, path, metadata=None) -> None:
-    """Write ``{name: PBTensor | ndarray}`` as a safetensors file with the canonical
-    bytes of docs/format.md §8 (reference twin of ``pbcodec.save_file``)."""
+    """Write ``{name: PBTensor | ndarray | StoredTensor}`` as a safetensors file with the
+    canonical bytes of docs/format.md §8 (reference twin of ``pbcodec.save_file``).
+    Everything is checked before the file is opened."""
     metadata = dict(metadata or {})
     if "pbcodec" in metadata:
         raise ValueError("metadata key 'pbcodec' is reserved")
     entries = {}
     desc = {}
+
+    def put(key, value):
+        if key in entries:
+            raise ValueError(f"tensor name {key!r} is used twice")
+        entries[key] = value
+
     for name, v in tensors.items():
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' cannot name a tensor")
         if isinstance(v, PBTensor):
             v.to_bytes()  # validates, like the library does before writing
             r = v.residual
-            parts = {
-                "signs": v.signs,
-                "mu": v.mu,
-                "alpha": v.alpha,
-                "sigma": v.sigma,
-                "residual.counts": r.counts,
-                "residual.values": r.values,
-                "residual.code_offsets": r.code_offsets,
-            }
-            for suffix, arr in parts.items():
-                key = f"{name}.{suffix}"
-                if key in entries:
-                    raise ValueError(f"tensor name {key!r} is used twice")
-                entries[key] = _st_entry(np.asarray(arr))
+            arrays = (v.signs, v.mu, v.alpha, v.sigma, r.counts, r.values, r.code_offsets)
+            for suffix, arr in zip(_PB_PARTS, arrays, strict=True):
+                put(f"{name}.{suffix}", _st_entry(name, arr))
             desc[name] = {
                 "codec": "pbcodec.pb",
                 "version": 1,
@@ -1444,10 +1529,8 @@ def save_file(tensors, path, metadata=None) -> None:
                 "scale_dtype": str(v.mu.dtype),
             }
         else:
-            if name in entries:
-                raise ValueError(f"tensor name {name!r} is used twice")
-            entries[name] = _st_entry(np.asarray(v))
-    order = sorted(entries, key=lambda k: (-_ST_DTYPES[entries[k][0]].itemsize, k))
+            put(name, _st_entry(name, v))
+    order = sorted(entries, key=lambda k: (-_ST_DTYPES[entries[k][0]][0], k))
     header = {}
     offset = 0
     for k in order:
@@ -1464,36 +1547,100 @@ def save_file(tensors, path, metadata=None) -> None:
         f.write(struct.pack("<Q", len(hb)) + hb + b"".join(entries[k][2] for k in order))
 
 
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, in file order."""
+
+
+_DESC_FIELDS = ("codec", "version", "shape", "dense_bits", "group_size", "count_bits", "salient_bits", "scale_dtype")
+
+
+def _descriptions(text) -> dict:
+    """§8.2: the description object. Keys may not repeat in it nor among a description's
+    known fields; other fields are ignored, whatever they hold."""
+    try:
+        top = json.loads(text, object_pairs_hook=_Pairs)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"pbcodec metadata is not valid JSON ({e})") from None
+    if not isinstance(top, _Pairs):
+        raise FormatError("pbcodec metadata must be a JSON object")
+    out = {}
+    for name, row in top:
+        if name in out:
+            raise FormatError(f"description {name!r} appears twice")
+        if not isinstance(row, _Pairs):
+            raise FormatError(f"{name}: description is not an object")
+        fields = {}
+        for k, v in row:
+            if k not in _DESC_FIELDS:
+                continue
+            if k in fields:
+                raise FormatError(f"{name}: field {k!r} appears twice")
+            if isinstance(v, _Pairs) or (isinstance(v, list) and not all(_is_json_int(x) for x in v)):
+                raise FormatError(f"{name}: field {k!r} must be a scalar or a list of integers")
+            fields[k] = v
+        out[name] = fields
+    return out
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise FormatError("a JSON object repeats a key")
+    return dict(pairs)
+
+
+def _is_json_int(x) -> bool:
+    return type(x) is int  # not bool, not float
+
+
 def load_file(path) -> dict:
-    """Read a file written by ``save_file`` (reference twin of ``pbcodec.load_file``):
-    compressed tensors are rebuilt from their components and serialized-form
-    validated; plain tensors come back as numpy arrays."""
+    """Read a safetensors file (reference twin of ``pbcodec.load_file``): compressed
+    tensors are rebuilt from their components and serialized-form validated; plain
+    tensors come back as numpy arrays of their exact dtype, or as
+    :class:`StoredTensor` when numpy has none here (§8)."""
     with open(path, "rb") as f:
         buf = f.read()
     if len(buf) < 8:
         raise FormatError("file too short for safetensors")
     (n,) = struct.unpack_from("<Q", buf, 0)
-    if n > min(100 * 2**20, len(buf) - 8):
-        raise FormatError("header length exceeds the file or the 100 MiB limit")
+    if n > min(_ST_MAX_HEADER, len(buf) - 8):
+        raise FormatError("header length exceeds the file or the 100 MB limit")
     try:
-        header = json.loads(buf[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(buf[8 : 8 + n].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise FormatError(f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise FormatError("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError("__metadata__ must map strings to strings")
     data = buf[8 + n :]
     arrays, spans = {}, []
     for name, e in header.items():
-        dt = _ST_DTYPES.get(e.get("dtype")) if isinstance(e, dict) else None
-        if dt is None:
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
             raise FormatError(f"tensor {name!r}: bad entry")
-        b, end = e["data_offsets"]
-        shape = tuple(e["shape"])
-        if not 0 <= b <= end <= len(data) or end - b != math.prod(shape) * dt.itemsize:
+        code, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(code, str) or code not in _ST_DTYPES:
+            raise FormatError(f"tensor {name!r}: unknown dtype {code!r}")
+        if not isinstance(shape, list) or not all(_is_json_int(d) and d >= 0 for d in shape):
+            raise FormatError(f"tensor {name!r}: bad shape")
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_is_json_int(o) and o >= 0 for o in offs):
+            raise FormatError(f"tensor {name!r}: bad data_offsets")
+        try:
+            nbytes = _st_nbytes(code, shape)
+        except ValueError as err:
+            raise FormatError(f"tensor {name!r}: {err}") from None
+        b, end = offs
+        if not b <= end <= len(data) or end - b != nbytes:
             raise FormatError(f"tensor {name!r}: bad data_offsets")
         spans.append((b, end))
-        arrays[name] = np.frombuffer(data[b:end], dtype=dt.newbyteorder("<")).reshape(shape)
+        dt = _st_exact_dtype(code)
+        raw = data[b:end]
+        if dt is None:
+            arrays[name] = StoredTensor(code, shape, raw)
+        else:
+            arrays[name] = np.frombuffer(raw, dtype=dt.newbyteorder("<")).reshape(shape)
     pos = 0
     for b, end in sorted(spans):
         if b != pos:
@@ -1502,20 +1649,41 @@ def load_file(path) -> dict:
     if pos != len(data):
         raise FormatError("bytes after the last tensor")
     out = {}
-    desc = json.loads(metadata["pbcodec"]) if "pbcodec" in metadata else {}
+    desc = _descriptions(metadata["pbcodec"]) if "pbcodec" in metadata else {}
     owned = set()
     for name, d in desc.items():
-        if d.get("codec") != "pbcodec.pb" or d.get("version") != 1:
+        d = {k: v for k, v in d.items() if v is not None}  # §8.2: a null field counts as absent
+        if d.get("codec") != "pbcodec.pb" or not _is_json_int(d.get("version")) or d["version"] != 1:
             raise FormatError(f"{name}: unknown codec or version")
-        keys = ["signs", "mu", "alpha", "sigma", "residual.counts", "residual.values", "residual.code_offsets"]
-        missing = [k for k in keys if f"{name}.{k}" not in arrays]
+        missing = [k for k in _PB_PARTS if f"{name}.{k}" not in arrays]
         if missing:
             raise FormatError(f"{name}: missing component(s) {missing}")
-        owned.update(f"{name}.{k}" for k in keys)
-        a = {k: arrays[f"{name}.{k}"] for k in keys}
-        m, n_ = d["shape"]
-        co = a["residual.code_offsets"].astype(np.int64)
+        owned.update(f"{name}.{k}" for k in _PB_PARTS)
+        a = {k: arrays[f"{name}.{k}"] for k in _PB_PARTS}
         try:
+            m, n_ = d["shape"]
+            if not all(_is_json_int(v) for v in (m, n_, d["group_size"], d["count_bits"], d["salient_bits"])):
+                raise FormatError("non-integer parameters")
+            dense_bits = d.get("dense_bits", 1)
+            if d.get("scale_dtype") not in ("float16", "float32") or not _is_json_int(dense_bits) or dense_bits != 1:
+                raise FormatError("bad scale_dtype or dense_bits")
+            ng = _n_groups(n_, d["group_size"]) if d["group_size"] > 0 else -1
+            want = {
+                "signs": (np.uint8, (m, _packed_len(n_, 1))),
+                "mu": (np.dtype(d["scale_dtype"]), (m, ng)),
+                "alpha": (np.dtype(d["scale_dtype"]), (m, ng)),
+                "sigma": (np.dtype(d["scale_dtype"]), (m,)),
+                "residual.code_offsets": (np.int64, (m + 1,)),
+                "residual.counts": (np.uint8, None),
+                "residual.values": (np.int8 if d["salient_bits"] == 8 else np.uint8, None),
+            }
+            for k, (dt, shp) in want.items():
+                arr = a[k]
+                if not isinstance(arr, np.ndarray) or arr.dtype != dt:
+                    raise FormatError(f"{k}: wrong dtype")
+                if (arr.shape != shp) if shp is not None else (arr.ndim != 1):
+                    raise FormatError(f"{k}: wrong shape {arr.shape}")
+            co = a["residual.code_offsets"].astype(np.int64)
             vo = np.zeros(m + 1, np.int64)  # recomputed by from_bytes' validating walk below
             rle = RLE((m, n_), d["count_bits"], d["salient_bits"], a["residual.counts"], a["residual.values"], co, vo)
             num_values = _count_values(rle)

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from . import _core
-from ._util import as_int8, count_bits_arg, prepare_out, rows_of
+from ._util import as_int8, c_aligned, check_disjoint, count_bits_arg, prepare_out, rows_of
+from .errors import FormatError
 
 
 class RLE:
@@ -52,8 +53,8 @@ class RLE:
         self.value_bits = int(value_bits)
         self.counts = np.ascontiguousarray(counts, dtype=np.uint8)
         self.values = np.ascontiguousarray(values, dtype=np.int8 if self.value_bits == 8 else np.uint8)
-        self.code_offsets = np.ascontiguousarray(code_offsets, dtype=np.int64)
-        self.value_offsets = np.ascontiguousarray(value_offsets, dtype=np.int64)
+        self.code_offsets = c_aligned(np.ascontiguousarray(code_offsets, dtype=np.int64))
+        self.value_offsets = c_aligned(np.ascontiguousarray(value_offsets, dtype=np.int64))
 
     @property
     def num_codes(self) -> int:
@@ -159,7 +160,14 @@ def rle_decode(
             f"decoding shape {rle.shape} needs {size} elements, over max_elements={max_elements}; "
             "pass a larger max_elements (or None) if this array is expected"
         )
-    out = prepare_out(out, rle.shape, np.int8)
+    if out is None:
+        try:
+            out = np.empty(rle.shape, np.int8)
+        except (ValueError, TypeError, OverflowError) as e:  # a shape numpy cannot represent
+            raise FormatError(f"RLE shape {rle.shape} is invalid: {e}") from None
+    else:
+        out = prepare_out(out, rle.shape, np.int8)
+        check_disjoint(out, (rle.counts, rle.values, rle.code_offsets, rle.value_offsets), "encoded data")
     _core.rle_decode(
         rle.counts,
         rle.values.view(np.uint8),

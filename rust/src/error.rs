@@ -1,5 +1,6 @@
 //! One error type for the core; the binding layer maps `Invalid` to
-//! `ValueError` and `Format` to `pbcodec.FormatError`.
+//! `ValueError`, `Format` to `pbcodec.FormatError` and `Scale` to
+//! `pbcodec.ScaleRangeError` (a `ValueError`).
 use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -8,6 +9,10 @@ pub enum Error {
     Invalid(String),
     /// Malformed serialized or encoded data.
     Format(String),
+    /// A scale the chosen scale type cannot hold (float16 overflow, or a nonzero
+    /// `alpha`/`sigma` that rounds to zero): `pbcodec.ScaleRangeError` in Python,
+    /// a `ValueError`, so callers can retry with float32 scales.
+    Scale(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -15,7 +20,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Invalid(m) | Error::Format(m) => f.write_str(m),
+            Error::Invalid(m) | Error::Format(m) | Error::Scale(m) => f.write_str(m),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod error;
 pub mod fmatvec;
 pub mod format;
 pub mod half;
+pub mod json;
 pub mod layout;
 pub mod matvec;
 pub mod parallel;

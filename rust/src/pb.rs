@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::crc32c::crc32c;
 use crate::error::{format_err, invalid};
 use crate::half::{f16_to_f32, f64_to_f16};
-use crate::{format, parallel, rle, Result};
+use crate::{format, parallel, rle, Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScaleType {
@@ -32,19 +32,32 @@ impl ScaleType {
         self.bits() as usize / 8
     }
     /// Round a float64 to this type (nearest-even); the result is returned as
-    /// the f32 holding that exact value. Non-finite results are an error.
-    fn round(self, v: f64) -> Result<f32> {
+    /// the f32 holding that exact value. A result that is not finite (overflow)
+    /// is an error (docs/format.md §6.1; underflow is checked per row, see
+    /// `binarize_row`).
+    fn round(self, v: f64, what: &str, row: usize) -> Result<f32> {
         let r = match self {
             ScaleType::F16 => f16_to_f32(f64_to_f16(v)),
             ScaleType::F32 => v as f32,
         };
         if !r.is_finite() {
-            return invalid(format!(
-                "a scale ({v:e}) overflows {}; use scale_dtype='float32'",
-                if self == ScaleType::F16 { "float16" } else { "float32" }
-            ));
+            let name = if self == ScaleType::F16 { "float16" } else { "float32" };
+            return Err(Error::Scale(format!("row {row}: {what} = {v:e} overflows {name}; use scale_dtype='float32'")));
         }
         Ok(r)
+    }
+}
+
+/// Largest `m x n` (product of the nonzero dimensions) a PBTensor may have: the
+/// dense matrix must be addressable as float64, also when it is empty
+/// (docs/format.md §7).
+pub const MAX_ELEMENTS: u64 = 1 << 60;
+
+/// Check a PBTensor shape against [`MAX_ELEMENTS`].
+pub fn check_shape(m: usize, n: usize) -> std::result::Result<(), String> {
+    match rle::nonzero_product(&[m, n]) {
+        Some(p) if p < MAX_ELEMENTS => Ok(()),
+        _ => Err(format!("shape ({m}, {n}) is too large (limit: 2**60 elements)")),
     }
 }
 
@@ -144,7 +157,7 @@ struct RowOut<'a> {
     q: &'a mut [i8],
 }
 
-fn binarize_row(w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowOut) -> Result<f32> {
+fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowOut) -> Result<f32> {
     let n = w.len();
     out.signs.fill(0);
     out.q.fill(0);
@@ -157,14 +170,14 @@ fn binarize_row(w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowOut) -> Res
                 c += 1;
             }
         }
-        let mu = p.scale.round(if p.shift && c > 0 { sum / c as f64 } else { 0.0 })?;
+        let mu = p.scale.round(if p.shift && c > 0 { sum / c as f64 } else { 0.0 }, "mu", i)?;
         let mut asum = 0f64;
         for j in g0..g1 {
             if sal[j] == 0 {
                 asum += (w[j] as f64 - mu as f64).abs();
             }
         }
-        let alpha = p.scale.round(if c > 0 { asum / c as f64 } else { 0.0 })?;
+        let alpha = p.scale.round(if c > 0 { asum / c as f64 } else { 0.0 }, "alpha", i)?;
         for j in g0..g1 {
             if w[j] < mu {
                 out.signs[j / 8] |= 1 << (j % 8);
@@ -185,7 +198,20 @@ fn binarize_row(w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowOut) -> Res
             rmax = rmax.max(resid(j).abs());
         }
     }
-    let sigma = p.scale.round(rmax / qm as f64)?;
+    let sigma = p.scale.round(rmax / qm as f64, "sigma", i)?;
+    // Underflow (float16): a row with a nonzero weight whose scales all round to 0
+    // would decompress to zeros -- the counterpart of overflow, refused alike. A single
+    // scale rounding to 0 in a row that keeps others (e.g. alpha = mu's own rounding
+    // error with group_size 1) loses less than 2^-25 per weight and is not an error.
+    if p.scale == ScaleType::F16 && sigma == 0.0 && out.mu.iter().chain(out.alpha.iter()).all(|&v| v == 0.0) {
+        let big = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if big != 0.0 {
+            return Err(Error::Scale(format!(
+                "row {i}: every float16 scale underflows to 0 (largest |weight| {big:e}): the row would \
+                 decompress to zeros; use scale_dtype='float32'"
+            )));
+        }
+    }
     if sigma > 0.0 {
         for j in 0..n {
             if sal[j] != 0 {
@@ -202,6 +228,7 @@ pub fn compress(w: &[f32], m: usize, n: usize, importance: Option<&[f32]>, p: &P
     if w.len() != m.checked_mul(n).unwrap_or(usize::MAX) {
         return invalid(format!("weight has {} elements, expected {m} x {n}", w.len()));
     }
+    check_shape(m, n).or_else(invalid)?;
     if !(0.0..=1.0).contains(&p.salient) {
         return invalid(format!("salient must be in [0, 1], got {}", p.salient));
     }
@@ -265,7 +292,7 @@ pub fn compress(w: &[f32], m: usize, n: usize, importance: Option<&[f32]>, p: &P
                 .enumerate()
                 .try_for_each(|(i, ((((s, mu), a), q), sg))| {
                     let out = RowOut { signs: s, mu, alpha: a, q };
-                    *sg = binarize_row(&w[i * n..(i + 1) * n], &sal[i * n..(i + 1) * n], g, p, out)?;
+                    *sg = binarize_row(i, &w[i * n..(i + 1) * n], &sal[i * n..(i + 1) * n], g, p, out)?;
                     Ok::<(), crate::Error>(())
                 })
         })?;
@@ -300,9 +327,7 @@ impl PbRef<'_> {
     /// residual's stream contents are checked by the kernels that walk them).
     pub fn check_sizes(&self) -> Result<()> {
         // Shapes come from user-modifiable Python objects: checked arithmetic.
-        if rle::rows_of(&[self.m, self.n]).is_err() {
-            return format_err(format!("shape ({}, {}) is too large", self.m, self.n));
-        }
+        check_shape(self.m, self.n).or_else(format_err)?;
         let group_ok = if self.n == 0 { self.group_size == 1 } else { (1..=self.n).contains(&self.group_size) };
         if !group_ok {
             return format_err(format!("group_size {} out of range for n = {}", self.group_size, self.n));
@@ -490,6 +515,7 @@ pub fn from_bytes(buf: &[u8]) -> Result<PbTensor> {
     let n = usize::try_from(rd(16)).map_err(|_| too_big())?;
     let g = usize::try_from(rd(24)).map_err(|_| too_big())?;
     let rl = usize::try_from(rd(32)).map_err(|_| too_big())?;
+    check_shape(m, n).or_else(format_err)?;
     if n == 0 && g != 1 {
         return format_err(format!("group_size must be 1 for n = 0, got {g}"));
     }
@@ -601,5 +627,58 @@ mod tests {
         let mut wh = vec![0f32; m * n];
         t.view().decompress(&mut wh).unwrap();
         assert!((wh[17] - 40.0).abs() < 0.5, "{}", wh[17]);
+    }
+
+    #[test]
+    fn float16_underflow_is_refused_like_overflow() {
+        let w: Vec<f32> = gaussian(4, 64, 3).iter().map(|v| v * 1e-8).collect();
+        for scale in [ScaleType::F16, ScaleType::F32] {
+            let p = Params { scale, ..params() };
+            let r = compress(&w, 4, 64, None, &p);
+            match scale {
+                ScaleType::F16 => {
+                    assert!(matches!(&r, Err(Error::Scale(m)) if m.contains("underflows to 0")), "{r:?}")
+                }
+                ScaleType::F32 => assert!(r.is_ok()),
+            }
+        }
+        let big: Vec<f32> = gaussian(4, 64, 3).iter().map(|v| v * 1e6).collect();
+        assert!(matches!(compress(&big, 4, 64, None, &params()), Err(Error::Scale(m)) if m.contains("overflows")));
+        // A zero row is not an underflow (its scales are exactly 0), nor is a row that keeps
+        // a nonzero scale while one rounds to 0 (group size 1: alpha is mu's rounding error).
+        assert!(compress(&[0.0; 64], 1, 64, None, &params()).is_ok());
+        let one = Params { group_size: Some(1), salient: 0.0, ..params() };
+        let w: Vec<f32> = (0..64).map(|j| 1e-6 * (1.0 + j as f32 / 64.0)).collect();
+        let t = compress(&w, 1, 64, None, &one).unwrap();
+        let lost = (0..64).filter(|&j| t.alpha[j] == 0.0 && w[j] as f64 != t.mu[j] as f64).count();
+        assert!(lost > 0 && t.mu.iter().all(|&v| v > 0.0), "{lost}");
+    }
+
+    #[test]
+    fn shapes_beyond_the_limit_are_refused() {
+        assert!(check_shape(0, (1 << 60) - 1).is_ok());
+        assert!(check_shape(0, 1 << 60).is_err());
+        assert!(check_shape(1 << 31, 1 << 30).is_err());
+        // A 96-byte blob of shape (0, 2^63) with a valid checksum.
+        let mut rle = Vec::new();
+        rle.extend_from_slice(b"PBRL");
+        rle.extend_from_slice(&[1, 0, 4, 8, 2, 4, 0, 0, 0, 0, 0, 0]);
+        for v in [0u64, 1 << 63, 0, 0] {
+            rle.extend_from_slice(&v.to_le_bytes());
+        }
+        let c = crc32c(&rle);
+        rle.extend_from_slice(&c.to_le_bytes());
+        let mut b = Vec::new();
+        b.extend_from_slice(b"PBTN");
+        b.extend_from_slice(&[1, 0, 1, 16]);
+        for v in [0u64, 1 << 63, 1, rle.len() as u64] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&rle);
+        let c = crc32c(&b);
+        b.extend_from_slice(&c.to_le_bytes());
+        assert_eq!(b.len(), 96);
+        assert!(matches!(from_bytes(&b), Err(Error::Format(m)) if m.contains("too large")));
+        assert!(matches!(format::rle_from_bytes(&rle), Err(Error::Format(m)) if m.contains("too large")));
     }
 }

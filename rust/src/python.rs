@@ -6,20 +6,23 @@ use numpy::{PyArray1, PyReadonlyArrayDyn, PyReadwriteArrayDyn};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBytes, PyType};
+use pyo3::types::{PyBytes, PyList, PyType};
 
 use crate::pb::{self, PbRef, ScaleType};
 use crate::{bitpack, format, parallel, rle, simd, Error};
 
 static FORMAT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static SCALE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
 fn to_py(py: Python<'_>, e: Error) -> PyErr {
-    match e {
-        Error::Invalid(m) => PyValueError::new_err(m),
-        Error::Format(m) => match FORMAT_ERROR.import(py, "pbcodec.errors", "FormatError") {
-            Ok(t) => PyErr::from_type(t.clone(), m),
-            Err(err) => err,
-        },
+    let (cell, name, m) = match e {
+        Error::Invalid(m) => return PyValueError::new_err(m),
+        Error::Format(m) => (&FORMAT_ERROR, "FormatError", m),
+        Error::Scale(m) => (&SCALE_ERROR, "ScaleRangeError", m),
+    };
+    match cell.import(py, "pbcodec.errors", name) {
+        Ok(t) => PyErr::from_type(t.clone(), m),
+        Err(err) => err,
     }
 }
 
@@ -470,6 +473,59 @@ fn set_num_threads(py: Python<'_>, n: usize) -> PyResult<()> {
     parallel::set_num_threads(n).py(py)
 }
 
+/// Why `PBCODEC_NUM_THREADS` is ignored, or None when it is unset or valid.
+#[pyfunction]
+fn env_threads_error() -> Option<String> {
+    parallel::env_threads().err().map(|e| e.to_string())
+}
+
+/// Parse a JSON "table" (json.rs) with the schema named by `schema` ("header":
+/// safetensors header, "descriptions": pbcodec's metadata). Returns `(rows, strings)`:
+/// rows a list of `(key, values)` with `values` a tuple in the schema's field order
+/// (None for a missing field; str, int, float, bool, None or a list of ints), and
+/// strings None or a dict (the header's `__metadata__`). Field values are built
+/// directly, without per-field pairs, and short strings (dtype codes) are interned, so
+/// a valid header costs little more than the Python objects it describes.
+#[pyfunction]
+fn json_table<'py>(py: Python<'py>, buf: &[u8], schema: &str) -> PyResult<(Bound<'py, PyList>, Py<PyAny>)> {
+    use crate::json::{Value, DESCRIPTIONS, HEADER};
+    use pyo3::types::{PyDict, PyString, PyTuple};
+    let schema = match schema {
+        "header" => &HEADER,
+        "descriptions" => &DESCRIPTIONS,
+        _ => return Err(PyValueError::new_err(format!("unknown schema {schema:?}"))),
+    };
+    let table = py.detach(|| crate::json::parse_table(buf, schema)).py(py)?;
+    let rows = PyList::empty(py);
+    // Consumed row by row, so the Rust copy shrinks while the Python one grows.
+    for (key, fields) in table.rows {
+        let mut values: Vec<Py<PyAny>> = Vec::with_capacity(fields.len());
+        for v in fields {
+            values.push(match v {
+                None | Some(Value::Null) => py.None(),
+                Some(Value::Bool(b)) => b.into_pyobject(py)?.to_owned().into_any().unbind(),
+                Some(Value::Int(i)) => i.into_pyobject(py)?.into_any().unbind(),
+                Some(Value::Float(f)) => f.into_pyobject(py)?.into_any().unbind(),
+                Some(Value::Str(s)) if s.len() <= 16 => PyString::intern(py, &s).into_any().unbind(),
+                Some(Value::Str(s)) => s.into_pyobject(py)?.into_any().unbind(),
+                Some(Value::Ints(v)) => PyList::new(py, v)?.into_any().unbind(),
+            });
+        }
+        rows.append((key, PyTuple::new(py, values)?))?;
+    }
+    let strings = match table.strings {
+        None => py.None(),
+        Some(pairs) => {
+            let d = PyDict::new(py);
+            for (k, v) in pairs {
+                d.set_item(k, v)?;
+            }
+            d.into_any().unbind()
+        }
+    };
+    Ok((rows, strings))
+}
+
 #[pyfunction]
 fn get_num_threads() -> usize {
     parallel::num_threads()
@@ -508,6 +564,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(pb_from_bytes, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
+        wrap_pyfunction!(env_threads_error, m)?,
+        wrap_pyfunction!(json_table, m)?,
     ] {
         m.add_function(f)?;
     }

@@ -138,23 +138,26 @@ impl BitWriter {
     }
 }
 
-/// Rows of an array shape: the product of all but the last axis. Rows and the
-/// element count must be below 2^63 (exact products: a zero dimension makes
-/// them 0 whatever the others are), and ndim in 1..=32 (docs/format.md §4).
+/// Rows of an array shape: the product of all but the last axis (0 when one of
+/// them is 0). ndim must be in 1..=32 and the product of the **nonzero**
+/// dimensions below 2^63 (docs/format.md §4): every shape, empty ones included,
+/// is then one a reader such as numpy can represent (an int8 array of it is
+/// addressable), and rows and the element count fit in an i64.
 pub fn rows_of(shape: &[usize]) -> Result<usize> {
     if shape.is_empty() || shape.len() > 32 {
         return invalid(format!("arrays must have 1..32 dimensions, got {}", shape.len()));
     }
-    let exact = |dims: &[usize]| -> Option<u64> {
-        if dims.contains(&0) {
-            return Some(0);
-        }
-        dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64)).filter(|&p| p < (1u64 << 63))
-    };
-    let too_big = || crate::Error::Invalid(format!("shape {shape:?} has too many elements"));
-    let rows = exact(&shape[..shape.len() - 1]).ok_or_else(too_big)?;
-    exact(shape).ok_or_else(too_big)?;
+    let too_big = || crate::Error::Invalid(format!("shape {shape:?} is too large (limit: 2**63 elements)"));
+    nonzero_product(shape).filter(|&p| p < (1u64 << 63)).ok_or_else(too_big)?;
+    let lead = &shape[..shape.len() - 1];
+    // No overflow: without zeros, rows is at most the nonzero product.
+    let rows = if lead.contains(&0) { 0 } else { nonzero_product(lead).unwrap_or(u64::MAX) };
     usize::try_from(rows).map_err(|_| too_big())
+}
+
+/// Product of the nonzero entries of `dims` (1 for none), or None on u64 overflow.
+pub fn nonzero_product(dims: &[usize]) -> Option<u64> {
+    dims.iter().filter(|&&d| d != 0).try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
 }
 
 /// Encode `x` (row-major, `shape`) with the given `count_bits` (None: auto).

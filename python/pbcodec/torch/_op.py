@@ -48,6 +48,14 @@ _NUMPY_DTYPES = {
 }
 
 
+def _check_input(x: Tensor) -> None:
+    """Floating-point inputs only, like ``nn.Linear`` (whose float weight makes integer,
+    bool and complex inputs fail with the same RuntimeError): a cast would wrap, saturate
+    or drop the imaginary part silently."""
+    if not x.is_floating_point():
+        raise RuntimeError(f"PBLinear needs a floating-point input, got {x.dtype} (as nn.Linear does)")
+
+
 # ---------------------------------------------------------------------------
 # PBTensor <-> tensors
 # ---------------------------------------------------------------------------
@@ -168,6 +176,7 @@ def linear_forward(
     """``x @ Ŵ.T + bias`` for a CPU input: one kernel call for all rows (float32
     arithmetic, the bias added in the same call), result in ``x``'s dtype. ``bias``
     may be a tensor or a float32 numpy array (PBLinear passes a cached view)."""
+    _check_input(x)
     if x.dim() == 0 or x.shape[-1] != n:
         raise ValueError(f"input must have shape (..., {n}), got {tuple(x.shape)}")
     x2 = x.detach()
@@ -224,6 +233,7 @@ def _pb_linear_fake(
     int8=False,
 ):
     torch._check(x.dim() >= 1 and x.shape[-1] == n, lambda: f"input must have shape (..., {n}), got {tuple(x.shape)}")
+    torch._check(x.is_floating_point(), lambda: f"PBLinear needs a floating-point input, got {x.dtype}")
     return x.new_empty((*x.shape[:-1], m))
 
 

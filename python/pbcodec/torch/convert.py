@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._adapt import compress_adapted
+from ..errors import ScaleRangeError
 from ..pb import snr_db
 from .module import ACTIVATIONS, PBLinear
 from .report import CompressionReport
@@ -184,9 +186,14 @@ def compress_model(
     included) with its dotted name; default :func:`default_filter` (exact ``nn.Linear``,
     both dimensions >= 16, no ``lm_head``). The root module itself is never replaced.
     kwargs: passed to :func:`pbcodec.compress` (``count_bits``, ``group_size``, ``select``,
-    ``shift``, ``scale_dtype``, ``importance``). ``group_size`` larger than a layer's
-    ``in_features`` means whole rows for that layer. ``importance`` may be a mapping
+    ``shift``, ``scale_dtype``, ``importance``). ``importance`` may be a mapping
     ``{name: (in_features,) tensor}`` or a callable ``(name, module) -> tensor | None``.
+    Settings that do not fit a layer are adapted for it, by the rule ``pbcodec
+    compress`` follows (``pbcodec._adapt``), and noted in the report's ``notes``:
+    ``group_size`` larger than ``in_features`` means whole rows; float16 scales that
+    overflow or underflow become float32 scales; a layer whose scales do not fit even
+    float32 stays an ``nn.Linear`` (listed in :attr:`CompressionReport.skipped` with the
+    reason). Any other error names the layer.
     progress: show a tqdm bar (if tqdm is installed and stderr is a terminal).
     activations: the layers' activation mode (:attr:`PBLinear.activations`): ``"int8"``
     (default: exact integer kernels on int8-quantized inputs, faster; on
@@ -231,10 +238,11 @@ def compress_model(
 
     new: dict[int, nn.Module] = {}
     layers: list[dict[str, Any]] = []
+    reasons: dict[str, str] = {}
     for name, lin in it:
         kw = dict(kwargs)
         if group_size is not None:
-            kw["group_size"] = min(int(group_size), lin.in_features) if lin.in_features else group_size
+            kw["group_size"] = group_size
         imp = (
             importance(name, lin)
             if callable(importance)
@@ -245,9 +253,16 @@ def compress_model(
         with torch.no_grad():
             w = lin.weight.detach()
             w32 = w.to("cpu", torch.float32).numpy()
-            # from_linear falls back to float32 where int8 cannot run this group size
-            pbl = PBLinear.from_linear(lin, salient=salient, salient_bits=salient_bits, activations=activations, **kw)
-            t = pbl.pb
+            try:
+                t, notes = compress_adapted(w32, salient=salient, salient_bits=salient_bits, **kw)
+            except ScaleRangeError as e:
+                skipped.append(name)
+                reasons[name] = f"scales do not fit float32 ({str(e).split(';')[0]})"
+                continue
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"layer {name!r}: {e}") from e
+            # from_pbtensor falls back to float32 where int8 cannot run this group size
+            pbl = PBLinear.from_pbtensor(t, lin.bias, device=lin.weight.device, activations=activations)
             m, n = t.shape
             layers.append(
                 {
@@ -262,8 +277,9 @@ def compress_model(
                     "snr_db": snr_db(w32, t.decompress()),
                     "salient_fraction": t.residual.num_values / (m * n) if m * n else 0.0,
                     "activations": pbl.activations,
+                    "notes": notes,
                 }
             )
         new[id(lin)] = pbl
     _swap(slots, new)
-    return CompressionReport(layers, skipped)
+    return CompressionReport(layers, skipped, reasons)

@@ -18,6 +18,7 @@ from ._op import (
     _SCALES,
     FORMAT_VERSION,
     _build_pb,
+    _check_input,
     _cpu_numpy,
     _from_numpy,
     drop_layout,
@@ -45,7 +46,8 @@ class PBLinear(nn.Module):
     existing ``nn.Linear``; :meth:`from_pbtensor` wraps a compressed tensor.
 
     forward(x): ``x`` of shape ``(..., in_features)``, float32/float16/bfloat16 (any
-    float dtype); returns ``(..., out_features)`` in ``x``'s dtype. On the CPU the whole
+    float dtype); returns ``(..., out_features)`` in ``x``'s dtype. Integer, bool and
+    complex inputs raise ``RuntimeError``, as with ``nn.Linear``. On the CPU the whole
     batch goes through one call of the fused kernel (float32 arithmetic; float32
     contiguous input is used without a copy) and the bias is added in float32. On other
     devices, or when ``force_dense`` is set, the weight is dequantized once and cached
@@ -367,9 +369,7 @@ class PBLinear(nn.Module):
             raise FormatError(
                 f"{where}: stored weight is {m}x{n} (out x in), the layer is {self.out_features}x{self.in_features}"
             )
-        if not 0 <= gs <= max(n, 1) or not 1 <= cb <= 8 or sb not in (4, 8):
-            raise FormatError(f"{where}: bad pb_meta group_size={gs}, count_bits={cb}, salient_bits={sb}")
-        try:
+        try:  # the validator load_file uses too: exact dtypes and shapes, then contents
             t = PBTensor.from_parts(
                 (m, n),
                 signs=_cpu_numpy(st["signs"]),
@@ -392,6 +392,7 @@ class PBLinear(nn.Module):
     # -- compute -------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         self._check_loaded()
+        _check_input(x)
         dev = self.signs.device
         if not self.force_dense and x.device.type in ("cpu", "meta") and x.device == dev:
             int8 = self._activations == "int8" and int8_supported(self.in_features, self._meta[2])

@@ -8,13 +8,18 @@ from typing import Any
 class CompressionReport:
     """What :func:`compress_model` did: one dict per compressed layer in :attr:`layers`
     (``name, shape, dtype, params, bytes_before, bytes_float32, bytes_after,
-    bits_per_weight, snr_db, salient_fraction``), the linear layers left alone in
-    :attr:`skipped`, and totals over the compressed weights (biases and other modules
-    are unchanged and not counted). ``str(report)`` renders a table."""
+    bits_per_weight, snr_db, salient_fraction, notes``; ``notes`` lists the settings
+    adapted for that layer), the linear layers left alone in :attr:`skipped` (with
+    :attr:`skip_reasons` for those the filter selected but that could not be
+    compressed), and totals over the compressed weights (biases and other modules are
+    unchanged and not counted). ``str(report)`` renders a table."""
 
-    def __init__(self, layers: list[dict[str, Any]], skipped: list[str]) -> None:
+    def __init__(
+        self, layers: list[dict[str, Any]], skipped: list[str], skip_reasons: dict[str, str] | None = None
+    ) -> None:
         self.layers = layers
         self.skipped = skipped
+        self.skip_reasons = dict(skip_reasons or {})
 
     @property
     def params(self) -> int:
@@ -51,6 +56,7 @@ class CompressionReport:
         return {
             "layers": [dict(L) for L in self.layers],
             "skipped": list(self.skipped),
+            "skip_reasons": dict(self.skip_reasons),
             "totals": {
                 "layers": len(self.layers),
                 "params": self.params,
@@ -104,6 +110,11 @@ class CompressionReport:
             )
         if self.skipped:
             out.append(f"left dense: {len(self.skipped)} linear layer(s): {', '.join(self.skipped)}")
+        for name, why in self.skip_reasons.items():
+            out.append(f"  {name}: {why}")
+        for L in self.layers:
+            for note in L.get("notes", ()):
+                out.append(f"note: {L['name']}: {note}")
         return "\n".join(out)
 
     def __repr__(self) -> str:
