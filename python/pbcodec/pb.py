@@ -13,6 +13,7 @@ from .errors import FormatError
 from .rle import RLE
 
 _SCALE_BITS = {np.dtype(np.float16): 16, np.dtype(np.float32): 32}
+_F32 = np.dtype(np.float32)
 
 
 def _scale_dtype(x: Any) -> np.dtype:
@@ -203,12 +204,31 @@ class PBTensor:
         float32 in the fixed order of docs/format.md §6.4, so the result is the same
         on every SIMD level and equals ``pbcodec.reference`` bit for bit; the error
         against the float32 mode is that of int8 activations (normalized squared
-        error ~1e-5 on Gaussian inputs). Method: per-block int8 activations as in
+        error ~3e-5 on Gaussian inputs). Method: per-block int8 activations as in
         llama.cpp's Q8_0 and bitnet.cpp. Needs ``group_size`` a multiple of 64 or one
         group per row (ValueError otherwise). A block of ``x`` holding inf/NaN makes
         that row's outputs NaN.
         """
         m, n = self.shape
+        lay = self._layout
+        if (
+            type(x) is np.ndarray
+            and out is None
+            and lay is not None
+            and x.dtype is _F32
+            and x.ndim == 1
+            and x.shape[0] == n
+            and x.flags.c_contiguous
+            and x.flags.aligned
+        ):
+            # The common call (one float32 vector, layout built): ~1 µs of Python.
+            res = np.empty(m, np.float32)
+            if activations == "int8":
+                _core.pb_matvec_int8(lay, x, 1, res)
+                return res
+            if activations == "float32" and lay.f32_supported:
+                _core.pb_matvec_layout_f32(lay, x, 1, res)
+                return res
         xa = np.asarray(x)
         if xa.dtype != np.float32:
             if xa.dtype.kind != "f":
