@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every fuzz target for SECONDS each (default 6; see docs/fuzzing.md):
 #   cargo-fuzz (libFuzzer, Rust core): rle_from_bytes, pb_from_bytes, pb_parts
-#   atheris (libFuzzer, Python layer):  load_file
+#   atheris (libFuzzer, Python layer):  load_file, pb_parts_py (pb_parts' inputs through Python)
 # Each starts from the golden files (fuzz/seed_corpus.py) and the committed regression
 # inputs (fuzz/regressions/<target>/, every one replayed first), then mutates. New
 # coverage accumulates in fuzz/corpus/<target>/ (not committed); a failing input is
@@ -55,6 +55,9 @@ for t in "${targets[@]}"; do
 done
 run_one load_file "$py" fuzz/fuzz_load_file.py fuzz/corpus/load_file fuzz/regressions/load_file \
     -artifact_prefix=fuzz/artifacts/load_file/ "${flags[@]}"
+# Shares pb_parts' input format: its corpus (read-only here) seeds this one.
+run_one pb_parts_py "$py" fuzz/fuzz_pb_parts.py fuzz/corpus/pb_parts_py fuzz/corpus/pb_parts \
+    fuzz/regressions/pb_parts_py fuzz/regressions/pb_parts -artifact_prefix=fuzz/artifacts/pb_parts_py/ "${flags[@]}"
 rm -rf "$logs"
 echo "fuzz: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -6,13 +6,17 @@
 //!
 //! - [`rle_from_bytes`]: `RLE.from_bytes` (docs/format.md §4).
 //! - [`pb_from_bytes`]: `PBTensor.from_bytes` (§7), then every kernel on what it accepts.
+//!
+//! Both blob targets parse each input twice: as it is, and with its checksums recomputed,
+//! so that mutations reach the checks behind the CRC (a libFuzzer mutation almost never
+//! keeps a CRC-32C valid).
 //! - [`pb_parts`]: a PBTensor built from arbitrary, unvalidated parts, as the Python
 //!   constructor `PBTensor(shape, signs, mu, alpha, sigma, RLE(...), group_size)` and the
 //!   PBLinear buffers hand them to the core: the validation that `load_file` and
 //!   `PBTensor.from_parts` run (`pb::validate`), and decompress, the row-wise matvec, the
 //!   execution layout (§6.5) and its float32 and int8 kernels (§6.4) on the raw parts.
 use pbcodec::pb::{PbRef, ScaleType};
-use pbcodec::{fmatvec, format, layout, matvec, pb, qmatvec, rle, simd};
+use pbcodec::{crc32c, fmatvec, format, layout, matvec, pb, qmatvec, rle, simd};
 
 /// Largest dense buffer (elements) a target allocates for outputs and activations.
 const MAX_DENSE: usize = 1 << 20;
@@ -54,11 +58,28 @@ fn agree(what: &str, results: Vec<pbcodec::Result<Vec<f32>>>, must_succeed: bool
     }
 }
 
+/// `data` with its last 4 bytes replaced by the CRC-32C of the bytes before them (None if
+/// that changes nothing): a mutated blob then gets past the checksum to the deeper checks.
+fn resealed(data: &[u8]) -> Option<Vec<u8>> {
+    let k = data.len().checked_sub(4)?;
+    let mut b = data.to_vec();
+    b[k..].copy_from_slice(&crc32c::crc32c(&data[..k]).to_le_bytes());
+    (b != data).then_some(b)
+}
+
 // ---------------------------------------------------------------------------- RLE
 
-/// `RLE.from_bytes`: an accepted blob re-serializes to itself, decodes (same array on
-/// every level) and re-encodes with its own widths to the same streams.
+/// `RLE.from_bytes` on the input as it is and with a valid checksum.
 pub fn rle_from_bytes(data: &[u8]) {
+    rle_blob(data);
+    if let Some(b) = resealed(data) {
+        rle_blob(&b);
+    }
+}
+
+/// An accepted blob re-serializes to itself, decodes (same array on every level) and
+/// re-encodes with its own widths to the same streams.
+fn rle_blob(data: &[u8]) {
     let Ok((shape, enc)) = format::rle_from_bytes(data) else { return };
     let again = format::rle_to_bytes(&enc.streams(), &shape).expect("an accepted blob re-serializes");
     assert_eq!(again, data, "an accepted blob is not canonical");
@@ -144,9 +165,33 @@ fn exercise(v: &PbRef, valid: bool, x: &[f32], batch: usize) {
     }
 }
 
-/// `PBTensor.from_bytes`: an accepted blob re-serializes to itself and runs through every
-/// kernel (decompress and int8 matvec identical on every level).
+/// `PBTensor.from_bytes` on the input as it is and with valid checksums (the embedded
+/// RLE's, located by the header's `L` field, then the blob's).
 pub fn pb_from_bytes(data: &[u8]) {
+    pb_blob(data);
+    let mut b = data.to_vec();
+    if b.len() >= 44 {
+        let res_len = u64::from_le_bytes(b[32..40].try_into().unwrap());
+        if let Some(start) = usize::try_from(res_len).ok().and_then(|l| (b.len() - 4).checked_sub(l)) {
+            let end = b.len() - 4;
+            if start >= 40 {
+                if let Some(r) = resealed(&b[start..end]) {
+                    b[start..end].copy_from_slice(&r);
+                }
+            }
+        }
+    }
+    if let Some(r) = resealed(&b) {
+        b = r;
+    }
+    if b != data {
+        pb_blob(&b);
+    }
+}
+
+/// An accepted blob re-serializes to itself and runs through every kernel (decompress and
+/// int8 matvec identical on every level).
+fn pb_blob(data: &[u8]) {
     let Ok(t) = pb::from_bytes(data) else { return };
     let v = t.view();
     assert_eq!(pb::to_bytes(&v).expect("an accepted tensor re-serializes"), data, "not canonical");
