@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every fuzz target for SECONDS each (default 6; see docs/fuzzing.md):
+# Run every fuzz target for SECONDS each (default 5; see docs/fuzzing.md):
 #   cargo-fuzz (libFuzzer, Rust core): rle_from_bytes, pb_from_bytes, pb_parts
 #   atheris (libFuzzer, Python layer):  load_file, pb_parts_py (pb_parts' inputs through Python)
 # Each starts from the golden files (fuzz/seed_corpus.py) and the committed regression
@@ -7,7 +7,7 @@
 # coverage accumulates in fuzz/corpus/<target>/ (not committed); a failing input is
 # written to fuzz/artifacts/<target>/ and the script exits non-zero.
 #
-#   fuzz/run.sh                 # CI: 6 s per target, stable toolchain, no sanitizer
+#   fuzz/run.sh                 # CI: 5 s per target, stable toolchain, no sanitizer
 #   FUZZ_TOOLCHAIN=nightly FUZZ_SANITIZER=address fuzz/run.sh 1800   # a long run
 #
 # Needs cargo-fuzz (installed here if missing) and a Python venv with pbcodec installed
@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-secs=${1:-6}
+secs=${1:-5}
 san=${FUZZ_SANITIZER:-none}
 tc=()
 [ -n "${FUZZ_TOOLCHAIN:-}" ] && tc=("+${FUZZ_TOOLCHAIN}")
