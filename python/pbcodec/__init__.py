@@ -7,6 +7,8 @@ Codec primitives (this module):
 - :func:`rle_encode` / :func:`rle_decode` / :class:`RLE`: the escaped zero-run code.
 - :func:`compress` / :class:`PBTensor`: partially-binarized matrices with a
   decode-fused, multi-threaded :meth:`PBTensor.matvec`.
+- :func:`compress_gptq` / :func:`input_hessian`: calibrated compression (GPTQ-style
+  error compensation on calibration inputs) into the same PBTensors.
 - :func:`save_file` / :func:`load_file`: safetensors files holding compressed tensors.
 - :class:`FormatError`: raised for any malformed serialized input.
 - :mod:`pbcodec.reference`: pure-Python twins of everything, written from docs/format.md.
@@ -21,6 +23,7 @@ from . import _core
 from .bitpack import pack_bits, pack_signs, unpack_bits, unpack_signs
 from .errors import FormatError
 from .files import load_file, load_metadata, save_file
+from .gptq import compress_gptq, input_hessian
 from .pb import PBTensor, compress, snr_db
 from .rle import RLE, rle_decode, rle_encode
 
@@ -31,7 +34,9 @@ __all__ = [
     "PBTensor",
     "RLE",
     "compress",
+    "compress_gptq",
     "get_num_threads",
+    "input_hessian",
     "load_file",
     "load_metadata",
     "save_file",

@@ -10,11 +10,13 @@ class CompressionReport:
     (``name, shape, dtype, params, bytes_before, bytes_float32, bytes_after,
     bits_per_weight, snr_db, salient_fraction``), the linear layers left alone in
     :attr:`skipped`, and totals over the compressed weights (biases and other modules
-    are unchanged and not counted). ``str(report)`` renders a table."""
+    are unchanged and not counted). ``str(report)`` renders a table. :attr:`seconds`: wall
+    time of the compression, when recorded (calibrated compression records it)."""
 
     def __init__(self, layers: list[dict[str, Any]], skipped: list[str]) -> None:
         self.layers = layers
         self.skipped = skipped
+        self.seconds: float | None = None
 
     @property
     def params(self) -> int:
