@@ -214,6 +214,88 @@ def test_bad_arguments():
         pbcodec.compress_gptq(w.astype(np.int32), h)
 
 
+# -- rate-distortion analysis (pbcodec analyze) ------------------------------------
+def test_rate_distortion_and_suggestions():
+    from pbcodec.analyze import format_table, rate_distortion, suggest_overrides
+
+    rng = np.random.default_rng(8)
+    w_ok = rng.standard_normal((32, 64)).astype(np.float32)
+    w_hard = w_ok.copy()
+    w_hard[:, :4] *= 30.0  # a few huge columns
+    x = rng.standard_normal((200, 64))
+    hess = {"ok": pbcodec.input_hessian(x), "hard": pbcodec.input_hessian(x)}
+    cands = [(0.05, 4), (0.1, 4), (0.3, 8)]
+    res = rate_distortion([("ok", w_ok), ("hard", w_hard)], cands, hessians=hess)
+    assert len(res) == 6
+    for r in res:
+        w = w_ok if r["name"] == "ok" else w_hard
+        t = pbcodec.compress(w, salient=r["salient"], salient_bits=r["salient_bits"])
+        assert r["bits_per_weight"] == t.bits_per_weight
+        assert r["sqnr_db"] == pbcodec.snr_db(w, t.decompress())
+        e = w.astype(np.float64) - t.decompress()
+        want = 10 * np.log10(np.sum((w.astype(np.float64) @ hess[r["name"]]) * w) / np.sum((e @ hess[r["name"]]) * e))
+        assert abs(r["output_sqnr_db"] - want) < 1e-9
+    # more bits, higher SQNR
+    by = {(r["name"], r["salient"]): r for r in res}
+    assert by[("ok", 0.3)]["sqnr_db"] > by[("ok", 0.05)]["sqnr_db"]
+    table = format_table(res)
+    assert "10%/4b" in table and "all layers: bits/w" in table
+    # The rule: below the median by more than the margin -> cheapest candidate reaching it.
+    fake = [
+        {"name": n, "salient": s, "salient_bits": b, "bits_per_weight": bpw, "sqnr_db": db}
+        for n, s, b, bpw, db in [
+            ("a", 0.1, 4, 2.0, 10.0),
+            ("b", 0.1, 4, 2.0, 10.5),
+            ("c", 0.1, 4, 2.0, 5.0),
+            ("c", 0.2, 4, 2.7, 9.0),
+            ("c", 0.3, 4, 3.2, 10.1),
+            ("c", 0.3, 8, 4.4, 12.0),
+        ]
+    ]
+    assert suggest_overrides(fake, (0.1, 4)) == {"c": {"salient": 0.3, "salient_bits": 4}}
+    assert suggest_overrides(fake, (0.1, 4), margin_db=6.0) == {}
+    with pytest.raises(ValueError, match="not analyzed"):
+        suggest_overrides(fake, (0.5, 8))
+    cal = rate_distortion([("ok", w_ok)], [(0.1, 4)], hessians=hess, calibrated=True)
+    assert cal[0]["output_sqnr_db"] > by[("ok", 0.1)]["output_sqnr_db"]  # compensation pays on its own data
+    with pytest.raises(ValueError, match="needs hessians"):
+        rate_distortion([("ok", w_ok)], cands, calibrated=True)
+
+
+def test_cli_analyze(tmp_path, capsys):
+    from pbcodec.cli import main
+
+    rng = np.random.default_rng(9)
+    src = tmp_path / "m.safetensors"
+    pbcodec.save_file(
+        {
+            "layers.0.q_proj.weight": rng.standard_normal((64, 32)).astype(np.float32),
+            "layers.0.up_proj.weight": rng.standard_normal((96, 32)).astype(np.float16),
+            "embed_tokens.weight": rng.standard_normal((100, 32)).astype(np.float32),
+        },
+        src,
+    )
+    js = tmp_path / "rd.json"
+    assert main(["analyze", str(src), "--candidates", "0.1:4,0.2:8", "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.q_proj.weight" in out and "layers.0.up_proj.weight" in out and "embed" not in out
+    import json
+
+    got = json.loads(js.read_text())
+    assert len(got) == 4 and {r["salient_bits"] for r in got} == {4, 8}
+    # a compressed file is refused, bad candidates are one-line errors
+    dst = tmp_path / "c.safetensors"
+    assert main(["compress", str(src), str(dst), "-q"]) == 0
+    assert main(["analyze", str(dst)]) == 1
+    assert main(["analyze", str(src), "--candidates", "lots"]) == 1
+    assert main(["analyze", str(tmp_path / "missing.safetensors")]) == 1
+    assert "error" in capsys.readouterr().err
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "rd.png"
+    assert main(["analyze", str(src), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # -- torch: calibrate_model on a small model --------------------------------------
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -252,14 +334,17 @@ def toy_data(seed=1):
 
 def test_calibrate_model_sequential_groups_and_report():
     model, data = toy(), toy_data()
+    model.train()
     calls = []
 
     def run(m):
+        assert not m.training and not torch.is_grad_enabled()  # eval mode, no autograd
         calls.append(1)
         for x in data:
             m(x)
 
     report = pbt.calibrate_model(model, run, salient=0.2, progress=False)
+    assert model.training  # restored
     # One discovery run (it also gives the first group, q+k), then one per later group.
     assert len(calls) == 3
     by = {L["name"]: L for L in report.layers}

@@ -1,6 +1,14 @@
 """Sentences shipped with pbcodec for calibration and evaluation of compressed text
-models (all-MiniLM-L6-v2 in the tests and benchmarks). ``CALIBRATION`` feeds
-activation statistics; ``TEST`` is a separate set used only to evaluate."""
+models (all-MiniLM-L6-v2 in the tests and benchmarks).
+
+- ``TEST`` (10) / ``CALIBRATION`` (12): the small sets of the model test and
+  ``benches/bench_model.py`` (activation statistics for ``activation_importance``).
+- ``CALIBRATION_LARGE`` (192): calibration data for calibrated compression
+  (``pbcodec.torch.calibrate_model``; the quality report and tests/test_gptq.py).
+- ``EVALUATION`` (128 passages in 32 topic clusters) and ``EVALUATION_QUERIES`` (66):
+  evaluation only (embedding cosine, retrieval agreement).
+
+No sentence appears in two sets."""
 
 from __future__ import annotations
 

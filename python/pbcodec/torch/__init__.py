@@ -71,7 +71,7 @@ dense copy of the weight there. ``meta`` inputs go through the op's fake (meta) 
 from __future__ import annotations
 
 from ._op import _OP_TENSORS, DENSE_ROWS, FORMAT_VERSION, pb_linear
-from .calibrate import DEFAULT_SALIENT_BUDGET, calibrate_model, layer_kwargs
+from .calibrate import DEFAULT_SALIENT_BUDGET, analyze_model, calibrate_model, layer_hessians, layer_kwargs
 from .convert import activation_importance, compress_model, default_filter, replace_linear_layers
 from .module import PBLinear
 from .report import CompressionReport
@@ -83,9 +83,11 @@ __all__ = [
     "CompressionReport",
     "PBLinear",
     "activation_importance",
+    "analyze_model",
     "calibrate_model",
     "compress_model",
     "default_filter",
+    "layer_hessians",
     "layer_kwargs",
     "pb_linear",
     "replace_linear_layers",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -117,11 +117,16 @@ class _Capture:
 
 
 def _run(model: nn.Module, run: Callable[[nn.Module], Any], capture: _Capture) -> None:
+    """``run(model)`` in eval mode (dropout off: the Hessians are of the model as it will
+    be used) under ``torch.no_grad()``; the mode is restored afterwards."""
+    training = model.training
+    model.eval()
     try:
         with torch.no_grad():
             run(model)
     finally:
         capture.close()
+        model.train(training)
 
 
 def calibrate_model(
@@ -142,8 +147,8 @@ def calibrate_model(
     error on the inputs it sees. The layers become ordinary :class:`PBLinear` modules (the
     same format as :func:`compress_model`'s; files and state dicts read as before).
 
-    run: ``run(model)`` pushes the calibration data through the model (called under
-        ``torch.no_grad()``; e.g. ``lambda m: m.encode(sentences)``); a few hundred
+    run: ``run(model)`` pushes the calibration data through the model (called in eval
+        mode under ``torch.no_grad()``; e.g. ``lambda m: m.encode(sentences)``); a few hundred
         sentences or a few thousand tokens are typical. It is called once, then once per
         group of layers (``sequential=True``): layers are taken in the order of their
         first call, those fed the same input tensor (query/key/value) form one group,
@@ -281,3 +286,61 @@ def _compress_layer(slots, name: str, lin: nn.Linear, kw: dict[str, Any], h: Ten
 
 
 _PLAIN_ARGS = ("salient", "salient_bits", "count_bits", "group_size", "select", "importance", "shift", "scale_dtype")
+
+
+def layer_hessians(
+    model: nn.Module, run: Callable[[nn.Module], Any], *, filter: Callable[[str, nn.Module], bool] | None = None
+) -> dict[str, Tensor]:
+    """``{name: H}`` with ``H = 2 XᵀX`` (float64, CPU) of the inputs each selected
+    ``nn.Linear`` (default :func:`default_filter`) receives during one ``run(model)``
+    (under ``torch.no_grad()``). Layers that never run are absent. The model is not
+    changed."""
+    filt = filter or default_filter
+    layers: dict[str, nn.Linear] = {}
+    seen: set[int] = set()
+    for path, _, _, lin in _linear_slots(model):
+        if id(lin) not in seen:
+            seen.add(id(lin))
+            if filt(path, lin):
+                layers[path] = lin
+    cap = _Capture(layers)
+    _run(model, run, cap)
+    return cap.hessians
+
+
+def analyze_model(
+    model: nn.Module,
+    run: Callable[[nn.Module], Any] | None = None,
+    candidates: Sequence[tuple[float, int]] | None = None,
+    *,
+    calibrated: bool = False,
+    filter: Callable[[str, nn.Module], bool] | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Rate–distortion of every selected layer (:func:`pbcodec.analyze.rate_distortion`):
+    bits/weight, weight SQNR and, with ``run``, the SQNR of the layer's outputs on the
+    calibration data (``output_sqnr_db``; Hessians from the float model, one run). With
+    ``calibrated=True`` (needs ``run``) the candidates are compressed with
+    :func:`pbcodec.compress_gptq` (slower). The model is not changed. Show the result with
+    :func:`pbcodec.analyze.format_table` / :func:`pbcodec.analyze.plot` (``key=
+    "output_sqnr_db"``), pick the layers to keep at a higher precision with
+    :func:`pbcodec.analyze.suggest_overrides` and pass them to ``compress_model(overrides=...)``."""
+    from ..analyze import DEFAULT_CANDIDATES, rate_distortion
+
+    if calibrated and run is None:
+        raise ValueError("calibrated=True needs run")
+    filt = filter or default_filter
+    hess = None if run is None else {k: v.numpy() for k, v in layer_hessians(model, run, filter=filt).items()}
+    weights = []
+    seen: set[int] = set()
+    for path, _, _, lin in _linear_slots(model):
+        if id(lin) not in seen and filt(path, lin):
+            seen.add(id(lin))
+            weights.append((path, lin.weight.detach().to("cpu", torch.float32).numpy()))
+    return rate_distortion(
+        weights,
+        DEFAULT_CANDIDATES if candidates is None else candidates,
+        hessians=hess,
+        calibrated=calibrated,
+        **kwargs,
+    )
