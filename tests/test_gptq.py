@@ -424,11 +424,53 @@ def test_compress_model_budget_and_overrides_plain():
     assert model.down.salient_bits == 4 and model.k.salient_bits == 8
 
 
+def test_layer_hessians_and_analyze_model():
+    from pbcodec.analyze import format_table, suggest_overrides
+
+    model, data = toy(), toy_data()
+
+    def run(m):
+        for x in data:
+            m(x)
+
+    hess = pbt.layer_hessians(model, run)
+    assert set(hess) == {"q", "k", "up", "down"}  # "unused" never runs
+    x = torch.cat(data).double()
+    torch.testing.assert_close(hess["q"], 2 * x.T @ x, rtol=1e-4, atol=1e-3)  # float32 products per batch
+    torch.testing.assert_close(hess["q"], hess["k"])
+    res = pbt.analyze_model(model, run, [(0.1, 4), (0.3, 4)])
+    assert all(isinstance(m, nn.Linear) for m in (model.q, model.down))  # not changed
+    assert len(res) == 10
+    assert all(("output_sqnr_db" in r) == (r["name"] != "unused") for r in res)
+    assert "output SQNR" in format_table([r for r in res if r["name"] != "unused"], key="output_sqnr_db")
+    assert isinstance(suggest_overrides(res, (0.1, 4)), dict)
+    cal = pbt.analyze_model(model, run, [(0.1, 4)], calibrated=True)
+    plain = {r["name"]: r for r in res if r["salient"] == 0.1}
+    for r in cal:
+        if r["name"] != "unused":
+            assert r["output_sqnr_db"] > plain[r["name"]]["output_sqnr_db"]
+
+
 def test_calibrate_model_checks_arguments():
     with pytest.raises(TypeError):
         pbt.calibrate_model(nn.Linear(32, 32), lambda m: None)
     with pytest.raises(TypeError):
         pbt.calibrate_model(toy(), None)
+    calls = []
+    with pytest.raises(TypeError, match="dampening"):
+        pbt.calibrate_model(toy(), calls.append, dampening=0.1)
+    with pytest.raises(TypeError, match="layer 'down'"):
+        pbt.calibrate_model(toy(), calls.append, overrides={"down": {"salient_bit": 8}})
+    assert calls == []  # rejected before any run
+
+
+def test_calibrate_model_importance_per_layer():
+    # score="magnitude" with per-layer importance, as compress_model takes it
+    data = toy_data()
+    model = toy()
+    imp = pbt.activation_importance(model, lambda m: [m(x) for x in data])
+    rep = pbt.calibrate_model(model, lambda m: [m(x) for x in data], score="magnitude", importance=imp, progress=False)
+    assert all(L["calibrated"] for L in rep.layers if L["name"] != "unused")
 
 
 # -- the real model ----------------------------------------------------------------

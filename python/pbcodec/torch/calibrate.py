@@ -7,6 +7,7 @@ inputs, layer after layer in forward order with the layers before it already com
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -72,7 +73,8 @@ def layer_kwargs(
 
 
 class _Capture:
-    """Forward pre-hooks that add ``2 XᵀX`` (float64) of each watched layer's input, and
+    """Forward pre-hooks that add ``2 XᵀX`` (a float32 product per call, summed in float64)
+    of each watched layer's input, and
     (with ``record=True``) the order of first calls, grouping layers that receive the very
     same input tensor (query/key/value: they can be compressed from one run)."""
 
@@ -167,8 +169,10 @@ def calibrate_model(
     filter: as for :func:`compress_model` (default :func:`default_filter`).
     kwargs: passed to :func:`pbcodec.compress_gptq` (``count_bits``, ``group_size``,
         ``select``, ``score``, ``shift``, ``scale_dtype``, ``damp``, ``act_order``,
-        ``block_size``, ``refit``). ``group_size`` larger than a layer's ``in_features``
-        means whole rows.
+        ``block_size``, ``refit``, ``num_threads``); unknown names raise TypeError before
+        any run. ``group_size`` larger than a layer's ``in_features`` means whole rows.
+        ``importance`` (with ``score="magnitude"``) may be a mapping ``{name: tensor}`` or
+        a callable ``(name, module) -> tensor | None``, as for :func:`compress_model`.
     progress: a tqdm bar (when installed and stderr is a terminal).
 
     Layers that ``run`` never calls (e.g. an unused pooler) are compressed without
@@ -178,7 +182,8 @@ def calibrate_model(
     :attr:`CompressionReport.seconds` holds the wall time.
 
     Deterministic for a deterministic ``run``: the same model, data and settings give the
-    same bytes (on the same machine and thread counts).
+    same bytes (on the same machine and thread counts). If ``run`` or a layer raises, the
+    layers compressed until then stay replaced (the model is modified in place).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -202,22 +207,26 @@ def calibrate_model(
             targets[path] = lin
         else:
             skipped.append(path)
-    settings = {
-        name: layer_kwargs(
-            name,
-            salient=salient,
-            salient_budget=budget,
-            overrides=overrides,
-            salient_bits=salient_bits,
-            **kwargs,
-            **(
-                {}
-                if group_size is None
-                else {"group_size": min(int(group_size), lin.in_features) if lin.in_features else group_size}
-            ),
+    importance = kwargs.pop("importance", None)
+    settings: dict[str, dict[str, Any]] = {}
+    for name, lin in targets.items():
+        kw = dict(kwargs)
+        if group_size is not None:
+            kw["group_size"] = min(int(group_size), lin.in_features) if lin.in_features else group_size
+        imp = (
+            importance(name, lin)
+            if callable(importance)
+            else (importance.get(name) if importance is not None else None)
         )
-        for name, lin in targets.items()
-    }
+        if imp is not None:
+            kw["importance"] = imp
+        settings[name] = layer_kwargs(
+            name, salient=salient, salient_budget=budget, overrides=overrides, salient_bits=salient_bits, **kw
+        )
+        try:  # unknown argument names fail now, before any calibration run
+            inspect.signature(compress_gptq).bind(None, None, **settings[name])
+        except TypeError as e:
+            raise TypeError(f"layer {name!r}: {e} (arguments of pbcodec.compress_gptq)") from None
 
     first = _Capture(targets, record=True, first_only=sequential)
     _run(model, run, first)
@@ -291,7 +300,8 @@ _PLAIN_ARGS = ("salient", "salient_bits", "count_bits", "group_size", "select", 
 def layer_hessians(
     model: nn.Module, run: Callable[[nn.Module], Any], *, filter: Callable[[str, nn.Module], bool] | None = None
 ) -> dict[str, Tensor]:
-    """``{name: H}`` with ``H = 2 XᵀX`` (float64, CPU) of the inputs each selected
+    """``{name: H}`` with ``H = 2 XᵀX`` (float64 CPU tensors: float32 products per call of
+    the layer, summed in float64) of the inputs each selected
     ``nn.Linear`` (default :func:`default_filter`) receives during one ``run(model)``
     (under ``torch.no_grad()``). Layers that never run are absent. The model is not
     changed."""
