@@ -190,6 +190,10 @@ def test_bad_arguments():
         pbcodec.compress_gptq(w, np.where(np.eye(32) > 0, np.inf, h))
     with pytest.raises(ValueError, match="finite"):
         pbcodec.compress_gptq(np.where(w > 2, np.nan, w), h)
+    with pytest.raises(ValueError, match="symmetric"):
+        pbcodec.compress_gptq(w, h + np.triu(np.ones((32, 32)), 1))
+    with pytest.raises(ValueError, match="damp"):
+        pbcodec.compress_gptq(w, h, damp=float("inf"))
     with pytest.raises(ValueError, match="negative diagonal"):
         pbcodec.compress_gptq(w, -np.eye(32))
     with pytest.raises(ValueError, match="positive definite"):

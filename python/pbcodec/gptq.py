@@ -133,8 +133,8 @@ def compress_gptq(
 
     Returns a :class:`pbcodec.PBTensor`. Deterministic: the same inputs (and numpy/BLAS
     thread count) give the same bytes. Raises TypeError for non-float input, ValueError
-    for bad shapes or parameters, non-finite ``W`` or ``H``, a negative ``diag H``, or an
-    ``H + damping`` that is not positive definite (raise ``damp``).
+    for bad shapes or parameters, non-finite ``W`` or ``H``, a non-symmetric ``H``, a
+    negative ``diag H``, or an ``H + damping`` that is not positive definite (raise ``damp``).
     """
     with _blas_threads(num_threads):
         t, _ = _compress_gptq(
@@ -403,8 +403,12 @@ def _compress_gptq(
     if importance is not None and score != "magnitude":
         raise ValueError("importance applies to score='magnitude' only (the Hessian score already weighs inputs)")
     dt = _scale_dtype(scale_dtype)
-    if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating, np.integer)) or not damp >= 0:
-        raise ValueError(f"damp must be a number >= 0, got {damp!r}")
+    if (
+        isinstance(damp, bool)
+        or not isinstance(damp, (int, float, np.floating, np.integer))
+        or not 0 <= damp < float("inf")
+    ):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if group_size is None:
@@ -426,6 +430,11 @@ def _compress_gptq(
         raise ValueError(f"hessian must have shape ({n}, {n}) for a weight with {n} input features, got {h.shape}")
     if not np.all(np.isfinite(h)):
         raise ValueError("hessian must be finite")
+    # Accumulated products are symmetric up to rounding; anything more is a wrong input.
+    asym = float(np.max(np.abs(h - h.T), initial=0.0))
+    if asym > 1e-4 * float(np.max(np.abs(h), initial=0.0)):
+        raise ValueError(f"hessian must be symmetric (largest |H - Hᵀ| is {asym:.3g})")
+    h = (h + h.T) / 2
     imp = None
     if importance is not None:
         if type(importance).__module__.startswith("torch"):
