@@ -25,18 +25,16 @@ Medians; ratios are peer time / pbcodec time from the same measurement.
 
 from __future__ import annotations
 
-import _env  # noqa: F401  (first: sets the BLAS/OpenMP environment)
-
 import argparse
 import statistics
 import sys
 import time
 
+import _env  # noqa: F401  (first: sets the BLAS/OpenMP environment)
 import numpy as np
+import pbcodec
 from _timing import fmt_ratio, print_table
 from bench_matvec import Cycler, cold_copies, copy_bandwidth, cpu_name, cpu_ticks, make_torch_int8, run_rounds
-
-import pbcodec
 
 try:
     import torch
@@ -263,9 +261,8 @@ def pblinear(args, checks: Checks) -> None:
     if torch is None:
         print("\ntorch not installed: PBLinear section skipped")
         return
-    import torch.nn.functional as F
-
     import pbcodec.torch as pbt
+    import torch.nn.functional as F
 
     torch.manual_seed(0)
     rows = []

@@ -16,7 +16,6 @@ F = torch.nn.functional
 
 import pbcodec  # noqa: E402
 import pbcodec.torch as pbt  # noqa: E402
-from pbcodec.pb import PBTensor  # noqa: E402
 
 
 def make_layer(n=64, m=48, bias=True, seed=0, activations="float32", **kw):

@@ -9,6 +9,8 @@ Codec primitives (this module):
 - :func:`compress` / :class:`PBTensor`: partially-binarized matrices with a
   decode-fused, multi-threaded :meth:`PBTensor.matvec`.
 - :func:`from_pbllm`: pack PB-LLM's fake-quantized weights (binarized weights exact).
+- :func:`compress_gptq` / :func:`input_hessian`: calibrated compression (GPTQ-style
+  error compensation on calibration inputs) into the same PBTensors.
 - :func:`save_file` / :func:`load_file`: safetensors files holding compressed tensors.
 - :class:`RawTensor`: a stored tensor whose dtype numpy lacks (bfloat16 without
   ``ml_dtypes``, float8, packed float4/6), kept as its safetensors dtype and bytes.
@@ -30,6 +32,7 @@ from . import _core
 from .bitpack import pack_bits, pack_frame, pack_signs, unpack_bits, unpack_frame, unpack_signs
 from .errors import FormatError, ScaleRangeError
 from .files import RawTensor, load_file, load_metadata, save_file
+from .gptq import compress_gptq, input_hessian
 from .pb import PBTensor, compress, snr_db
 from .pbllm import from_pbllm
 from .rle import RLE, rle_decode, rle_encode
@@ -44,7 +47,9 @@ __all__ = [
     "ScaleRangeError",
     "compress",
     "from_pbllm",
+    "compress_gptq",
     "get_num_threads",
+    "input_hessian",
     "load_file",
     "load_metadata",
     "save_file",

@@ -1,4 +1,4 @@
-"""The ``pbcodec`` command line: compress, inspect, demo, bench.
+"""The ``pbcodec`` command line: compress, inspect, analyze, demo, bench, quality.
 
 Default tensor selection for ``compress``: every 2-D floating-point tensor
 (F32/F16/BF16) with both dimensions >= 16 whose name matches none of
@@ -411,7 +411,78 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         print(f"metadata: {other}")
 
 
+# ------------------------------------------------------------------ analyze
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    """Rate–distortion table (and plot) of the selected tensors of a file or directory."""
+    from .analyze import DEFAULT_CANDIDATES, format_table, plot, rate_distortion, suggest_overrides
+    from .files import META_KEY, read_safetensors
+
+    src = Path(args.source)
+    if src.is_dir():
+        shards = sorted(src.glob("*.safetensors"))
+        if not shards:
+            raise CliError(f"{src}: no .safetensors files")
+    elif src.is_file():
+        shards = [src]
+    else:
+        raise CliError(f"{src}: no such file or directory")
+    cands = DEFAULT_CANDIDATES
+    if args.candidates:
+        try:
+            cands = tuple((float(s), int(b)) for s, b in (c.split(":") for c in args.candidates.split(",")))
+        except ValueError:
+            raise CliError(f"--candidates must look like 0.1:4,0.2:8, got {args.candidates!r}") from None
+    selected = make_selector(args.include or [], args.exclude or [])
+
+    def weights():
+        for shard in shards:
+            raw, meta = read_safetensors(shard)
+            if META_KEY in meta:
+                raise CliError(f"{shard} holds pbcodec-compressed tensors: analyze the original weights")
+            for name in sorted(raw):
+                if selected(name, raw[name]):
+                    yield name, raw[name].float32()
+
+    results = rate_distortion(weights(), cands, group_size=args.group_size)
+    if not results:
+        raise CliError(f"{src}: no tensor selected")
+    print(format_table(results))
+    setting = cands[min(1, len(cands) - 1)]
+    sugg = suggest_overrides(results, setting)
+    if sugg:
+        mods = {k[: -len(".weight")] if k.endswith(".weight") else k: v for k, v in sugg.items()}
+        print(
+            f"\nweakest layers at {setting[0]:.0%}/{setting[1]}-bit (SQNR > 2 dB below the median), with the "
+            "cheapest setting that reaches the median; for compress_model(overrides=...):"
+        )
+        print(json.dumps(mods, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.plot:
+        try:
+            plot(results, args.plot)
+        except ImportError:
+            raise CliError("--plot needs matplotlib: pip install 'pbcodec[plot]'") from None
+        print(f"plot written to {args.plot}")
+
+
 # --------------------------------------------------------------------- main
+
+
+def cmd_quality(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run ``benches/bench_quality.py`` of a source checkout with the given arguments."""
+    import subprocess
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        script = root / "benches" / "bench_quality.py"
+        if script.is_file():
+            return subprocess.run([sys.executable, str(script), *extra]).returncode
+    raise CliError(
+        "pbcodec quality runs benches/bench_quality.py of a source checkout: run it from the repository root"
+    )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -461,7 +532,28 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="run the benchmark suite (side by side with numpy/torch) and print its tables")
     b.add_argument("--quick", action="store_true", help="small sizes, few repeats (about a minute)")
 
-    args = parser.parse_args(argv)
+    a = sub.add_parser(
+        "analyze",
+        help="rate–distortion per layer: SQNR against bits/weight for candidate settings (and a PNG plot)",
+    )
+    a.add_argument("source", help="a .safetensors file or a directory of shards (original, uncompressed weights)")
+    a.add_argument("--candidates", help="salient:bits pairs, e.g. 0.05:4,0.1:4,0.2:8 (default: 5-30%% at 4 and 8 bits)")
+    a.add_argument("--group-size", type=int, default=None)
+    a.add_argument("--include", action="append", metavar="GLOB")
+    a.add_argument("--exclude", action="append", metavar="GLOB")
+    a.add_argument("--plot", metavar="PNG", help="write SQNR vs bits/weight per layer (needs matplotlib)")
+    a.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
+
+    sub.add_parser(
+        "quality",
+        help="quality report of calibrated/plain compression on all-MiniLM-L6-v2 (source checkout; "
+        "arguments go to benches/bench_quality.py)",
+        add_help=False,
+    )
+
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.cmd != "quality":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.cmd == "demo":
             from .demo import ensure_lib_env, run
@@ -479,6 +571,10 @@ def main(argv: list[str] | None = None) -> int:
             cli_import(args)
         elif args.cmd == "bench":
             return cmd_bench(args)
+        elif args.cmd == "analyze":
+            cmd_analyze(args)
+        elif args.cmd == "quality":
+            return cmd_quality(args, extra)
         return 0
     except BrokenPipeError:  # e.g. `pbcodec inspect F | head`: not an error
         sys.stderr.close()

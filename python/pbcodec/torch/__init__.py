@@ -13,6 +13,9 @@ torch >= 2.4 for :func:`torch.library.custom_op`).
   :class:`CompressionReport` (bits/weight, SNR, sizes per layer).
 - :func:`activation_importance`: per-channel importance from calibration inputs, for
   ``compress_model(..., importance=...)`` (activation-aware salient selection).
+- :func:`calibrate_model` (or ``compress_model(..., calibration=run)``): calibrated
+  compression, each layer compensating its own output error on calibration data
+  (:func:`pbcodec.compress_gptq`, layer after layer); the accurate choice at 2-3 bits.
 - :func:`replace_linear_layers`: turn the matching ``nn.Linear`` layers of a fresh model
   skeleton into empty :class:`PBLinear` modules that ``load_state_dict`` fills.
 
@@ -68,18 +71,24 @@ dense copy of the weight there. ``meta`` inputs go through the op's fake (meta) 
 from __future__ import annotations
 
 from ._op import _OP_TENSORS, DENSE_ROWS, FORMAT_VERSION, pb_linear
+from .calibrate import DEFAULT_SALIENT_BUDGET, analyze_model, calibrate_model, layer_hessians, layer_kwargs
 from .convert import activation_importance, compress_model, default_filter, replace_linear_layers
 from .module import PBLinear
 from .report import CompressionReport
 
 __all__ = [
+    "DEFAULT_SALIENT_BUDGET",
     "DENSE_ROWS",
     "FORMAT_VERSION",
     "CompressionReport",
     "PBLinear",
     "activation_importance",
+    "analyze_model",
+    "calibrate_model",
     "compress_model",
     "default_filter",
+    "layer_hessians",
+    "layer_kwargs",
     "pb_linear",
     "replace_linear_layers",
 ]

@@ -174,13 +174,26 @@ def compress_model(
     model: nn.Module,
     *,
     salient: float = 0.1,
-    salient_bits: int = 8,
+    salient_bits: int | None = None,
     filter: Callable[[str, nn.Module], bool] | None = None,
     progress: bool = True,
     activations: str = "int8",
+    calibration: Callable[[nn.Module], Any] | None = None,
+    salient_budget: Mapping[str, float] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
     **kwargs: Any,
 ) -> CompressionReport:
     """Replace the matching ``nn.Linear`` layers of ``model`` by :class:`PBLinear`, in place.
+
+    calibration: ``run(model)`` feeding calibration data. When given, the layers are
+    compressed with calibration (:func:`pbcodec.torch.calibrate_model`, which takes the
+    other arguments too; ``salient_bits`` then defaults to 4 and ``salient_budget`` to
+    :data:`~pbcodec.torch.DEFAULT_SALIENT_BUDGET`). Without it, :func:`pbcodec.compress`
+    compresses each weight on its own (``salient_bits`` default 8, uniform budget).
+    salient_budget: ``{name glob: factor}``: a layer's salient fraction is ``factor *
+    salient`` (first matching glob; see :func:`pbcodec.torch.layer_kwargs`).
+    overrides: ``{name glob: {argument: value}}`` per-layer compress arguments (e.g.
+    ``{"*.output.dense": {"salient": 0.3}}``), applied after the budget.
 
     filter: ``filter(name, module) -> bool``, called once per ``nn.Linear`` (subclasses
     included) with its dotted name; default :func:`default_filter` (exact ``nn.Linear``,
@@ -211,6 +224,22 @@ def compress_model(
         raise TypeError("model is itself an nn.Linear: use PBLinear.from_linear(model) instead")
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    from .calibrate import calibrate_model, layer_kwargs
+
+    if calibration is not None:
+        return calibrate_model(
+            model,
+            calibration,
+            salient=salient,
+            salient_bits=4 if salient_bits is None else salient_bits,
+            filter=filter,
+            progress=progress,
+            salient_budget=salient_budget,
+            overrides=overrides,
+            activations=activations,
+            **kwargs,
+        )
+    salient_bits = 8 if salient_bits is None else salient_bits
     filt = filter or default_filter
     importance = kwargs.pop("importance", None)
     group_size = kwargs.pop("group_size", None)
@@ -250,11 +279,14 @@ def compress_model(
         )
         if imp is not None:
             kw["importance"] = imp
+        kw = layer_kwargs(
+            name, salient=salient, salient_budget=salient_budget, overrides=overrides, salient_bits=salient_bits, **kw
+        )
         with torch.no_grad():
             w = lin.weight.detach()
             w32 = w.to("cpu", torch.float32).numpy()
             try:
-                t, notes = compress_adapted(w32, salient=salient, salient_bits=salient_bits, **kw)
+                t, notes = compress_adapted(w32, **kw)
             except ScaleRangeError as e:
                 skipped.append(name)
                 reasons[name] = f"scales do not fit float32 ({str(e).split(';')[0]})"

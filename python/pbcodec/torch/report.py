@@ -8,11 +8,12 @@ from typing import Any
 class CompressionReport:
     """What :func:`compress_model` did: one dict per compressed layer in :attr:`layers`
     (``name, shape, dtype, params, bytes_before, bytes_float32, bytes_after,
-    bits_per_weight, snr_db, salient_fraction, notes``; ``notes`` lists the settings
-    adapted for that layer), the linear layers left alone in :attr:`skipped` (with
+    bits_per_weight, snr_db, salient_fraction, activations, notes``; ``notes`` lists the
+    settings adapted for that layer), the linear layers left alone in :attr:`skipped` (with
     :attr:`skip_reasons` for those the filter selected but that could not be
     compressed), and totals over the compressed weights (biases and other modules are
-    unchanged and not counted). ``str(report)`` renders a table."""
+    unchanged and not counted). ``str(report)`` renders a table. :attr:`seconds`: wall
+    time of the compression, when recorded (calibrated compression records it)."""
 
     def __init__(
         self, layers: list[dict[str, Any]], skipped: list[str], skip_reasons: dict[str, str] | None = None
@@ -20,6 +21,7 @@ class CompressionReport:
         self.layers = layers
         self.skipped = skipped
         self.skip_reasons = dict(skip_reasons or {})
+        self.seconds: float | None = None
 
     @property
     def params(self) -> int:
