@@ -68,10 +68,10 @@ def cpu_kind() -> str:
                     break
     except OSError:
         pass
-    if "avx512vnni" in flags:
-        return "AVX-512 (VNNI/VBMI2: Zen 4 class)"
+    if "avx512_vnni" in flags or "avx512vnni" in flags:
+        return "AVX-512 with VNNI/VBMI2 (Zen 4 class)"
     if "avx2" in flags:
-        return "AVX2 (no AVX-512: Zen 3 class)"
+        return "AVX2 only (Zen 3 class)"
     return "no AVX2"
 
 
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch is not None:
         torch.set_num_threads(args.threads)
     kind = cpu_kind()
-    zen4 = "AVX-512" in kind
+    zen4 = kind.startswith("AVX-512")
     print(f"CPU: {cpu_name()}, {kind}; pbcodec SIMD level {pbcodec.simd_level()}, {args.threads} threads")
     b0, s0, t0 = cpu_ticks()
     w0 = time.perf_counter()
