@@ -62,6 +62,10 @@ class PBLinear(nn.Module):
     ``activations = "int8"`` on it raises ValueError). float32: the decode-fused float
     kernel on ``x`` as given.
 
+    ``state_dict()`` holds the compressed weight as the components of a file's tensor,
+    plus ``pb_meta`` for its description (docs/format.md §8.4, which maps the two
+    layouts); ``load_state_dict`` validates them like :func:`pbcodec.load_file`.
+
     The weight is frozen: gradients reach the input and the bias, never the compressed
     weight. ``.half()`` / ``.to(torch.bfloat16)`` convert the bias only; the stored
     scales keep their dtype (the format allows float16/float32 only).
