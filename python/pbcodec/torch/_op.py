@@ -21,19 +21,16 @@ from ..pb import _SCALE_BITS, PBTensor, _assemble
 if not hasattr(torch.library, "custom_op") or not hasattr(torch.library, "register_fake"):
     raise ImportError(f"pbcodec.torch needs torch >= 2.4 (torch.library.custom_op); found torch {torch.__version__}")
 
-#: Version stored in ``pb_meta[0]``.
-FORMAT_VERSION = 1
+#: Version of the PBLinear state-dict layout, stored in ``pb_meta[0]`` (docs/format.md
+#: §8.4): 2 names the weight's tensors like a file's components (``<layer>.weight.signs``,
+#: ...); layout 1 (flat ``<layer>.signs``, ``<layer>.res_counts``, ...) is still read.
+FORMAT_VERSION = 2
 
 #: Row count from which :func:`pb_linear` dequantizes into a temporary dense weight and
 #: uses torch's GEMM instead of the decode-fused kernel (see its docstring).
 DENSE_ROWS = 64
 
-# Buffer names, in registration (and state_dict) order.
-_COMPONENTS = ("signs", "mu", "alpha", "sigma", "res_counts", "res_values", "res_code_offsets")
 _SCALES = ("mu", "alpha", "sigma")
-_PERSISTENT = _COMPONENTS + ("pb_meta",)
-# Every tensor the op takes, in its argument order (value offsets are derived on load).
-_OP_TENSORS = _COMPONENTS + ("res_value_offsets",)
 
 _NUMPY_DTYPES = {
     torch.uint8: np.uint8,
