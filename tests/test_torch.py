@@ -232,7 +232,7 @@ def test_meta_skeleton_with_assign():
 
 
 # -- state-dict layouts (docs/format.md §8.4) ---------------------------------------
-#: Layout 1 (pbcodec 0.1): the flat names, written out here from the spec's table.
+#: Layout 1 (the first): the flat names, written out here from the spec's table.
 LAYOUT1 = {
     "signs": SIGNS,
     "mu": MU,

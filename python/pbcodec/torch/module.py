@@ -29,7 +29,7 @@ from ._op import (
 #: The state-dict keys of a PBLinear's compressed weight, under ``<layer>.weight.``: the
 #: components of a file's tensor (docs/format.md §8.2) and its description ``pb_meta``.
 STATE_KEYS = (*COMPONENTS, "pb_meta")
-#: Layout 1 of the state dict (pbcodec 0.1): flat keys under the layer's prefix, mapped
+#: Layout 1 of the state dict (the first): flat keys under the layer's prefix, mapped
 #: to today's (layout 2) names; ``load_state_dict`` still reads it (docs/format.md §8.4).
 V1_KEYS = {
     "signs": "weight.signs",
