@@ -11,7 +11,8 @@ twin (``pbcodec.reference``), on every SIMD level:
   (current format version only: an older directory is only read);
 - int8 matvec (bit-exact by docs/format.md §6.4) reproduces the committed outputs;
 - every truncation of a blob is a FormatError;
-- the PBLinear state dict loads into an empty PBLinear and matches a fresh conversion.
+- the PBLinear state dict loads into an empty PBLinear (an older layout through the
+  converter of docs/format.md §8.4), saves in today's layout, and matches a fresh conversion.
 """
 
 from __future__ import annotations
@@ -258,6 +259,12 @@ def test_pblinear_state_dict_golden(d, case):
     src = pb_case(d.name, case["same_weight_as"])
     assert mod.pb.to_bytes() == (d / src["file"]).read_bytes()
     assert_same_array(mod.bias.detach().numpy(), bias, "bias")
+    # Loaded from any version's layout, it saves in today's: the current directory's file.
+    now = st.load_file(str(GOLDEN / CURRENT / case["file"]))
+    resaved = {k: v.detach().numpy() for k, v in mod.state_dict().items()}
+    assert sorted(resaved) == sorted(now)
+    for k, v in resaved.items():
+        assert_same_array(v, now[k], f"re-saved state_dict[{k!r}]")
 
     if "int8_matvec" in src:  # int8 forward = the golden int8 matvec + bias (one float32 add)
         mod.activations = "int8"

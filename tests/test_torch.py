@@ -64,7 +64,7 @@ def test_forward_half_dtypes(dtype, rtol, shape):
 
 def test_forward_4bit_groups_float32_scales_and_noncontiguous_input():
     _, layer = make_layer(n=96, m=40, salient=0.2, salient_bits=4, group_size=32, scale_dtype="float32")
-    assert layer.res_values.dtype == torch.uint8 and layer.mu.dtype == torch.float32
+    assert layer.weight.residual.values.dtype == torch.uint8 and layer.weight.mu.dtype == torch.float32
     x = torch.randn(96, 6).t()  # non-contiguous
     with torch.no_grad():
         torch.testing.assert_close(layer(x), dense_ref(layer, x), rtol=1e-5, atol=1e-5)
@@ -102,8 +102,8 @@ def test_batch_is_one_kernel_call_zero_copy(monkeypatch, activations):
 def test_pb_view_is_zero_copy_and_matches_buffers():
     _, layer = make_layer()
     t = layer.pb
-    assert np.shares_memory(t.signs, layer.signs.numpy())
-    assert np.shares_memory(t.residual.counts, layer.res_counts.numpy())
+    assert np.shares_memory(t.signs, layer.weight.signs.numpy())
+    assert np.shares_memory(t.residual.counts, layer.weight.residual.counts.numpy())
     assert t.shape == (48, 64) and t.salient_bits == 8
     np.testing.assert_array_equal(layer.dequantize().numpy(), t.decompress())
 
@@ -124,10 +124,12 @@ def test_state_dict_roundtrip_into_empty_layer(kw):
     bias = kw.pop("bias", True)
     _, layer = make_layer(bias=bias, **kw)
     sd = layer.state_dict()
-    assert set(sd) == {"signs", "mu", "alpha", "sigma", "res_counts", "res_values", "res_code_offsets", "pb_meta"} | (
+    # A file's component names under "weight." (docs/format.md §8.2, §8.4), plus pb_meta.
+    assert set(sd) == {f"weight.{k}" for k in pbcodec.files.COMPONENTS} | {"weight.pb_meta"} | (
         {"bias"} if bias else set()
     )
-    assert sd["pb_meta"].tolist() == [1, 48, 64, layer.group_size, layer.pb.residual.count_bits, layer.salient_bits]
+    pm = sd["weight.pb_meta"].tolist()
+    assert pm == [2, 48, 64, layer.group_size, layer.pb.residual.count_bits, layer.salient_bits]
     empty = pbt.PBLinear(64, 48, bias=bias, activations="float32")
     assert not empty.is_loaded
     with pytest.raises(RuntimeError, match="empty"):
@@ -140,7 +142,7 @@ def test_state_dict_roundtrip_into_empty_layer(kw):
     assert repr(empty) == repr(layer)
     # a loaded layer takes a differently sized compressed weight (buffers are resized)
     _, other = make_layer(bias=bias, seed=3, salient=0.3, salient_bits=8, group_size=8)
-    assert other.res_values.shape != layer.res_values.shape
+    assert other.weight.residual.values.shape != layer.weight.residual.values.shape
     empty.load_state_dict(other.state_dict())
     with torch.no_grad():
         assert torch.equal(empty(x), other(x))
@@ -164,31 +166,40 @@ def _set(sd, key, value):
 
 
 def _meta(sd, i, v):
-    pm = sd["pb_meta"].clone()
+    pm = sd[PM].clone()
     pm[i] = v
-    return _set(sd, "pb_meta", pm)
+    return _set(sd, PM, pm)
 
+
+PM, COUNTS, VALUES, OFFSETS = (
+    "weight.pb_meta",
+    "weight.residual.counts",
+    "weight.residual.values",
+    "weight.residual.code_offsets",
+)
+SIGNS, MU, SIGMA = "weight.signs", "weight.mu", "weight.sigma"
 
 MALFORMED = {
-    "counts_all_escapes": lambda sd: _set(sd, "res_counts", torch.full_like(sd["res_counts"], 255)),
-    "counts_truncated": lambda sd: _set(sd, "res_counts", sd["res_counts"][:-1]),
-    "values_truncated": lambda sd: _set(sd, "res_values", sd["res_values"][:-3]),
-    "offsets_reversed": lambda sd: _set(sd, "res_code_offsets", sd["res_code_offsets"].flip(0)),
-    "meta_version": lambda sd: _meta(sd, 0, 2),
+    "counts_all_escapes": lambda sd: _set(sd, COUNTS, torch.full_like(sd[COUNTS], 255)),
+    "counts_truncated": lambda sd: _set(sd, COUNTS, sd[COUNTS][:-1]),
+    "values_truncated": lambda sd: _set(sd, VALUES, sd[VALUES][:-3]),
+    "offsets_reversed": lambda sd: _set(sd, OFFSETS, sd[OFFSETS].flip(0)),
+    "meta_version": lambda sd: _meta(sd, 0, 3),
+    "meta_version_1_under_new_names": lambda sd: _meta(sd, 0, 1),
     "meta_rows": lambda sd: _meta(sd, 1, 47),
     "meta_group_size_negative": lambda sd: _meta(sd, 3, -1),
     "meta_count_bits": lambda sd: _meta(sd, 4, 0),
     "meta_salient_bits": lambda sd: _meta(sd, 5, 4),
-    "meta_dtype": lambda sd: _set(sd, "pb_meta", sd["pb_meta"].int()),
-    "meta_short": lambda sd: _set(sd, "pb_meta", sd["pb_meta"][:5]),
-    "scales_bfloat16": lambda sd: _set(sd, "mu", sd["mu"].bfloat16()),
-    "scales_mixed_dtypes": lambda sd: _set(sd, "mu", sd["mu"].float()),
-    "scale_not_finite": lambda sd: _set(sd, "sigma", torch.full_like(sd["sigma"], float("nan"))),
-    "signs_float": lambda sd: _set(sd, "signs", sd["signs"].float()),
-    "signs_short": lambda sd: _set(sd, "signs", sd["signs"][:-1]),
-    "values_wrong_width": lambda sd: _set(sd, "res_values", sd["res_values"].view(torch.uint8)),
-    "not_a_tensor": lambda sd: _set(sd, "res_values", "nope"),
-    "missing_key": lambda sd: {k: v for k, v in sd.items() if k != "res_counts"},
+    "meta_dtype": lambda sd: _set(sd, PM, sd[PM].int()),
+    "meta_short": lambda sd: _set(sd, PM, sd[PM][:5]),
+    "scales_bfloat16": lambda sd: _set(sd, MU, sd[MU].bfloat16()),
+    "scales_mixed_dtypes": lambda sd: _set(sd, MU, sd[MU].float()),
+    "scale_not_finite": lambda sd: _set(sd, SIGMA, torch.full_like(sd[SIGMA], float("nan"))),
+    "signs_float": lambda sd: _set(sd, SIGNS, sd[SIGNS].float()),
+    "signs_short": lambda sd: _set(sd, SIGNS, sd[SIGNS][:-1]),
+    "values_wrong_width": lambda sd: _set(sd, VALUES, sd[VALUES].view(torch.uint8)),
+    "not_a_tensor": lambda sd: _set(sd, VALUES, "nope"),
+    "missing_key": lambda sd: {k: v for k, v in sd.items() if k != COUNTS},
 }
 
 
@@ -220,6 +231,105 @@ def test_meta_skeleton_with_assign():
         assert torch.equal(skel(x), torch.tanh(layer(x)))
 
 
+# -- state-dict layouts (docs/format.md §8.4) ---------------------------------------
+#: Layout 1 (the first): the flat names, written out here from the spec's table.
+LAYOUT1 = {
+    "signs": SIGNS,
+    "mu": MU,
+    "alpha": "weight.alpha",
+    "sigma": SIGMA,
+    "res_counts": COUNTS,
+    "res_values": VALUES,
+    "res_code_offsets": OFFSETS,
+    "pb_meta": PM,
+}
+
+
+def _layout1(sd, prefix=""):
+    """A layout-2 state dict (keys under ``prefix``) in layout 1."""
+    inv = {prefix + new: prefix + old for old, new in LAYOUT1.items()}
+    out = {inv.get(k, k): v for k, v in sd.items()}
+    pm = out[prefix + "pb_meta"].clone()
+    pm[0] = 1
+    out[prefix + "pb_meta"] = pm
+    return out
+
+
+def test_state_dict_names_are_the_file_components(tmp_path):
+    """One saved layout: under "<layer>.weight." a state dict holds exactly the tensors a
+    file stores for the compressed tensor "<layer>.weight", with the same dtypes, shapes
+    and bytes; only the description differs (pb_meta here, JSON metadata there)."""
+    _, layer = make_layer(salient_bits=4, group_size=16)
+    sd = {"enc.q." + k: v for k, v in layer.state_dict().items()}
+    p = tmp_path / "f.safetensors"
+    pbcodec.save_file({"enc.q.weight": layer.pb}, p)
+    raw, _ = pbcodec.files.read_safetensors(str(p))
+    assert set(raw) == set(sd) - {"enc.q.weight.pb_meta", "enc.q.bias"}
+    for k, t in raw.items():
+        a = sd[k].numpy()
+        assert (t.shape, t.array().dtype, t.array().tobytes()) == (a.shape, a.dtype, a.tobytes()), k
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_layout1_state_dict_still_loads(assign):
+    _, layer = make_layer(salient_bits=4, group_size=16, scale_dtype="float32")
+    v1 = _layout1({"0." + k: v for k, v in layer.state_dict().items()}, "0.")
+    assert "0.res_counts" in v1 and "0.weight.residual.counts" not in v1
+    with torch.device("meta" if assign else "cpu"):
+        skel = nn.Sequential(nn.Linear(64, 48), nn.Tanh())
+    assert pbt.replace_linear_layers(skel, state_dict=v1, activations="float32") == ["0"]
+    skel.load_state_dict(v1, assign=assign)
+    assert skel[0].pb == layer.pb and skel[0].weight.residual.counts.device.type == "cpu"
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        assert torch.equal(skel(x), torch.tanh(layer(x)))
+    # saved again, it is layout 2
+    assert skel[0].state_dict()[PM].tolist()[0] == 2 and "res_counts" not in skel[0].state_dict()
+
+
+MALFORMED_LAYOUT1 = {
+    "missing_key": lambda sd: {k: v for k, v in sd.items() if k != "res_counts"},
+    "both_layouts": lambda sd: {**sd, COUNTS: sd["res_counts"]},
+    "version_2_under_old_names": lambda sd: {**sd, "pb_meta": torch.tensor([2, *sd["pb_meta"].tolist()[1:]])},
+    "meta_dtype": lambda sd: {**sd, "pb_meta": sd["pb_meta"].int()},
+    "meta_not_a_tensor": lambda sd: {**sd, "pb_meta": [1, 48, 64, 64, 4, 8]},
+    "bad_counts": lambda sd: {**sd, "res_counts": torch.full_like(sd["res_counts"], 255)},
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_LAYOUT1))
+def test_malformed_layout1_raises_format_error(case):
+    _, layer = make_layer()
+    bad = MALFORMED_LAYOUT1[case](_layout1(layer.state_dict()))
+    _, target = make_layer(seed=1)
+    x = torch.randn(64)
+    with torch.no_grad():
+        before = target(x)
+        with pytest.raises(pbcodec.FormatError):
+            target.load_state_dict(bad)
+        assert torch.equal(target(x), before)
+
+
+def test_weight_parts_load_only_through_the_layer():
+    """PBWeight and its residual hold tensors the PBLinear validated as a whole: loading
+    them on their own (which would skip that) is refused, and nothing changes."""
+    _, layer = make_layer()
+    _, other = make_layer(seed=2)
+    x = torch.randn(64)
+    with torch.no_grad():
+        before = layer(x)
+    for part in (layer.weight, layer.weight.residual):
+        donor = other.weight if part is layer.weight else other.weight.residual
+        with pytest.raises(RuntimeError, match="load the PBLinear"):
+            part.load_state_dict(donor.state_dict())
+    with torch.no_grad():
+        assert torch.equal(layer(x), before)
+    # and the layer itself still loads (the parts take what it validated)
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.equal(layer(x), other(x))
+
+
 # -- conversions, copies, fallback ----------------------------------------------
 @pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
 def test_dtype_casts_keep_scales(scale_dtype):
@@ -227,11 +337,12 @@ def test_dtype_casts_keep_scales(scale_dtype):
     x = torch.randn(3, 64)
     with torch.no_grad():
         ref = layer(x)
-        sdt = layer.mu.dtype
+        w = layer.weight
+        sdt = w.mu.dtype
         for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double(), lambda m: m.float()):
             cast(layer)
-            assert layer.mu.dtype == layer.alpha.dtype == layer.sigma.dtype == sdt
-            assert layer.signs.dtype == torch.uint8 and layer.res_code_offsets.dtype == torch.int64
+            assert w.mu.dtype == w.alpha.dtype == w.sigma.dtype == sdt
+            assert w.signs.dtype == torch.uint8 and w.residual.code_offsets.dtype == torch.int64
         # bias was rounded by the casts (bf16 round trip), the weight not at all
         torch.testing.assert_close(layer(x), ref, rtol=0, atol=2e-2)
         assert layer.pb.scale_dtype == np.dtype(scale_dtype)
@@ -247,7 +358,7 @@ def test_deepcopy_and_pickle():
         layer.force_dense = False
         c = copy.deepcopy(layer)
         assert c._dense is None
-        assert np.shares_memory(c.pb.signs, c.signs.numpy())
+        assert np.shares_memory(c.pb.signs, c.weight.signs.numpy())
         assert torch.equal(c(x), ref)
         buf = io.BytesIO()
         torch.save(layer, buf)
@@ -319,7 +430,7 @@ def test_gradients_half_input_no_bias():
 
 # -- the custom op --------------------------------------------------------------------
 def _op_args(layer, x):
-    return (x, *(layer._buffers[k] for k in pbt._OP_TENSORS), layer.bias, *layer._meta)
+    return (x, *layer._op_tensors(), layer.bias, *layer._meta)
 
 
 # torch's own fake-tensor conversion touches .grad of non-leaf tensors (a UserWarning
@@ -588,7 +699,7 @@ def test_non_float_inputs_raise_like_nn_linear(kind, dense):
         with pytest.raises(RuntimeError, match="floating-point"):
             layer(x)
         with pytest.raises(RuntimeError, match="floating-point"):
-            torch.ops.pbcodec.pb_linear(x, *(layer._buffers[k] for k in pbt._OP_TENSORS), None, *layer._meta)
+            torch.ops.pbcodec.pb_linear(x, *layer._op_tensors(), None, *layer._meta)
 
 
 def test_state_dict_components_must_have_their_exact_shapes(tmp_path):
@@ -596,13 +707,13 @@ def test_state_dict_components_must_have_their_exact_shapes(tmp_path):
     to 2.0: it is refused, by the validator load_file uses too."""
     _, layer = make_layer(n=64, m=16, seed=3)
     sd = layer.state_dict()
-    assert sd["signs"].shape == (16, 8)
+    assert sd[SIGNS].shape == (16, 8)
     cases = {
-        "signs": sd["signs"].t().contiguous(),
-        "mu": sd["mu"].reshape(-1),
-        "sigma": sd["sigma"].reshape(1, -1),
-        "res_code_offsets": sd["res_code_offsets"].reshape(1, -1),
-        "res_counts": sd["res_counts"].reshape(1, -1),
+        SIGNS: sd[SIGNS].t().contiguous(),
+        MU: sd[MU].reshape(-1),
+        SIGMA: sd[SIGMA].reshape(1, -1),
+        OFFSETS: sd[OFFSETS].reshape(1, -1),
+        COUNTS: sd[COUNTS].reshape(1, -1),
     }
     for key, bad in cases.items():
         with pytest.raises(pbcodec.FormatError, match="has shape"):

@@ -89,7 +89,7 @@ _SMALL_FLOATS = {
 
 # Fields of a description, in the order the core's "descriptions" schema returns them.
 _DESC_FIELDS = ("codec", "version", "shape", "dense_bits", "group_size", "count_bits", "salient_bits", "scale_dtype")
-# Component name suffix -> allowed dtype codes.
+# Component name -> allowed dtype codes (docs/format.md §8.2).
 _PARTS = {
     "signs": ("U8",),
     "mu": ("F16", "F32"),
@@ -99,6 +99,10 @@ _PARTS = {
     "residual.values": ("I8", "U8"),
     "residual.code_offsets": ("I64",),
 }
+#: The components of a compressed tensor ``NAME``, stored as ``NAME.<component>``
+#: (docs/format.md §8.2); a PBLinear's state dict uses the same names under
+#: ``<layer>.weight.`` (§8.4).
+COMPONENTS = tuple(_PARTS)
 
 
 def _ml_dtypes() -> Any:
@@ -287,23 +291,17 @@ def _raw(a: Any, name: str) -> RawTensor:
     return RawTensor(code, tuple(int(d) for d in a.shape), a.reshape(-1).view(np.uint8))
 
 
-def pb_components(name: str, t: PBTensor) -> tuple[dict[str, RawTensor], dict[str, Any]]:
-    """The safetensors tensors and the metadata entry that store ``t`` as ``name``.
-    ``t`` is validated first, so no file is written that :func:`load_file` rejects."""
-    from . import _core
-
-    _core.pb_validate(*t._parts())
+def pb_arrays(t: PBTensor) -> dict[str, np.ndarray]:
+    """The arrays that store ``t``, by component name (:data:`COMPONENTS` order)."""
     r = t.residual
-    parts = {
-        f"{name}.signs": _raw(t.signs, name),
-        f"{name}.mu": _raw(t.mu, name),
-        f"{name}.alpha": _raw(t.alpha, name),
-        f"{name}.sigma": _raw(t.sigma, name),
-        f"{name}.residual.counts": _raw(r.counts, name),
-        f"{name}.residual.values": _raw(r.values, name),
-        f"{name}.residual.code_offsets": _raw(r.code_offsets, name),
-    }
-    desc = {
+    arrays = (t.signs, t.mu, t.alpha, t.sigma, r.counts, r.values, r.code_offsets)
+    return dict(zip(COMPONENTS, arrays, strict=True))
+
+
+def pb_description(t: PBTensor) -> dict[str, Any]:
+    """``t``'s entry in ``__metadata__["pbcodec"]`` (docs/format.md §8.2)."""
+    r = t.residual
+    return {
         "codec": CODEC,
         "version": VERSION,
         "shape": list(t.shape),
@@ -313,7 +311,37 @@ def pb_components(name: str, t: PBTensor) -> tuple[dict[str, RawTensor], dict[st
         "salient_bits": r.value_bits,
         "scale_dtype": str(t.mu.dtype),
     }
-    return parts, desc
+
+
+def pb_from_components(
+    shape: tuple[int, int], arrays: Mapping[str, Any], group_size: int, count_bits: int, salient_bits: int
+) -> PBTensor:
+    """A validated PBTensor from arrays named by component (:data:`COMPONENTS`): the one
+    validator of a file's compressed tensor and of a PBLinear state dict's
+    (:meth:`PBTensor.from_parts`; :class:`FormatError` on anything malformed)."""
+    return PBTensor.from_parts(
+        shape,
+        signs=arrays["signs"],
+        mu=arrays["mu"],
+        alpha=arrays["alpha"],
+        sigma=arrays["sigma"],
+        counts=arrays["residual.counts"],
+        values=arrays["residual.values"],
+        code_offsets=arrays["residual.code_offsets"],
+        group_size=group_size,
+        count_bits=count_bits,
+        salient_bits=salient_bits,
+    )
+
+
+def pb_components(name: str, t: PBTensor) -> tuple[dict[str, RawTensor], dict[str, Any]]:
+    """The safetensors tensors and the metadata entry that store ``t`` as ``name``.
+    ``t`` is validated first, so no file is written that :func:`load_file` rejects."""
+    from . import _core
+
+    _core.pb_validate(*t._parts())
+    parts = {f"{name}.{k}": _raw(a, name) for k, a in pb_arrays(t).items()}
+    return parts, pb_description(t)
 
 
 # ------------------------------------------------------------------ writing
@@ -605,21 +633,8 @@ def _build_pb(name: str, d: dict, raw: Mapping[str, RawTensor], path: str) -> PB
         raise FormatError(
             f"{path}: {name}.residual.values: dtype {parts['residual.values'].dtype} does not match salient_bits {sb}"
         )
-    a = {k: v.array() for k, v in parts.items()}
     try:
-        return PBTensor.from_parts(
-            tuple(shape),
-            signs=a["signs"],
-            mu=a["mu"],
-            alpha=a["alpha"],
-            sigma=a["sigma"],
-            counts=a["residual.counts"],
-            values=a["residual.values"],
-            code_offsets=a["residual.code_offsets"],
-            group_size=g,
-            count_bits=cb,
-            salient_bits=sb,
-        )
+        return pb_from_components(tuple(shape), {k: v.array() for k, v in parts.items()}, g, cb, sb)
     except FormatError as e:
         raise FormatError(f"{path}: {name}: {e}") from None
 

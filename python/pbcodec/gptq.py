@@ -16,7 +16,7 @@ import numpy as np
 
 from ._util import count_bits_arg
 from .pb import PBTensor, _as_weight, _scale_dtype
-from .reference import _q_max, _sum_left_to_right, _to_scale
+from .reference.pb import _q_max, _sum_left_to_right, _to_scale
 from .rle import rle_encode
 
 __all__ = ["compress_gptq", "input_hessian"]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
 import torch
@@ -38,16 +37,18 @@ from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .files import CODEC, META_KEY, VERSION, _build_pb, _describe, read_safetensors
+from .files import COMPONENTS, META_KEY, VERSION, _build_pb, _describe, pb_description, read_safetensors
 from .pb import PBTensor
 from .torch import PBLinear
 
 __all__ = ["METHOD", "PbcodecConfig", "PbcodecHfQuantizer", "mark_compressed", "prepare_for_save"]
 
 METHOD = "pbcodec"
-_SUFFIXES = ("signs", "mu", "alpha", "sigma", "residual.counts", "residual.values", "residual.code_offsets")
-_COMPONENT_RE = r"\.weight\.(signs|mu|alpha|sigma|residual\.(counts|values|code_offsets))$"
-_BUFFER_RE = r"\.(signs|mu|alpha|sigma|res_counts|res_values|res_code_offsets|res_value_offsets|pb_meta)$"
+# A compressed ``<module>.weight`` in a file (docs/format.md §8.2) has the components a
+# PBLinear's state dict has under the same names (§8.4), less its description
+# ``pb_meta``, which the files keep as JSON metadata instead.
+_COMPONENT_RE = r"\.weight\.(" + "|".join(c.replace(".", r"\.") for c in COMPONENTS) + ")$"
+_META_RE = r"\.weight\.pb_meta$"
 
 
 @register_quantization_config(METHOD)
@@ -120,15 +121,17 @@ class PbcodecHfQuantizer(HfQuantizer):
                 found += 1
         if not found:
             raise ValueError("quantization_config says pbcodec, but no checkpoint file holds compressed Linear weights")
-        # The components are consumed here, and PBLinear's buffers are not in the files.
+        # The components were read and validated here (and are put back after loading);
+        # those of weights this model does not use are not errors, and the descriptions
+        # (pb_meta) are JSON metadata in the files, not tensors.
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or []) | {_COMPONENT_RE}
-        model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or []) | {_BUFFER_RE}
+        model._keys_to_ignore_on_load_missing = set(model._keys_to_ignore_on_load_missing or []) | {_META_RE}
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any):
-        """transformers materializes buffers it did not find in the files (PBLinear's
-        own buffer names) as empty tensors: put the validated parts back, keeping the
-        biases it loaded."""
+        """Put the validated parts back (transformers loaded the components into the
+        PBLinear buffers of the same names itself, and materialized the missing
+        ``pb_meta``), keeping the biases it loaded."""
         for path, t in self._loaded.items():
             parent, child, old = _module(model, path)
             bias = old.bias
@@ -143,41 +146,13 @@ class PbcodecHfQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The model's state dict with each PBLinear stored as docs/format.md §8
-        components of ``<module>.weight`` (what ``pbcodec compress`` writes)."""
-        pb_paths = {n for n, m in model.named_modules() if isinstance(m, PBLinear)}
-        state = {}
-        for k, v in model.state_dict().items():
-            owner = k.rpartition(".")[0]
-            if owner in pb_paths and re.search(_BUFFER_RE, k):
-                continue
-            state[k] = v
-        desc = {}
-        for path in sorted(pb_paths):
-            t = model.get_submodule(path).pb
-            name = f"{path}.weight" if path else "weight"
-            r = t.residual
-            arrays = {
-                "signs": t.signs,
-                "mu": t.mu,
-                "alpha": t.alpha,
-                "sigma": t.sigma,
-                "residual.counts": r.counts,
-                "residual.values": r.values,
-                "residual.code_offsets": r.code_offsets,
-            }
-            for suffix, a in arrays.items():
-                state[f"{name}.{suffix}"] = torch.from_numpy(a.copy())
-            desc[name] = {
-                "codec": CODEC,
-                "version": VERSION,
-                "shape": list(t.shape),
-                "dense_bits": 1,
-                "group_size": t.group_size,
-                "count_bits": r.count_bits,
-                "salient_bits": r.value_bits,
-                "scale_dtype": str(t.mu.dtype),
-            }
+        """The model's state dict as a pbcodec file (what ``pbcodec compress`` writes):
+        each PBLinear's state already names its weight's components like the file does
+        (docs/format.md §8.4); its ``pb_meta`` becomes the description in the metadata."""
+        pb_paths = {n: m for n, m in model.named_modules() if isinstance(m, PBLinear)}
+        metas = {f"{n}.weight.pb_meta" if n else "weight.pb_meta" for n in pb_paths}
+        state = {k: v for k, v in model.state_dict().items() if k not in metas}
+        desc = {f"{n}.weight" if n else "weight": pb_description(m.pb) for n, m in sorted(pb_paths.items())}
         return state, {META_KEY: json.dumps(desc, sort_keys=True)}
 
     def is_serializable(self) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import _core
+from ._parts import PBArrays, PBMeta, PBParts
 from ._util import c_aligned, check_disjoint, count_bits_arg, prepare_out, unshared
 from .errors import FormatError
 from .rle import RLE
@@ -142,7 +143,8 @@ class PBTensor:
         m, n = self.shape
         return 8.0 * self.nbytes / (m * n) if m * n else 0.0
 
-    def _parts(self) -> tuple[Any, Any]:
+    def _parts(self) -> PBParts:
+        """The parts in the core's form (float32 scales, cached until a part changes)."""
         cache = self._cache
         if cache is None:
             mu, alpha, sigma = (
@@ -151,23 +153,18 @@ class PBTensor:
             cache = (mu, alpha, sigma)
             object.__setattr__(self, "_cache", cache)
         r = self.residual
-        meta = (
-            self.shape[0],
-            self.shape[1],
-            self.group_size,
-            _SCALE_BITS[self.mu.dtype],
-            r.count_bits,
-            r.value_bits,
+        m, n = self.shape
+        return PBParts(
+            PBMeta(m, n, self.group_size, _SCALE_BITS[self.mu.dtype], r.count_bits, r.value_bits),
+            PBArrays(
+                np.ascontiguousarray(self.signs).ravel(),
+                *cache,
+                r.counts,
+                r.values.view(np.uint8),
+                r.code_offsets,
+                r.value_offsets,
+            ),
         )
-        arrays = (
-            np.ascontiguousarray(self.signs).ravel(),
-            *cache,
-            r.counts,
-            r.values.view(np.uint8),
-            r.code_offsets,
-            r.value_offsets,
-        )
-        return meta, arrays
 
     # -- operations --------------------------------------------------------
     def decompress(self, dtype: Any = np.float32, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -177,7 +174,7 @@ class PBTensor:
             raise TypeError(f"decompress dtype must be a float dtype, got {dt}")
         if dt == np.float32:
             res = prepare_out(out, self.shape, np.float32)
-            check_disjoint(out, self._parts()[1], "compressed data")
+            check_disjoint(out, self._parts().arrays, "compressed data")
             _core.pb_decompress(*self._parts(), res)
             return res
         full = np.empty(self.shape, np.float32)
@@ -259,7 +256,7 @@ class PBTensor:
     @classmethod
     def from_bytes(cls, buf: bytes | bytearray | memoryview) -> PBTensor:
         """Parse and validate; raises :class:`pbcodec.FormatError` on anything malformed."""
-        return _from_core(_core.pb_from_bytes(np.frombuffer(buf, dtype=np.uint8)))
+        return _assemble(PBParts.of(_core.pb_from_bytes(np.frombuffer(buf, dtype=np.uint8))))
 
     @classmethod
     def from_parts(
@@ -327,9 +324,9 @@ class PBTensor:
         counts_a = arr(counts, np.uint8, "counts", None)
         vals = arr(values, np.int8 if sb == 8 else np.uint8, "values", None)
         co = arr(code_offsets, np.int64, "code_offsets", (m + 1,))
-        parts = (
-            (m, n, g, _SCALE_BITS[dt], cb, sb),
-            (
+        parts = PBParts(
+            PBMeta(m, n, g, _SCALE_BITS[dt], cb, sb),
+            PBArrays(
                 signs_a.ravel(),
                 mu_a.astype(np.float32).ravel(),
                 alpha_a.astype(np.float32).ravel(),
@@ -398,12 +395,17 @@ class PBTensor:
         )
 
 
-def _from_core(res: tuple) -> PBTensor:
-    (m, n, g, scale_bits, cb, vb), (signs, mu, alpha, sigma, counts, values, co, vo) = res
+def _assemble(parts: PBParts) -> PBTensor:
+    """A PBTensor over ``parts``, not validated (what the core returns, or parts that were
+    validated before): zero-copy where the dtypes allow. Scales may be float32 holding
+    exact values of the scale dtype (the core's form) or already of that dtype; values
+    may be bytes (the core's form) or int8. ValueError if a part has the wrong size."""
+    (m, n, g, scale_bits, cb, vb), a = parts
     dt = np.float16 if scale_bits == 16 else np.float32
-    residual = RLE((m, n), cb, vb, counts, values.view(np.int8) if vb == 8 else values, co, vo)
-    # Scales come back as float32 holding exact float16/float32 values.
-    return PBTensor((m, n), signs, mu.astype(dt), alpha.astype(dt), sigma.astype(dt), residual, g)
+    values = a.values.view(np.int8) if vb == 8 and a.values.dtype == np.uint8 else a.values
+    residual = RLE((m, n), cb, vb, a.counts, values, a.code_offsets, a.value_offsets)
+    scales = (s.astype(dt, copy=False) for s in (a.mu, a.alpha, a.sigma))
+    return PBTensor((m, n), a.signs, *scales, residual, g)
 
 
 def compress(
@@ -460,7 +462,7 @@ def compress(
     res = _core.pb_compress(
         w, m, n, imp, float(salient), int(salient_bits), cb, gs, select == "tensor", bool(shift), sbits
     )
-    return _from_core(res)
+    return _assemble(PBParts.of(res))
 
 
 def snr_db(weight: Any, weight_hat: Any) -> float:

@@ -2,14 +2,17 @@
 
 Usage (from the repository root, with the package installed)::
 
-    python tests/golden/make_golden.py            # writes tests/golden/v1/
+    python tests/golden/make_golden.py            # writes tests/golden/v2/
     python tests/golden/make_golden.py --out DIR  # same content elsewhere (a dry run)
 
 A golden directory is never rewritten: the script refuses to write into an existing
 one. A new format version gets a new directory (v2/, ...) and a new ``VERSION`` here;
 the old directory stays as it is, and tests/test_golden.py keeps checking it, so a change
 that alters the bytes of a released format fails the tests instead of passing silently
-(its writer and reader would otherwise change together).
+(its writer and reader would otherwise change together). v2 differs from v1 only in the
+PBLinear state dict (layout 2, docs/format.md §8.4: a file's component names under
+``weight.``); every blob and file format is still at version 1 (``versions`` in the
+manifest).
 
 Every input is drawn from a fixed seed, shaped by hand to reach the corner cases of
 docs/format.md (runs longer than ESC, runs of exactly ESC, empty rows, rows that start or
@@ -33,8 +36,10 @@ import numpy as np
 import pbcodec
 from pbcodec import reference as ref
 
-#: The format version this script writes (docs/format.md §4, §7, §8 all at version 1).
-VERSION = "v1"
+#: The golden directory this script writes: what today's writers produce.
+VERSION = "v2"
+#: The version of each stored form they write (docs/format.md §10).
+FORM_VERSIONS = {"rle": 1, "pbtensor": 1, "safetensors": 1, "pblinear_state_dict": 2}
 HERE = Path(__file__).resolve().parent
 
 
@@ -291,7 +296,7 @@ def write(out: Path) -> None:
 
     files = sorted(p.name for p in out.iterdir())
     manifest = {
-        "format_version": 1,
+        "versions": FORM_VERSIONS,
         "generator": "tests/golden/make_golden.py",
         "generated_with": {"pbcodec": pbcodec.__version__, "numpy": np.__version__},
         "note": "Never edit or regenerate this directory; a new format version gets a new one.",

@@ -35,7 +35,7 @@ Saving and rebuilding a compressed model::
     model.load_state_dict(sd)
 
 ``replace_linear_layers(model, state_dict=sd)`` replaces the ``nn.Linear`` modules whose
-prefix has a ``pb_meta`` entry in ``sd``, so it needs no knowledge of the filter used when
+compressed weight ``sd`` holds (a ``pb_meta`` entry), so it needs no knowledge of the filter used when
 compressing; ``replace_linear_layers(model)`` (no state_dict) uses the same default filter
 as :func:`compress_model`. Loading validates every compressed layer like
 :meth:`pbcodec.PBTensor.from_bytes` does (sizes, offsets, every residual row, finite
@@ -45,16 +45,21 @@ exception from ``load_state_dict``). For a skeleton built on the
 ``meta`` device, load with ``model.load_state_dict(sd, assign=True)`` (or call
 ``model.to_empty(device="cpu")`` first): copying into meta tensors is a no-op in PyTorch.
 
-State of a :class:`PBLinear` (keys under the module's prefix)::
+State of a :class:`PBLinear` (keys under the module's prefix; docs/format.md §8.4)::
 
-    signs             uint8   (m, ceil(n/8))   packed sign plane
-    mu, alpha         float16/float32 (m, n_groups)
-    sigma             float16/float32 (m,)
-    res_counts        uint8   (bytes of the packed run codes,)
-    res_values        int8 (8-bit residual) / uint8 (4-bit, packed nibbles)
-    res_code_offsets  int64   (m + 1,)
-    pb_meta           int64   [format version 1, m, n, group_size, count_bits, salient_bits]
-    bias              the original bias (its dtype), if any
+    weight.signs                   uint8   (m, ceil(n/8))   packed sign plane
+    weight.mu, weight.alpha        float16/float32 (m, n_groups)
+    weight.sigma                   float16/float32 (m,)
+    weight.residual.counts         uint8   (bytes of the packed run codes,)
+    weight.residual.values         int8 (8-bit residual) / uint8 (4-bit, packed nibbles)
+    weight.residual.code_offsets   int64   (m + 1,)
+    weight.pb_meta                 int64   [layout version 2, m, n, group_size, count_bits, salient_bits]
+    bias                           the original bias (its dtype), if any
+
+The names under ``weight.`` are those of a compressed tensor ``<module>.weight`` in a
+pbcodec file (docs/format.md §8.2), whose description is JSON metadata instead of
+``pb_meta``. State dicts of layout 1 (``signs``, ``res_counts``, ... directly under the
+prefix, ``pb_meta[0] = 1``) still load.
 
 Gradients: the compressed weight is frozen (buffers, not parameters; nothing flows to
 it). Inputs and the bias do get gradients: the op's backward rebuilds the dense weight
@@ -70,10 +75,10 @@ dense copy of the weight there. ``meta`` inputs go through the op's fake (meta) 
 
 from __future__ import annotations
 
-from ._op import _OP_TENSORS, DENSE_ROWS, FORMAT_VERSION, pb_linear
+from ._op import DENSE_ROWS, FORMAT_VERSION, pb_linear
 from .calibrate import DEFAULT_SALIENT_BUDGET, analyze_model, calibrate_model, layer_hessians, layer_kwargs
 from .convert import activation_importance, compress_model, default_filter, replace_linear_layers
-from .module import PBLinear
+from .module import PBLinear, PBWeight
 from .report import CompressionReport
 
 __all__ = [
@@ -82,6 +87,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CompressionReport",
     "PBLinear",
+    "PBWeight",
     "activation_importance",
     "analyze_model",
     "calibrate_model",

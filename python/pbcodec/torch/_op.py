@@ -14,26 +14,23 @@ import torch
 from torch import Tensor
 
 from .. import _core
+from .._parts import PBArrays, PBMeta, PBParts
 from ..errors import FormatError
-from ..pb import PBTensor
-from ..rle import RLE
+from ..pb import _SCALE_BITS, PBTensor, _assemble
 
 if not hasattr(torch.library, "custom_op") or not hasattr(torch.library, "register_fake"):
     raise ImportError(f"pbcodec.torch needs torch >= 2.4 (torch.library.custom_op); found torch {torch.__version__}")
 
-#: Version stored in ``pb_meta[0]``.
-FORMAT_VERSION = 1
+#: Version of the PBLinear state-dict layout, stored in ``pb_meta[0]`` (docs/format.md
+#: §8.4): 2 names the weight's tensors like a file's components (``<layer>.weight.signs``,
+#: ...); layout 1 (flat ``<layer>.signs``, ``<layer>.res_counts``, ...) is still read.
+FORMAT_VERSION = 2
 
 #: Row count from which :func:`pb_linear` dequantizes into a temporary dense weight and
 #: uses torch's GEMM instead of the decode-fused kernel (see its docstring).
 DENSE_ROWS = 64
 
-# Buffer names, in registration (and state_dict) order.
-_COMPONENTS = ("signs", "mu", "alpha", "sigma", "res_counts", "res_values", "res_code_offsets")
 _SCALES = ("mu", "alpha", "sigma")
-_PERSISTENT = _COMPONENTS + ("pb_meta",)
-# Every tensor the op takes, in its argument order (value offsets are derived on load).
-_OP_TENSORS = _COMPONENTS + ("res_value_offsets",)
 
 _NUMPY_DTYPES = {
     torch.uint8: np.uint8,
@@ -68,25 +65,18 @@ def _cpu_numpy(t: Tensor) -> np.ndarray:
 
 
 def _build_pb(meta: tuple[int, int, int, int, int], arrays: Iterable[np.ndarray]) -> PBTensor:
-    """An (unvalidated) PBTensor over the given arrays, zero-copy. Only used on parts
-    that were validated when they entered the module; the kernels still check sizes and
-    offsets and bound every position, so inconsistent parts raise, never crash."""
+    """An (unvalidated) PBTensor over the given arrays (in :class:`PBArrays` order, scales
+    of their stored dtype), zero-copy. Only used on parts that were validated when they
+    entered the module; the kernels still check sizes and offsets and bound every
+    position, so inconsistent parts raise, never crash."""
     m, n, gs, cb, sb = meta
-    signs, mu, alpha, sigma, counts, values, co, vo = arrays
-    ng = 0 if n == 0 else -(-n // max(gs, 1))
-    if mu.dtype not in (np.float16, np.float32) or alpha.dtype != mu.dtype or sigma.dtype != mu.dtype:
-        raise FormatError(f"scales must all be float16 or all float32, got {mu.dtype}, {alpha.dtype}, {sigma.dtype}")
-    try:
-        residual = RLE((m, n), cb, sb, counts, values, co, vo)
-        return PBTensor(
-            (m, n),
-            signs.reshape(m, (n + 7) // 8),
-            mu.reshape(m, ng),
-            alpha.reshape(m, ng),
-            sigma.reshape(m),
-            residual,
-            gs,
+    a = PBArrays._make(arrays)
+    if a.mu.dtype not in _SCALE_BITS or a.alpha.dtype != a.mu.dtype or a.sigma.dtype != a.mu.dtype:
+        raise FormatError(
+            f"scales must all be float16 or all float32, got {a.mu.dtype}, {a.alpha.dtype}, {a.sigma.dtype}"
         )
+    try:
+        return _assemble(PBParts(PBMeta(m, n, gs, _SCALE_BITS[a.mu.dtype], cb, sb), a))
     except ValueError as e:  # reshape of a wrongly sized part
         raise FormatError(f"PBLinear parts have inconsistent sizes: {e}") from None
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from .._adapt import compress_adapted
 from ..errors import ScaleRangeError
 from ..pb import snr_db
-from .module import ACTIVATIONS, PBLinear
+from .module import ACTIVATIONS, PBLinear, stored_layers
 from .report import CompressionReport
 
 
@@ -81,11 +81,12 @@ def replace_linear_layers(
     ``model.load_state_dict(compressed_state_dict)`` can fill them.
 
     With ``state_dict``: exactly the layers stored compressed there (those with a
-    ``<name>.pb_meta`` entry) are replaced, and ``filter`` is ignored. Otherwise
-    ``filter(name, module)`` (default :func:`default_filter`) picks them. Returns the
-    names replaced. ``activations`` is given to every new layer (default ``"int8"``, as
-    :func:`compress_model`'s default, so a rebuilt model computes what the compressed one
-    did; a loaded layer whose group size int8 cannot run uses float32).
+    ``<name>.weight.pb_meta`` entry, or ``<name>.pb_meta`` in layout 1) are replaced, and
+    ``filter`` is ignored. Otherwise ``filter(name, module)`` (default
+    :func:`default_filter`) picks them. Returns the names replaced. ``activations`` is
+    given to every new layer (default ``"int8"``, as :func:`compress_model`'s default, so
+    a rebuilt model computes what the compressed one did; a loaded layer whose group size
+    int8 cannot run uses float32).
     """
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
@@ -95,7 +96,7 @@ def replace_linear_layers(
         raise TypeError("model is itself an nn.Linear: build PBLinear(in_features, out_features) directly")
     slots = _linear_slots(model)
     if state_dict is not None:
-        stored = {k[: -len(".pb_meta")] for k in state_dict if k.endswith(".pb_meta")}
+        stored = stored_layers(state_dict)
         chosen = {id(lin) for path, _, _, lin in slots if path in stored}
     else:
         filt = filter or default_filter

@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import FormatError
+from ..files import COMPONENTS, pb_arrays, pb_from_components
 from ..pb import PBTensor, compress
 from ._op import (
     _NUMPY_DTYPES,
-    _OP_TENSORS,
-    _PERSISTENT,
     _SCALES,
     FORMAT_VERSION,
     _build_pb,
@@ -27,6 +26,22 @@ from ._op import (
     new_layout_handle,
 )
 
+#: The state-dict keys of a PBLinear's compressed weight, under ``<layer>.weight.``: the
+#: components of a file's tensor (docs/format.md §8.2) and its description ``pb_meta``.
+STATE_KEYS = (*COMPONENTS, "pb_meta")
+#: Layout 1 of the state dict (the first): flat keys under the layer's prefix, mapped
+#: to today's (layout 2) names; ``load_state_dict`` still reads it (docs/format.md §8.4).
+V1_KEYS = {
+    "signs": "weight.signs",
+    "mu": "weight.mu",
+    "alpha": "weight.alpha",
+    "sigma": "weight.sigma",
+    "res_counts": "weight.residual.counts",
+    "res_values": "weight.residual.values",
+    "res_code_offsets": "weight.residual.code_offsets",
+    "pb_meta": "weight.pb_meta",
+}
+
 #: Activation modes of :class:`PBLinear` (see :meth:`pbcodec.PBTensor.matvec`).
 ACTIVATIONS = ("float32", "int8")
 #: Columns per int8 activation block (docs/format.md §6.4): groups must be multiples.
@@ -36,6 +51,132 @@ INT8_BLOCK = 64
 def int8_supported(in_features: int, group_size: int) -> bool:
     """Whether the int8 activation mode can run a weight with this group size."""
     return group_size >= in_features or group_size % INT8_BLOCK == 0
+
+
+class _Part(nn.Module):
+    """A container of some of a PBLinear's compressed tensors (its ``weight`` and
+    ``weight.residual``): filled only through the PBLinear's ``load_state_dict``, which
+    validates the weight as a whole before any of its tensors change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._validated = False  # set by the owning PBLinear for the load that follows
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        if not self._validated and any(k.startswith(prefix) for k in state_dict):
+            what = f"'{prefix[:-1]}'" if prefix else f"this {type(self).__name__}"
+            raise RuntimeError(
+                f"{what} is part of a PBLinear's compressed weight: load the PBLinear's state dict "
+                "(it validates the weight as a whole)"
+            )
+        self._validated = False
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for k, b in self._buffers.items():  # what the kernels read stays contiguous (assign=True may not be)
+            if b is not None and not b.is_contiguous():
+                self._buffers[k] = b.contiguous()
+
+
+class _Residual(_Part):
+    """The residual's zero-run code: ``counts``, ``values``, ``code_offsets``, and the
+    ``value_offsets`` derived from the codes on load (moved with the module, not saved)."""
+
+    def __init__(self, device: Any = None) -> None:
+        super().__init__()
+        for name, dt in (("counts", torch.uint8), ("values", torch.int8), ("code_offsets", torch.int64)):
+            self.register_buffer(name, torch.empty(0, dtype=dt, device=device))
+        self.register_buffer("value_offsets", torch.empty(0, dtype=torch.int64, device=device), persistent=False)
+
+
+class PBWeight(_Part):
+    """The compressed weight of a :class:`PBLinear`, in buffers named like the components
+    of a file's tensor (docs/format.md §8.2, §8.4): ``signs``, ``mu``, ``alpha``, ``sigma``,
+    the description ``pb_meta`` and ``residual`` (``counts``, ``values``, ``code_offsets``).
+    Device moves apply to all of them; dtype casts (``.half()``, ``.to(torch.bfloat16)``)
+    do not touch the scales, since the format stores float16/float32 only."""
+
+    def __init__(self, out_features: int, in_features: int, device: Any = None) -> None:
+        super().__init__()
+        for name, dt in (
+            ("signs", torch.uint8),
+            ("mu", torch.float16),
+            ("alpha", torch.float16),
+            ("sigma", torch.float16),
+        ):
+            self.register_buffer(name, torch.empty(0, dtype=dt, device=device))
+        meta = [FORMAT_VERSION, out_features, in_features, 0, 0, 0]
+        self.register_buffer("pb_meta", torch.tensor(meta, dtype=torch.int64, device=device))
+        self.residual = _Residual(device)
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The tensors ``torch.ops.pbcodec.pb_linear`` takes, in its argument order."""
+        b, r = self._buffers, self._modules["residual"]._buffers
+        return (
+            b["signs"],
+            b["mu"],
+            b["alpha"],
+            b["sigma"],
+            r["counts"],
+            r["values"],
+            r["code_offsets"],
+            r["value_offsets"],
+        )
+
+    def _slot(self, key: str) -> tuple[nn.Module, str]:
+        """The module and buffer name that hold state key ``key`` (``residual.counts``...)."""
+        path, _, name = key.rpartition(".")
+        return (self.get_submodule(path) if path else self), name
+
+    def _apply(self, fn, recurse=True):
+        scales = {k: self._buffers[k] for k in _SCALES}
+        super()._apply(fn, recurse)
+        for k, old in scales.items():
+            new = self._buffers[k]
+            if new is not None and old is not None and new.dtype != old.dtype:
+                self._buffers[k] = old.to(device=new.device)
+        return self
+
+
+def stored_layers(state_dict: Mapping[str, Any]) -> set[str]:
+    """The names of the PBLinear layers whose compressed weight ``state_dict`` holds, in
+    either layout (docs/format.md §8.4), found by their ``pb_meta`` and a sibling key."""
+    out = set()
+    for k in state_dict:
+        if k.endswith("pb_meta") and (k == "pb_meta" or k.endswith(".pb_meta")):
+            stem = k[: -len("pb_meta")]  # "<layer>.weight." (layout 2) or "<layer>." (layout 1)
+            if stem.endswith("weight.") and stem + "residual.counts" in state_dict:
+                out.add(stem[: -len("weight.")].removesuffix("."))
+            elif stem + "res_counts" in state_dict:
+                out.add(stem.removesuffix("."))
+    return out
+
+
+def _upgrade_v1(state_dict: dict, prefix: str) -> None:
+    """Rename a layout-1 PBLinear state (flat keys, docs/format.md §8.4) under ``prefix``
+    to layout 2, in place; FormatError for a mix of the two or an incomplete one."""
+    old = [k for k in V1_KEYS if prefix + k in state_dict]
+    if not old:
+        return
+    where = f"PBLinear '{prefix[:-1] or '<root>'}'"
+    both = [prefix + V1_KEYS[k] for k in old if prefix + V1_KEYS[k] in state_dict]
+    if both:
+        raise FormatError(f"{where}: both state-dict layouts hold the weight ({both[0]!r} and its layout-1 name)")
+    if len(old) != len(V1_KEYS):
+        absent = [prefix + k for k in V1_KEYS if k not in old]
+        raise FormatError(f"incomplete PBLinear state (layout 1) for '{prefix}': missing {absent}")
+    pm = state_dict[prefix + "pb_meta"]
+    if not (isinstance(pm, Tensor) and pm.dtype == torch.int64 and tuple(pm.shape) == (6,) and not pm.is_meta):
+        raise FormatError(f"{where}: pb_meta must be int64 of shape (6,)")
+    if int(pm[0]) != 1:
+        raise FormatError(f"{where}: the layout-1 keys hold version {int(pm[0])}, not 1")
+    for k in old:
+        state_dict[prefix + V1_KEYS[k]] = state_dict.pop(prefix + k)
+    pm = pm.clone()
+    pm[0] = FORMAT_VERSION  # the same description in layout 2
+    state_dict[prefix + V1_KEYS["pb_meta"]] = pm
 
 
 class PBLinear(nn.Module):
@@ -62,6 +203,13 @@ class PBLinear(nn.Module):
     ``activations = "int8"`` on it raises ValueError). float32: the decode-fused float
     kernel on ``x`` as given.
 
+    ``weight`` is a :class:`PBWeight`: buffers named like the components a pbcodec file
+    stores for the tensor ``<layer>.weight``, so ``state_dict()`` holds them under the
+    same names (``weight.signs``, ..., ``weight.residual.counts``, ...) plus the
+    description ``weight.pb_meta`` (docs/format.md §8.4). ``load_state_dict`` validates
+    them like :func:`pbcodec.load_file` and still reads layout 1 (``signs``,
+    ``res_counts``, ... directly under the layer's prefix).
+
     The weight is frozen: gradients reach the input and the bias, never the compressed
     weight. ``.half()`` / ``.to(torch.bfloat16)`` convert the bias only; the stored
     scales keep their dtype (the format allows float16/float32 only).
@@ -82,25 +230,7 @@ class PBLinear(nn.Module):
         self.out_features = int(out_features)
         if self.in_features < 0 or self.out_features < 0:
             raise ValueError(f"features must be non-negative, got in={in_features}, out={out_features}")
-        for name, dt in (
-            ("signs", torch.uint8),
-            ("mu", torch.float16),
-            ("alpha", torch.float16),
-            ("sigma", torch.float16),
-            ("res_counts", torch.uint8),
-            ("res_values", torch.int8),
-            ("res_code_offsets", torch.int64),
-        ):
-            self.register_buffer(name, torch.empty(0, dtype=dt, device=device))
-        # Derived from the codes on load (validation walks them): moves with the module,
-        # not saved.
-        self.register_buffer("res_value_offsets", torch.empty(0, dtype=torch.int64, device=device), persistent=False)
-        self.register_buffer(
-            "pb_meta",
-            torch.tensor(
-                [FORMAT_VERSION, self.out_features, self.in_features, 0, 0, 0], dtype=torch.int64, device=device
-            ),
-        )
+        self.weight = PBWeight(self.out_features, self.in_features, device)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype or torch.float32))
         else:
@@ -143,19 +273,11 @@ class PBLinear(nn.Module):
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
         r = t.residual
-        parts = {
-            "signs": t.signs,
-            "mu": t.mu,
-            "alpha": t.alpha,
-            "sigma": t.sigma,
-            "res_counts": r.counts,
-            "res_values": r.values,
-            "res_code_offsets": r.code_offsets,
-            "res_value_offsets": r.value_offsets,
-        }
-        for k, a in parts.items():
-            mod._buffers[k] = _from_numpy(a)
-        mod._buffers["pb_meta"] = torch.tensor(
+        w = mod.weight
+        for k, a in (*pb_arrays(t).items(), ("residual.value_offsets", r.value_offsets)):
+            holder, name = w._slot(k)
+            holder._buffers[name] = _from_numpy(a)
+        w._buffers["pb_meta"] = torch.tensor(
             [FORMAT_VERSION, m, n, t.group_size, r.count_bits, r.value_bits], dtype=torch.int64
         )
         if bias is not None:
@@ -253,14 +375,7 @@ class PBLinear(nn.Module):
         self._invalidate()
 
     def _apply(self, fn, recurse=True):
-        # Device moves apply to everything; dtype casts (.half(), .to(bfloat16), .double())
-        # must not touch the scales: the format stores float16/float32 only.
-        scales = {k: self._buffers[k] for k in _SCALES}
-        super()._apply(fn, recurse)
-        for k, old in scales.items():
-            new = self._buffers[k]
-            if new is not None and old is not None and new.dtype != old.dtype:
-                self._buffers[k] = old.to(device=new.device)
+        super()._apply(fn, recurse)  # PBWeight keeps the scales' dtype
         self._invalidate()
         return self
 
@@ -270,7 +385,7 @@ class PBLinear(nn.Module):
         buffers when they are on the CPU (a CPU copy otherwise)."""
         self._check_loaded()
         if self._pb is None:
-            self._pb = _build_pb(self._meta, [_cpu_numpy(self._buffers[k]) for k in _OP_TENSORS])
+            self._pb = _build_pb(self._meta, [_cpu_numpy(a) for a in self.weight.tensors()])
         return self._pb
 
     @property
@@ -291,7 +406,7 @@ class PBLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
         """The dense weight ``Ŵ`` ``(out_features, in_features)`` (a new tensor, not cached)."""
         w = torch.from_numpy(self.pb.decompress())
-        return w.to(device=device if device is not None else self.signs.device, dtype=dtype)
+        return w.to(device=device if device is not None else self.weight.signs.device, dtype=dtype)
 
     def _dense_weight(self, device: torch.device, dtype: torch.dtype) -> Tensor:
         d = self._dense
@@ -323,31 +438,39 @@ class PBLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        present = [k for k in _PERSISTENT if prefix + k in state_dict]
+        # torch hands each module a copy of the state dict to adapt, before its children
+        # load from it: layout 1 is renamed here, and the weight is validated as a whole
+        # and its buffers given the incoming shapes before PBWeight's default loader (copy,
+        # assign or swap) fills them.
+        _upgrade_v1(state_dict, prefix)
+        keys = {k: f"{prefix}weight.{k}" for k in STATE_KEYS}
+        present = [k for k, key in keys.items() if key in state_dict]
         loaded = None
         if present:
-            if len(present) != len(_PERSISTENT):
-                absent = [prefix + k for k in _PERSISTENT if k not in present]
+            if len(present) != len(keys):
+                absent = [key for k, key in keys.items() if k not in present]
                 raise FormatError(f"incomplete PBLinear state for '{prefix}': missing {absent}")
-            incoming = {k: state_dict[prefix + k] for k in _PERSISTENT}
+            incoming = {k: state_dict[key] for k, key in keys.items()}
             loaded = self._validate_state(incoming, prefix)  # raises before touching the module
-            # Give the buffers the incoming shapes/dtypes so the default loader (copy,
-            # assign or swap) accepts them.
+            w = self.weight
             for k, src in incoming.items():
-                cur = self._buffers[k]
+                holder, name = w._slot(k)
+                cur = holder._buffers[name]
                 if cur is None or cur.shape != src.shape or cur.dtype != src.dtype:
                     dev = src.device if cur is None else cur.device
-                    self._buffers[k] = torch.empty(src.shape, dtype=src.dtype, device=dev)
+                    holder._buffers[name] = torch.empty(src.shape, dtype=src.dtype, device=dev)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         if loaded is not None:
             meta, t = loaded
-            for k in _PERSISTENT:  # keep what the kernel sees contiguous (assign=True may not be)
-                b = self._buffers[k]
-                if not b.is_contiguous():
-                    self._buffers[k] = b.contiguous()
-            self._buffers["res_value_offsets"] = torch.from_numpy(t.residual.value_offsets.copy()).to(self.signs.device)
+            w = self.weight
+            w._validated = w.residual._validated = True
+            # Where the codes will be once the children have loaded: assign=True keeps the
+            # incoming tensors (a meta skeleton's placeholders are replaced), else a copy.
+            assign = local_metadata.get("assign_to_params_buffers", False)
+            dev = state_dict[keys["signs"]].device if assign else w.signs.device
+            w.residual._buffers["value_offsets"] = torch.from_numpy(t.residual.value_offsets.copy()).to(dev)
             self._set_loaded(meta, t)
 
     def _validate_state(self, st: Mapping[str, Any], prefix: str) -> tuple[tuple[int, int, int, int, int], PBTensor]:
@@ -364,25 +487,16 @@ class PBLinear(nn.Module):
             raise FormatError(f"{where}: pb_meta must be int64 of shape (6,), got {pm.dtype} {tuple(pm.shape)}")
         version, m, n, gs, cb, sb = (int(v) for v in pm.tolist())
         if version != FORMAT_VERSION:
-            raise FormatError(f"{where}: unsupported format version {version} (this build reads {FORMAT_VERSION})")
+            raise FormatError(
+                f"{where}: unsupported state-dict version {version} under the layout-{FORMAT_VERSION} names "
+                f"(this build reads {FORMAT_VERSION}, and 1 under its own names)"
+            )
         if (m, n) != (self.out_features, self.in_features):
             raise FormatError(
                 f"{where}: stored weight is {m}x{n} (out x in), the layer is {self.out_features}x{self.in_features}"
             )
         try:  # the validator load_file uses too: exact dtypes and shapes, then contents
-            t = PBTensor.from_parts(
-                (m, n),
-                signs=_cpu_numpy(st["signs"]),
-                mu=_cpu_numpy(st["mu"]),
-                alpha=_cpu_numpy(st["alpha"]),
-                sigma=_cpu_numpy(st["sigma"]),
-                counts=_cpu_numpy(st["res_counts"]),
-                values=_cpu_numpy(st["res_values"]),
-                code_offsets=_cpu_numpy(st["res_code_offsets"]),
-                group_size=gs,
-                count_bits=cb,
-                salient_bits=sb,
-            )
+            t = pb_from_components((m, n), {k: _cpu_numpy(st[k]) for k in COMPONENTS}, gs, cb, sb)
         except FormatError as e:
             raise FormatError(f"{where}: {e}") from None
         except (ValueError, TypeError, OverflowError) as e:  # anything else the parts trip over
@@ -393,20 +507,28 @@ class PBLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         self._check_loaded()
         _check_input(x)
-        dev = self.signs.device
+        w = self._modules["weight"]
+        dev = w._buffers["signs"].device
         if not self.force_dense and x.device.type in ("cpu", "meta") and x.device == dev:
             int8 = self._activations == "int8" and int8_supported(self.in_features, self._meta[2])
             h = self._layout_handle()
             if not self._needs_op(x):
                 # Plain CPU inference: skip the custom-op dispatch (~20 µs a call, more
                 # than the kernel on MiniLM-sized layers); the same code as the op's.
-                t = layout_tensor(h, self._meta, [self._buffers[k] for k in _OP_TENSORS])
+                t = layout_tensor(h, self._meta, w.tensors())
                 return linear_forward(t, x, self._bias_numpy(), *self._meta[:2], int8=int8, use_layout=True)
-            comps = [self._buffers[k] for k in _OP_TENSORS]
-            return torch.ops.pbcodec.pb_linear(x, *comps, self.bias, *self._meta, h, int8)
-        w = self._dense_weight(x.device, x.dtype)
+            return torch.ops.pbcodec.pb_linear(x, *w.tensors(), self.bias, *self._meta, h, int8)
+        wd = self._dense_weight(x.device, x.dtype)
         b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
-        return F.linear(x, w, b)
+        return F.linear(x, wd, b)
+
+    def _op_tensors(self) -> tuple[Tensor, ...]:
+        """The compressed-weight tensors the custom op takes, in its argument order."""
+        return self.weight.tensors()
+
+    def __repr__(self) -> str:
+        # One line, like nn.Linear: the weight's containers have nothing to show.
+        return f"{self._get_name()}({self.extra_repr()})"
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
