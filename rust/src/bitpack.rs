@@ -104,7 +104,9 @@ pub fn pack_bits(codes: &[u8], rows: usize, n: usize, bits: u32, out: &mut [u8])
     let k = kernels();
     let mut or = 0u8;
     // SAFETY: kernel set matches a detected CPU level; lengths checked above.
-    for_rows(codes, out, rows, n, pl, (n * bits as usize) % 8 == 0, |c, o| or |= unsafe { (k.pack)(c, bits, o) });
+    for_rows(codes, out, rows, n, pl, (n * bits as usize).is_multiple_of(8), |c, o| {
+        or |= unsafe { (k.pack)(c, bits, o) }
+    });
     if bits < 8 && (or >> bits) != 0 {
         let (i, &v) = codes.iter().enumerate().find(|(_, &v)| (v >> bits) != 0).unwrap();
         return invalid(format!("code {v} at flat index {i} does not fit in {bits} bits (max {})", (1u32 << bits) - 1));
@@ -123,7 +125,9 @@ pub fn unpack_bits(packed: &[u8], rows: usize, count: usize, bits: u32, out: &mu
         return Ok(());
     }
     let k = kernels();
-    for_rows(packed, out, rows, pl, count, (count * bits as usize) % 8 == 0, |p, o| unsafe { (k.unpack)(p, bits, o) });
+    for_rows(packed, out, rows, pl, count, (count * bits as usize).is_multiple_of(8), |p, o| unsafe {
+        (k.unpack)(p, bits, o)
+    });
     Ok(())
 }
 
@@ -174,7 +178,7 @@ pub fn pack_signs<T: SignKernels>(x: &[T], rows: usize, n: usize, out: &mut [u8]
     check_len("x", x.len(), rows, n)?;
     check_len("out", out.len(), rows, pl)?;
     let f = T::pack_kernel(kernels());
-    for_rows(x, out, rows, n, pl, n % 8 == 0, |a, o| unsafe { f(a, o) });
+    for_rows(x, out, rows, n, pl, n.is_multiple_of(8), |a, o| unsafe { f(a, o) });
     Ok(())
 }
 
@@ -191,7 +195,7 @@ pub fn unpack_signs<T: SignKernels>(
     check_len("packed", packed.len(), rows, pl)?;
     check_len("out", out.len(), rows, count)?;
     let f = T::unpack_kernel(kernels());
-    for_rows(packed, out, rows, pl, count, count % 8 == 0, |p, o| unsafe { f(p, pos, neg, o) });
+    for_rows(packed, out, rows, pl, count, count.is_multiple_of(8), |p, o| unsafe { f(p, pos, neg, o) });
     Ok(())
 }
 

@@ -51,8 +51,8 @@ unsafe fn or_bytes512(v: __m512i) -> u8 {
 /// `t % b` of qword `t / b` (each qword holds 8 codes in its low `b` bytes).
 fn pack_index(b: usize) -> [u8; 64] {
     let mut idx = [0u8; 64];
-    for t in 0..8 * b {
-        idx[t] = (8 * (t / b) + t % b) as u8;
+    for (t, v) in idx.iter_mut().enumerate().take(8 * b) {
+        *v = (8 * (t / b) + t % b) as u8;
     }
     idx
 }
@@ -307,7 +307,7 @@ unsafe fn unpack_row_avx2(packed: &[u8], bits: u32, out: &mut [u8]) {
     // A scalar head brings the output to 32-byte alignment; it must end on a
     // whole input byte (numpy's 16-byte aligned buffers always do).
     let head = (32 - dst % 32) % 32;
-    if b <= 4 && out.len() >= STREAM_BYTES && (head * b) % 8 == 0 {
+    if b <= 4 && out.len() >= STREAM_BYTES && (head * b).is_multiple_of(8) {
         let (hp, rp) = packed.split_at(head * b / 8);
         let (ho, ro) = out.split_at_mut(head);
         unpack_row_scalar(hp, bits, ho);

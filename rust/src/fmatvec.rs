@@ -1,8 +1,11 @@
 //! Matrix-vector product with float32 activations on the execution layout
 //! (`activations="float32"`, docs/format.md §6.3; the layout is `layout.rs`).
 //!
-//! Per output row i and group g: Σ_j Ŵ_ij x_j = mu·X_g + alpha·(X_g − 2·P_ig)
-//! + sigma·Σ_j q_ij x_j, with X_g = Σ_{j∈g} x_j and P_ig = Σ_{j∈g, bit=1} x_j.
+//! Per output row i and group g,
+//!
+//!   Σ_j Ŵ_ij x_j = mu·X_g + alpha·(X_g − 2·P_ig) + sigma·Σ_j q_ij x_j,
+//!
+//! with X_g = Σ_{j∈g} x_j and P_ig = Σ_{j∈g, bit=1} x_j.
 //! The sign part uses one 16-entry table per 4-column quad (the sums of x over
 //! every subset of the quad's columns, built once per call, as T-MAC does with
 //! its lookup tables): the 16 rows of a tile look up their 4 sign bits with one
@@ -33,7 +36,7 @@ pub(crate) struct Prep {
 /// Whether the float kernels on the layout can run this tensor: group
 /// boundaries must fall on quads (group size a multiple of 4, or one group).
 pub fn supported(l: &Layout) -> bool {
-    l.n_groups <= 1 || l.group_size % 4 == 0
+    l.n_groups <= 1 || l.group_size.is_multiple_of(4)
 }
 
 fn prepare(l: &Layout, x: &[f32], batch: usize) -> Prep {
@@ -198,8 +201,8 @@ mod x86 {
             // Byte 0 of each dword r gets bits 4r..4r+7 of the sign word: the low
             // 4 bits (row r's nibble) index the table (vpermps reads 4 bits).
             let ctrl = _mm512_set_epi8(
-                0, 0, 0, 60, 0, 0, 0, 56, 0, 0, 0, 52, 0, 0, 0, 48, 0, 0, 0, 44, 0, 0, 0, 40, 0, 0, 0, 36, 0, 0, 0,
-                32, 0, 0, 0, 28, 0, 0, 0, 24, 0, 0, 0, 20, 0, 0, 0, 16, 0, 0, 0, 12, 0, 0, 0, 8, 0, 0, 0, 4, 0, 0, 0, 0,
+                0, 0, 0, 60, 0, 0, 0, 56, 0, 0, 0, 52, 0, 0, 0, 48, 0, 0, 0, 44, 0, 0, 0, 40, 0, 0, 0, 36, 0, 0, 0, 32,
+                0, 0, 0, 28, 0, 0, 0, 24, 0, 0, 0, 20, 0, 0, 0, 16, 0, 0, 0, 12, 0, 0, 0, 8, 0, 0, 0, 4, 0, 0, 0, 0,
             );
             let fill = _mm512_set1_epi8(127);
             let mut tab = [std::ptr::null::<f32>(); NB];
@@ -290,12 +293,12 @@ mod x86 {
                         let w = *sw.add(k);
                         let tlo = _mm256_loadu_ps(tab.add(16 * k));
                         let thi = _mm256_loadu_ps(tab.add(16 * k + 8));
-                        for h in 0..2 {
+                        for (h, pph) in pp.iter_mut().enumerate() {
                             let idx = _mm256_srlv_epi32(_mm256_set1_epi32((w >> (32 * h)) as u32 as i32), shifts);
                             let lo = _mm256_permutevar8x32_ps(tlo, idx);
                             let hi = _mm256_permutevar8x32_ps(thi, idx);
                             let sel = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
-                            pp[h] = _mm256_add_ps(pp[h], _mm256_blendv_ps(lo, hi, sel));
+                            *pph = _mm256_add_ps(*pph, _mm256_blendv_ps(lo, hi, sel));
                         }
                         let km = *mw.add(k);
                         let x4l = _mm_loadu_ps(xq.add(4 * k));
@@ -330,10 +333,10 @@ mod x86 {
                         rows[2 * c + r] = (tmp[4 * r] + tmp[4 * r + 1]) + (tmp[4 * r + 2] + tmp[4 * r + 3]);
                     }
                 }
-                for h in 0..2 {
+                for (h, yh) in y.iter().enumerate() {
                     let sg = _mm256_loadu_ps(l.sigma.as_ptr().add(t * TILE + 8 * h));
                     let rv = _mm256_loadu_ps(rows.as_ptr().add(8 * h));
-                    _mm256_storeu_ps(yt.as_mut_ptr().add(b * TILE + 8 * h), _mm256_fmadd_ps(sg, rv, y[h]));
+                    _mm256_storeu_ps(yt.as_mut_ptr().add(b * TILE + 8 * h), _mm256_fmadd_ps(sg, rv, *yh));
                 }
             }
         }

@@ -78,7 +78,7 @@ impl Layout {
     /// Whether the int8 kernels can run on this tensor: each group must be a
     /// whole number of activation blocks (or the row one group).
     pub fn int8_supported(&self) -> bool {
-        self.n_groups <= 1 || self.group_size % BLOCK == 0
+        self.n_groups <= 1 || self.group_size.is_multiple_of(BLOCK)
     }
 
     /// Blocks per group for the int8 kernels (all blocks when there is one group).

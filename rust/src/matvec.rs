@@ -38,10 +38,10 @@ struct Shared<'a> {
 pub fn matvec(t: &PbRef, x: &[f32], batch: usize, out: &mut [f32]) -> Result<()> {
     t.check_sizes()?;
     let (m, n) = (t.m, t.n);
-    if x.len() != batch.checked_mul(n).unwrap_or(usize::MAX) {
+    if x.len() != batch.saturating_mul(n) {
         return invalid(format!("x has {} elements, expected {batch} x {n}", x.len()));
     }
-    if out.len() != batch.checked_mul(m).unwrap_or(usize::MAX) {
+    if out.len() != batch.saturating_mul(m) {
         return invalid(format!("out has {} elements, expected {batch} x {m}", out.len()));
     }
     rle::check_decodable(&t.res, t.value_offsets, m)?;
@@ -207,7 +207,7 @@ pub(crate) fn dequant_row(signs: &[u8], q: &[i8], mu: &[f32], alpha: &[f32], g: 
     let ng = mu.len();
     #[cfg(target_arch = "x86_64")]
     {
-        if simd::level() >= Level::Avx2 && (g % 8 == 0 || ng == 1) {
+        if simd::level() >= Level::Avx2 && (g.is_multiple_of(8) || ng == 1) {
             // SAFETY: AVX2 detected; slices have the row's sizes (checked by callers).
             unsafe { x86::dequant_row(signs, q, mu, alpha, g, sigma, out) };
             return;

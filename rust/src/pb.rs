@@ -178,8 +178,8 @@ fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowO
             }
         }
         let alpha = p.scale.round(if c > 0 { asum / c as f64 } else { 0.0 }, "alpha", i)?;
-        for j in g0..g1 {
-            if w[j] < mu {
+        for (j, &wj) in (g0..g1).zip(&w[g0..g1]) {
+            if wj < mu {
                 out.signs[j / 8] |= 1 << (j % 8);
             }
         }
@@ -193,10 +193,8 @@ fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowO
     };
     let qm = qmax(p.salient_bits);
     let mut rmax = 0f64;
-    for j in 0..n {
-        if sal[j] != 0 {
-            rmax = rmax.max(resid(j).abs());
-        }
+    for (j, _) in sal.iter().enumerate().filter(|(_, &s)| s != 0) {
+        rmax = rmax.max(resid(j).abs());
     }
     let sigma = p.scale.round(rmax / qm as f64, "sigma", i)?;
     // Underflow (float16): a row with a nonzero weight whose scales all round to 0
@@ -213,11 +211,9 @@ fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowO
         }
     }
     if sigma > 0.0 {
-        for j in 0..n {
-            if sal[j] != 0 {
-                let v = (resid(j) / sigma as f64).round_ties_even();
-                out.q[j] = v.clamp(-qm as f64, qm as f64) as i8;
-            }
+        for (j, _) in sal.iter().enumerate().filter(|(_, &s)| s != 0) {
+            let v = (resid(j) / sigma as f64).round_ties_even();
+            out.q[j] = v.clamp(-qm as f64, qm as f64) as i8;
         }
     }
     Ok(sigma)
@@ -225,7 +221,7 @@ fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowO
 
 /// Compress a row-major `m x n` float32 matrix (docs/format.md §6.1).
 pub fn compress(w: &[f32], m: usize, n: usize, importance: Option<&[f32]>, p: &Params) -> Result<PbTensor> {
-    if w.len() != m.checked_mul(n).unwrap_or(usize::MAX) {
+    if w.len() != m.saturating_mul(n) {
         return invalid(format!("weight has {} elements, expected {m} x {n}", w.len()));
     }
     check_shape(m, n).or_else(invalid)?;
@@ -430,7 +426,7 @@ fn check_codes(r: &rle::Streams, num_values: usize) -> Result<()> {
 
 fn check_sign_padding(signs: &[u8], m: usize, n: usize) -> Result<()> {
     let nb = n.div_ceil(8);
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         for i in 0..m {
             if signs[i * nb + nb - 1] >> (n % 8) != 0 {
                 return format_err(format!("row {i}: nonzero padding bits in the sign plane"));
@@ -602,7 +598,7 @@ mod tests {
         {
             let p = Params { group_size: gs, select_tensor: tensor, scale, ..params() };
             let t = compress(&w, m, n, None, &p).unwrap();
-            assert_eq!(t.residual.num_values() as usize <= m * n / 10 + m, true);
+            assert!(t.residual.num_values() as usize <= m * n / 10 + m);
             let b = to_bytes(&t.view()).unwrap();
             assert_eq!(b.len() as u64, serialized_len(&t.view()).unwrap());
             let t2 = from_bytes(&b).unwrap();

@@ -38,7 +38,7 @@ impl<T> IntoPy<T> for crate::Result<T> {
 /// Rust slices must be aligned: an unaligned numpy view (e.g. of a memory-mapped
 /// file) is rejected here; the Python layer copies such arrays first.
 fn aligned<T>(s: &[T], name: &str) -> PyResult<()> {
-    if (s.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !(s.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(PyValueError::new_err(format!("{name} is not aligned in memory")));
     }
     Ok(())

@@ -133,10 +133,10 @@ pub fn matvec_int8(l: &Layout, x: &[f32], batch: usize, bias: Option<&[f32]>, ou
             l.group_size
         ));
     }
-    if x.len() != batch.checked_mul(n).unwrap_or(usize::MAX) {
+    if x.len() != batch.saturating_mul(n) {
         return invalid(format!("x has {} elements, expected {batch} x {n}", x.len()));
     }
-    if out.len() != batch.checked_mul(m).unwrap_or(usize::MAX) {
+    if out.len() != batch.saturating_mul(m) {
         return invalid(format!("out has {} elements, expected {batch} x {m}", out.len()));
     }
     if m == 0 || batch == 0 {
@@ -179,9 +179,7 @@ pub(crate) fn run_tiles(
     } else {
         let tiles_per_task = (l.tiles / (threads * 8)).max(1);
         parallel::pool().install(|| {
-            yt.par_chunks_mut(tiles_per_task * per_tile)
-                .enumerate()
-                .for_each(|(c, ys)| run((c * tiles_per_task, ys)))
+            yt.par_chunks_mut(tiles_per_task * per_tile).enumerate().for_each(|(c, ys)| run((c * tiles_per_task, ys)))
         });
     }
     for t in 0..l.tiles {
@@ -204,7 +202,7 @@ pub(crate) fn run_tiles(
 /// Whether block `kb` is the last of its group.
 #[inline(always)]
 fn group_ends(kb: usize, bpg: usize, blocks: usize) -> bool {
-    (kb + 1) % bpg == 0 || kb + 1 == blocks
+    (kb + 1).is_multiple_of(bpg) || kb + 1 == blocks
 }
 
 // ------------------------------------------------------------------ scalar

@@ -505,7 +505,7 @@ mod tests {
                         .map(|_| {
                             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
                             let r = (seed >> 33) as u32;
-                            if r % 10 == 0 {
+                            if r.is_multiple_of(10) {
                                 ((r >> 8) % 15) as i8 - 7
                             } else {
                                 0
