@@ -19,9 +19,6 @@ pub mod qmatvec;
 pub mod rle;
 pub mod simd;
 
-#[cfg(target_arch = "x86_64")]
-mod bitpack_x86;
-
 #[cfg(feature = "python")]
 mod python;
 
