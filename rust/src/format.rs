@@ -1,41 +1,14 @@
-//! Serialized forms (docs/format.md §4): little-endian header, streams, CRC-32C.
-//! Parsers check every size against the buffer before allocating anything.
+//! The serialized RLE (docs/format.md §4): little-endian header, streams, CRC-32C.
+//! Parsers check every size against the buffer before allocating anything. The
+//! size formula is `rle::serialized_len` (the encoder's "auto" width needs it too).
 use crate::crc32c::crc32c;
 use crate::error::format_err;
-use crate::rle::{self, Encoded, Streams};
+use crate::rle::{self, index_width, Encoded, Streams, HEADER_LEN as HEADER};
 use crate::Result;
 
 pub const RLE_MAGIC: &[u8; 4] = b"PBRL";
 pub const RLE_VERSION: u16 = 1;
 const MAX_NDIM: usize = 32;
-const HEADER: usize = 16;
-
-fn index_width(num_codes: u64) -> usize {
-    if num_codes < (1u64 << 32) {
-        4
-    } else {
-        8
-    }
-}
-
-/// Exact `to_bytes()` length, or None on overflow.
-pub fn rle_serialized_len(
-    ndim: usize,
-    rows: usize,
-    num_codes: u64,
-    num_values: u64,
-    count_bits: u32,
-    value_bits: u32,
-) -> Option<u64> {
-    let mut t = HEADER as u64;
-    t = t.checked_add(8u64.checked_mul(ndim as u64)?)?;
-    t = t.checked_add(16)?;
-    t = t.checked_add((index_width(num_codes) as u64).checked_mul(rows as u64)?)?;
-    t = t.checked_add(rle::counts_len(num_codes, count_bits)?)?;
-    t = t.checked_add(rle::values_len(num_values, value_bits)?)?;
-    t.checked_add(4)
-}
-
 /// Serialize; the streams are validated strictly first so only canonical,
 /// decodable data is ever written.
 pub fn rle_to_bytes(s: &Streams, shape: &[usize]) -> Result<Vec<u8>> {
@@ -51,7 +24,7 @@ pub fn rle_to_bytes(s: &Streams, shape: &[usize]) -> Result<Vec<u8>> {
 pub(crate) fn rle_write(s: &Streams, shape: &[usize], num_values: u64) -> Result<Vec<u8>> {
     let rows = rle::rows_of(shape)?;
     let num_codes = s.code_offsets[rows] as u64;
-    let len = rle_serialized_len(shape.len(), rows, num_codes, num_values, s.count_bits, s.value_bits)
+    let len = rle::serialized_len(shape.len(), rows, num_codes, num_values, s.count_bits, s.value_bits)
         .ok_or_else(|| crate::Error::Invalid("array too large to serialize".into()))?;
     let w = index_width(num_codes);
     let mut out = Vec::with_capacity(len as usize);
@@ -140,7 +113,7 @@ pub fn rle_from_bytes(buf: &[u8]) -> Result<(Vec<usize>, Encoded)> {
         return format_err(format!("index width {w} does not match {num_codes} codes"));
     }
     // Every size is checked against the buffer before anything is allocated.
-    let want = rle_serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits);
+    let want = rle::serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits);
     if want != Some(buf.len() as u64) {
         return format_err(match want {
             Some(n) if n > buf.len() as u64 => {
@@ -199,7 +172,7 @@ mod tests {
     fn round_trip() {
         let (shape, e) = sample();
         let b = rle_to_bytes(&e.streams(), &shape).unwrap();
-        assert_eq!(b.len() as u64, rle_serialized_len(2, 3, e.num_codes(), e.num_values(), 3, 8).unwrap());
+        assert_eq!(b.len() as u64, rle::serialized_len(2, 3, e.num_codes(), e.num_values(), 3, 8).unwrap());
         let (s2, e2) = rle_from_bytes(&b).unwrap();
         assert_eq!(s2, shape);
         assert_eq!(e2, e);

@@ -474,7 +474,7 @@ pub fn to_bytes(t: &PbRef) -> Result<Vec<u8>> {
 
 /// Exact serialized size without building the blob.
 pub fn serialized_len(t: &PbRef) -> Option<u64> {
-    let rl = format::rle_serialized_len(
+    let rl = rle::serialized_len(
         2,
         t.m,
         *t.res.code_offsets.last()? as u64,

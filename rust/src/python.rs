@@ -207,7 +207,7 @@ fn rle_nbytes(
     count_bits: u32,
     value_bits: u32,
 ) -> PyResult<u64> {
-    format::rle_serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits)
+    rle::serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits)
         .ok_or_else(|| PyValueError::new_err("size overflows"))
 }
 

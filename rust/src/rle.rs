@@ -5,7 +5,7 @@
 //! nonzero values. All rows' codes form one continuous bit stream; per-row
 //! offsets into both streams let any row decode on its own.
 use crate::error::{format_err, invalid};
-use crate::{format, Result};
+use crate::Result;
 
 /// An encoded array: the two streams and the per-row offsets (`rows + 1` each).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +72,38 @@ pub fn counts_len(num_codes: u64, count_bits: u32) -> Option<u64> {
     num_codes.checked_mul(count_bits as u64).map(|b| b.div_ceil(8))
 }
 
+/// Bytes of the fixed part of the serialized header (docs/format.md §4).
+pub(crate) const HEADER_LEN: usize = 16;
+
+/// Bytes per entry of the serialized row index: 4 below 2^32 codes, else 8 (§4).
+pub(crate) fn index_width(num_codes: u64) -> usize {
+    if num_codes < (1u64 << 32) {
+        4
+    } else {
+        8
+    }
+}
+
+/// Exact length of the serialized form (docs/format.md §4, `format::rle_to_bytes`)
+/// of an array with `ndim` dimensions and `rows` rows holding `num_codes` codes and
+/// `num_values` values; None on overflow.
+pub fn serialized_len(
+    ndim: usize,
+    rows: usize,
+    num_codes: u64,
+    num_values: u64,
+    count_bits: u32,
+    value_bits: u32,
+) -> Option<u64> {
+    let mut t = HEADER_LEN as u64;
+    t = t.checked_add(8u64.checked_mul(ndim as u64)?)?;
+    t = t.checked_add(16)?;
+    t = t.checked_add((index_width(num_codes) as u64).checked_mul(rows as u64)?)?;
+    t = t.checked_add(counts_len(num_codes, count_bits)?)?;
+    t = t.checked_add(values_len(num_values, value_bits)?)?;
+    t.checked_add(4)
+}
+
 // ------------------------------------------------------------------ encode
 
 /// Positions of the nonzero bytes of `row`, in order (SWAR over 8-byte words:
@@ -79,11 +111,11 @@ pub fn counts_len(num_codes: u64, count_bits: u32) -> Option<u64> {
 #[inline(always)]
 fn for_each_nonzero(row: &[i8], mut f: impl FnMut(usize)) {
     const LO7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
-    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(row.as_ptr() as *const u8, row.len()) };
-    let mut words = bytes.chunks_exact(8);
+    let mut words = row.chunks_exact(8);
     let mut base = 0;
     for w in &mut words {
-        let w = u64::from_le_bytes(w.try_into().unwrap());
+        let w: [i8; 8] = w.try_into().unwrap();
+        let w = u64::from_le_bytes(w.map(|b| b as u8));
         if w != 0 {
             // High bit of each byte set iff the byte is nonzero.
             let mut nz = ((w & LO7).wrapping_add(LO7) | w) & !LO7;
@@ -215,8 +247,7 @@ pub fn encode(x: &[i8], shape: &[usize], count_bits: Option<u32>, value_bits: u3
                 for (run, &h) in hist.iter().enumerate() {
                     codes += h * (run as u64 / esc + 1);
                 }
-                let size =
-                    format::rle_serialized_len(shape.len(), rows, codes, nvals, b, value_bits).unwrap_or(u64::MAX);
+                let size = serialized_len(shape.len(), rows, codes, nvals, b, value_bits).unwrap_or(u64::MAX);
                 if size < best.0 {
                     best = (size, b);
                 }
