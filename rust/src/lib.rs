@@ -6,6 +6,7 @@
 
 pub mod bitpack;
 pub mod crc32c;
+pub mod decompress;
 pub mod error;
 pub mod fmatvec;
 pub mod format;

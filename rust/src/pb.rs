@@ -1,6 +1,6 @@
-//! The partially-binarized tensor (docs/format.md §6–7): compression,
-//! decompression and the serialized form. The matrix-vector kernel is in
-//! `matvec.rs`.
+//! The partially-binarized tensor (docs/format.md §6–7): compression and the
+//! serialized form. Decompression is `decompress.rs`; the matrix-vector kernels
+//! are `fmatvec.rs`/`qmatvec.rs` (on the execution layout) and `matvec.rs`.
 use rayon::prelude::*;
 
 use crate::crc32c::crc32c;
@@ -340,40 +340,6 @@ impl PbRef<'_> {
             return format_err("PBTensor parts have inconsistent sizes");
         }
         Ok(())
-    }
-
-    /// §6.2 into `out` (`m x n` float32).
-    pub fn decompress(&self, out: &mut [f32]) -> Result<()> {
-        self.check_sizes()?;
-        let (m, n, g, ng) = (self.m, self.n, self.group_size, self.n_groups());
-        if out.len() != m * n {
-            return invalid(format!("out has {} elements, expected {m} x {n}", out.len()));
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        rle::check_decodable(&self.res, self.value_offsets, m)?;
-        let nb = n.div_ceil(8);
-        // Rows decode independently: each task decodes its row's residual into
-        // a small buffer, then writes B + S (§6.2) group by group.
-        parallel::pool().install(|| {
-            out.par_chunks_mut(n).enumerate().try_for_each_init(
-                || vec![0i8; n],
-                |q, (i, row)| {
-                    rle::decode_row(&self.res, self.value_offsets, i, q)?;
-                    crate::matvec::dequant_row(
-                        &self.signs[i * nb..(i + 1) * nb],
-                        q,
-                        &self.mu[i * ng..(i + 1) * ng],
-                        &self.alpha[i * ng..(i + 1) * ng],
-                        g,
-                        self.sigma[i],
-                        row,
-                    );
-                    Ok::<(), crate::Error>(())
-                },
-            )
-        })
     }
 }
 
