@@ -192,10 +192,12 @@ fn scalar_signed_sums(sh: &Shared, i: usize, ssum: &mut [f32]) {
     for b in 0..sh.batch {
         let x = &sh.xs[b * sh.stride..b * sh.stride + n];
         for gi in 0..ng {
+            let (j0, j1) = (gi * g, ((gi + 1) * g).min(n));
             let mut acc = 0f32;
-            for j in gi * g..((gi + 1) * g).min(n) {
-                let neg = (signs[j / 8] >> (j % 8)) & 1 == 1;
-                acc += if neg { -x[j] } else { x[j] };
+            for (j, &xj) in (j0..j1).zip(&x[j0..j1]) {
+                // Negation is a flip of the sign bit: branch-free, same bits as -x.
+                let neg = ((signs[j / 8] >> (j % 8)) & 1) as u32;
+                acc += f32::from_bits(xj.to_bits() ^ (neg << 31));
             }
             ssum[b * ng + gi] = acc;
         }
