@@ -179,7 +179,11 @@ impl From<core_::Error> for Fail {
     fn from(e: core_::Error) -> Fail {
         match e {
             core_::Error::Invalid(m) | core_::Error::Scale(m) => Fail(PbcodecStatus::InvalidArgument, m),
-            core_::Error::Format(m) => Fail(PbcodecStatus::Format, m),
+            // ABI v1 documents FORMAT for any data it cannot read; the message names
+            // the kind (truncated, unsupported version, corrupt).
+            core_::Error::Corrupt(m) | core_::Error::Truncated(m) | core_::Error::Unsupported(m) => {
+                Fail(PbcodecStatus::Format, m)
+            }
         }
     }
 }

@@ -21,7 +21,7 @@
 //! (2.8 bits/weight at 10 % salient); `Layout::nbytes` reports it exactly.
 use rayon::prelude::*;
 
-use crate::error::{format_err, invalid};
+use crate::error::{corrupt, invalid};
 use crate::pb::{n_groups, PbRef};
 use crate::{parallel, rle, Result};
 
@@ -153,7 +153,7 @@ pub fn build(t: &PbRef) -> Result<Layout> {
                                 if v == i8::MIN {
                                     // The compressor never emits -128 and validation rejects it; the
                                     // kernels rely on |q| <= 127 (no overflow in byte arithmetic).
-                                    return format_err(format!(
+                                    return corrupt(format!(
                                         "row {}: residual code -128 is outside -127..127",
                                         ti * TILE + r
                                     ));

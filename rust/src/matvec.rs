@@ -10,7 +10,7 @@
 //! by one thread in a fixed order, so results do not depend on thread count.
 use rayon::prelude::*;
 
-use crate::error::{format_err, invalid};
+use crate::error::{corrupt, invalid};
 use crate::pb::{n_groups, PbRef};
 use crate::rle::{self, value_at, walk_row};
 use crate::simd::{self, Level};
@@ -222,7 +222,7 @@ fn scalar_residual(sh: &Shared, i: usize, b0: usize, rs: &mut [f32]) -> Result<(
         }
     })?;
     if overflow || walk.values != v1 - v0 {
-        return format_err(format!("row {i}: residual codes hold {} values, offsets say {}", walk.values, v1 - v0));
+        return corrupt(format!("row {i}: residual codes hold {} values, offsets say {}", walk.values, v1 - v0));
     }
     Ok(())
 }
@@ -234,7 +234,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Scratch, Shared, PAD, RESID_ROWS};
-    use crate::error::format_err;
+    use crate::error::corrupt;
     use crate::pb::n_groups;
     use crate::Result;
 
@@ -684,7 +684,7 @@ mod x86 {
             // A valid row has at most n codes (each consumes >= 1 position);
             // with n < 2^23 the i32 position lanes can then never wrap.
             if c1 - c0 > n as u64 {
-                return format_err(format!("row {i}: {} residual codes for {n} columns", c1 - c0));
+                return corrupt(format!("row {i}: {} residual codes for {n} columns", c1 - c0));
             }
             let lanes = (c1 - c0).div_ceil(8) as usize * 8;
             if !fused {
@@ -708,7 +708,7 @@ mod x86 {
             };
             let end = (_mm256_cvtsi256_si32(base) + 1) as u32 as usize;
             if end > n || vi != v1 {
-                return format_err(format!(
+                return corrupt(format!(
                     "row {i}: residual codes end at {end} (row length {n}) with {} values (offsets say {})",
                     vi - v0,
                     v1 - v0

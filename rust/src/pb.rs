@@ -4,7 +4,7 @@
 use rayon::prelude::*;
 
 use crate::crc32c::crc32c;
-use crate::error::{format_err, invalid};
+use crate::error::{corrupt, invalid, truncated, unsupported};
 use crate::half::{f16_to_f32, f64_to_f16};
 use crate::{format, parallel, rle, Error, Result};
 
@@ -323,10 +323,10 @@ impl PbRef<'_> {
     /// residual's stream contents are checked by the kernels that walk them).
     pub fn check_sizes(&self) -> Result<()> {
         // Shapes come from user-modifiable Python objects: checked arithmetic.
-        check_shape(self.m, self.n).or_else(format_err)?;
+        check_shape(self.m, self.n).or_else(corrupt)?;
         let group_ok = if self.n == 0 { self.group_size == 1 } else { (1..=self.n).contains(&self.group_size) };
         if !group_ok {
-            return format_err(format!("group_size {} out of range for n = {}", self.group_size, self.n));
+            return corrupt(format!("group_size {} out of range for n = {}", self.group_size, self.n));
         }
         let ng = self.n_groups();
         let eq = |len: usize, a: usize, b: usize| a.checked_mul(b) == Some(len);
@@ -337,7 +337,7 @@ impl PbRef<'_> {
             && self.res.code_offsets.len() == self.m + 1
             && self.value_offsets.len() == self.m + 1;
         if !ok {
-            return format_err("PBTensor parts have inconsistent sizes");
+            return corrupt("PBTensor parts have inconsistent sizes");
         }
         Ok(())
     }
@@ -373,7 +373,7 @@ fn check_scales(t: &PbRef) -> Result<()> {
     };
     for (name, v, nonneg) in [("mu", &t.mu, false), ("alpha", &t.alpha, true), ("sigma", &t.sigma, true)] {
         if let Some(i) = v.iter().position(|&x| !x.is_finite() || (nonneg && x < 0.0) || !fits(x)) {
-            return format_err(format!("{name}[{i}] = {} is not a valid scale", v[i]));
+            return corrupt(format!("{name}[{i}] = {} is not a valid scale", v[i]));
         }
     }
     Ok(())
@@ -385,7 +385,7 @@ fn check_codes(r: &rle::Streams, num_values: usize) -> Result<()> {
     let nv = num_values;
     let bad = (0..nv).find(|&i| (rle::value_at(r.values, r.value_bits, i) as i32) < -qm);
     if let Some(i) = bad {
-        return format_err(format!("residual value {i} is outside -{qm}..{qm}"));
+        return corrupt(format!("residual value {i} is outside -{qm}..{qm}"));
     }
     Ok(())
 }
@@ -395,7 +395,7 @@ fn check_sign_padding(signs: &[u8], m: usize, n: usize) -> Result<()> {
     if !n.is_multiple_of(8) {
         for i in 0..m {
             if signs[i * nb + nb - 1] >> (n % 8) != 0 {
-                return format_err(format!("row {i}: nonzero padding bits in the sign plane"));
+                return corrupt(format!("row {i}: nonzero padding bits in the sign plane"));
             }
         }
     }
@@ -417,7 +417,7 @@ pub fn validate(t: &PbRef) -> Result<Vec<i64>> {
 pub fn to_bytes(t: &PbRef) -> Result<Vec<u8>> {
     let vo = validate(t)?;
     if vo != t.value_offsets {
-        return format_err("residual value_offsets do not match its codes");
+        return corrupt("residual value_offsets do not match its codes");
     }
     // `validate` already ran the residual's strict validation.
     let rb = format::rle_write(&t.res, &[t.m, t.n], *vo.last().unwrap_or(&0) as u64)?;
@@ -457,32 +457,32 @@ pub fn serialized_len(t: &PbRef) -> Option<u64> {
 
 pub fn from_bytes(buf: &[u8]) -> Result<PbTensor> {
     if buf.len() < PB_HEADER + 4 {
-        return format_err(format!("buffer of {} bytes is too short for a PBTensor", buf.len()));
+        return truncated(format!("truncated: buffer of {} bytes is too short for a PBTensor", buf.len()));
     }
     if &buf[..4] != PB_MAGIC {
-        return format_err("bad magic: not a pbcodec PBTensor blob");
+        return corrupt("bad magic: not a pbcodec PBTensor blob");
     }
     let version = u16::from_le_bytes([buf[4], buf[5]]);
     if version != PB_VERSION {
-        return format_err(format!("unsupported PBTensor format version {version} (this build reads {PB_VERSION})"));
+        return unsupported(format!("unsupported PBTensor format version {version} (this build reads {PB_VERSION})"));
     }
     if buf[6] != 1 {
-        return format_err(format!("dense_bits {} is not supported (this build reads 1)", buf[6]));
+        return unsupported(format!("dense_bits {} is not supported (this build reads 1)", buf[6]));
     }
     let scale = ScaleType::from_bits(buf[7] as u32)
-        .ok_or_else(|| crate::Error::Format(format!("scale width {} must be 16 or 32", buf[7])))?;
+        .ok_or_else(|| crate::Error::Corrupt(format!("scale width {} must be 16 or 32", buf[7])))?;
     let rd = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap());
-    let too_big = || crate::Error::Format("header sizes overflow".into());
+    let too_big = || crate::Error::Corrupt("header sizes overflow".into());
     let m = usize::try_from(rd(8)).map_err(|_| too_big())?;
     let n = usize::try_from(rd(16)).map_err(|_| too_big())?;
     let g = usize::try_from(rd(24)).map_err(|_| too_big())?;
     let rl = usize::try_from(rd(32)).map_err(|_| too_big())?;
-    check_shape(m, n).or_else(format_err)?;
+    check_shape(m, n).or_else(corrupt)?;
     if n == 0 && g != 1 {
-        return format_err(format!("group_size must be 1 for n = 0, got {g}"));
+        return corrupt(format!("group_size must be 1 for n = 0, got {g}"));
     }
     if n > 0 && !(1..=n).contains(&g) {
-        return format_err(format!("group_size {g} out of range 1..{n}"));
+        return corrupt(format!("group_size {g} out of range 1..{n}"));
     }
     let ng = n_groups(n, g);
     let w = scale.width();
@@ -497,13 +497,16 @@ pub fn from_bytes(buf: &[u8]) -> Result<PbTensor> {
         .iter()
         .try_fold(0usize, |a, &b| a.checked_add(b))
         .ok_or_else(too_big)?;
-    if total != buf.len() {
-        return format_err(format!("length mismatch: header describes {total} bytes, buffer has {}", buf.len()));
+    if total > buf.len() {
+        return truncated(format!("length mismatch: header describes {total} bytes, buffer has {}", buf.len()));
+    }
+    if total < buf.len() {
+        return corrupt(format!("length mismatch: header describes {total} bytes, buffer has {}", buf.len()));
     }
     let stored = u32::from_le_bytes(buf[buf.len() - 4..].try_into().unwrap());
     let actual = crc32c(&buf[..buf.len() - 4]);
     if stored != actual {
-        return format_err(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
+        return corrupt(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
     }
     let mut o = PB_HEADER;
     let mut take = |len: usize| {
@@ -517,7 +520,7 @@ pub fn from_bytes(buf: &[u8]) -> Result<PbTensor> {
     let sigma = get_scales(take(m * w), scale);
     let (shape, residual) = format::rle_from_bytes(take(rl))?;
     if shape != [m, n] {
-        return format_err(format!("residual has shape {shape:?}, expected [{m}, {n}]"));
+        return corrupt(format!("residual has shape {shape:?}, expected [{m}, {n}]"));
     }
     let t = PbTensor { m, n, group_size: g, scale, signs, mu, alpha, sigma, residual };
     check_sign_padding(&t.signs, m, n)?;
@@ -574,10 +577,47 @@ mod tests {
             let err: f64 = w.iter().zip(&wh).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             let pow: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
             assert!(10.0 * (pow / err).log10() > 6.0, "snr too low");
-            for cut in [0, 10, 39, 40, b.len() / 2, b.len() - 1] {
-                assert!(from_bytes(&b[..cut]).is_err());
+            for cut in 0..b.len() {
+                assert!(matches!(from_bytes(&b[..cut]), Err(Error::Truncated(_))), "cut {cut}");
             }
         }
+    }
+
+    /// Each kind of damage surfaces as its own error kind.
+    #[test]
+    fn error_kinds() {
+        let w = gaussian(3, 40, 4);
+        let b = to_bytes(&compress(&w, 3, 40, None, &params()).unwrap().view()).unwrap();
+        let with_crc = |mut v: Vec<u8>| {
+            let n = v.len() - 4;
+            let c = crc32c(&v[..n]);
+            v[n..].copy_from_slice(&c.to_le_bytes());
+            v
+        };
+        let mut v = b.clone();
+        v[4] = 2; // version 2, valid checksum
+        assert!(matches!(from_bytes(&with_crc(v)), Err(Error::Unsupported(m)) if m.contains("version 2")));
+        let mut v = b.clone();
+        v[6] = 2; // dense_bits 2
+        assert!(matches!(from_bytes(&with_crc(v)), Err(Error::Unsupported(m)) if m.contains("dense_bits")));
+        let mut v = b.clone();
+        *v.last_mut().unwrap() ^= 1;
+        assert!(matches!(from_bytes(&v), Err(Error::Corrupt(m)) if m.contains("checksum")));
+        let mut v = b.clone();
+        v.push(0);
+        assert!(matches!(from_bytes(&v), Err(Error::Corrupt(m)) if m.contains("length mismatch")));
+        let mut v = b.clone();
+        v[0] = b'X';
+        assert!(matches!(from_bytes(&v), Err(Error::Corrupt(m)) if m.contains("magic")));
+        // The embedded residual blob's own version.
+        let rle_at = b.len() - 4 - u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
+        let mut v = b.clone();
+        v[rle_at + 4] = 9;
+        let n = v.len() - 8;
+        let c = crc32c(&v[rle_at..n]);
+        v[n..n + 4].copy_from_slice(&c.to_le_bytes());
+        assert!(matches!(from_bytes(&with_crc(v)), Err(Error::Unsupported(m)) if m.contains("RLE format version 9")));
+        assert!(Error::Truncated(String::new()).is_format() && !Error::Invalid(String::new()).is_format());
     }
 
     #[test]
@@ -640,7 +680,7 @@ mod tests {
         let c = crc32c(&b);
         b.extend_from_slice(&c.to_le_bytes());
         assert_eq!(b.len(), 96);
-        assert!(matches!(from_bytes(&b), Err(Error::Format(m)) if m.contains("too large")));
-        assert!(matches!(format::rle_from_bytes(&rle), Err(Error::Format(m)) if m.contains("too large")));
+        assert!(matches!(from_bytes(&b), Err(Error::Corrupt(m)) if m.contains("too large")));
+        assert!(matches!(format::rle_from_bytes(&rle), Err(Error::Corrupt(m)) if m.contains("too large")));
     }
 }

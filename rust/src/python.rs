@@ -11,13 +11,19 @@ use pyo3::types::{PyBytes, PyList, PyType};
 use crate::pb::{self, PbRef, ScaleType};
 use crate::{bitpack, format, parallel, rle, simd, Error};
 
-static FORMAT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static CORRUPT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static TRUNCATED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static UNSUPPORTED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static SCALE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
+/// Each error kind as its Python exception (`pbcodec.errors`; the three data
+/// kinds subclass `FormatError`).
 fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let (cell, name, m) = match e {
         Error::Invalid(m) => return PyValueError::new_err(m),
-        Error::Format(m) => (&FORMAT_ERROR, "FormatError", m),
+        Error::Corrupt(m) => (&CORRUPT_ERROR, "CorruptError", m),
+        Error::Truncated(m) => (&TRUNCATED_ERROR, "TruncatedError", m),
+        Error::Unsupported(m) => (&UNSUPPORTED_ERROR, "UnsupportedVersionError", m),
         Error::Scale(m) => (&SCALE_ERROR, "ScaleRangeError", m),
     };
     match cell.import(py, "pbcodec.errors", name) {

@@ -4,7 +4,7 @@
 //! nonzero, with `ESC = 2^b - 1` meaning "skip ESC zeros, no value") and the
 //! nonzero values. All rows' codes form one continuous bit stream; per-row
 //! offsets into both streams let any row decode on its own.
-use crate::error::{format_err, invalid};
+use crate::error::{corrupt, invalid};
 use crate::Result;
 
 /// An encoded array: the two streams and the per-row offsets (`rows + 1` each).
@@ -348,9 +348,7 @@ pub(crate) fn walk_row(
             } else {
                 pos += code;
                 if pos >= n as u64 {
-                    return format_err(format!(
-                        "row {row}: a value decodes at position {pos}, past the row length {n}"
-                    ));
+                    return corrupt(format!("row {row}: a value decodes at position {pos}, past the row length {n}"));
                 }
                 put(pos as usize, nv);
                 nv += 1;
@@ -360,7 +358,7 @@ pub(crate) fn walk_row(
         c += take;
     }
     if pos > n as u64 {
-        return format_err(format!("row {row}: escapes run to position {pos}, past the row length {n}"));
+        return corrupt(format!("row {row}: escapes run to position {pos}, past the row length {n}"));
     }
     Ok(RowWalk { values: nv, last_code_is_escape: c1 > c0 && last == esc })
 }
@@ -368,21 +366,17 @@ pub(crate) fn walk_row(
 /// Check offsets against the streams (lengths, monotonicity) without decoding.
 fn check_offsets(s: &Streams, rows: usize) -> Result<(u64, u64)> {
     if s.code_offsets.len() != rows + 1 {
-        return format_err(format!(
-            "code_offsets has {} entries, expected rows + 1 = {}",
-            s.code_offsets.len(),
-            rows + 1
-        ));
+        return corrupt(format!("code_offsets has {} entries, expected rows + 1 = {}", s.code_offsets.len(), rows + 1));
     }
     if s.code_offsets[0] != 0 {
-        return format_err("code_offsets must start at 0");
+        return corrupt("code_offsets must start at 0");
     }
     if s.code_offsets.windows(2).any(|w| w[1] < w[0]) {
-        return format_err("code_offsets must be non-decreasing");
+        return corrupt("code_offsets must be non-decreasing");
     }
     let num_codes = s.code_offsets[rows] as u64;
     if counts_len(num_codes, s.count_bits) != Some(s.counts.len() as u64) {
-        return format_err(format!(
+        return corrupt(format!(
             "counts stream has {} bytes, {} codes of {} bits need {}",
             s.counts.len(),
             num_codes,
@@ -398,8 +392,8 @@ fn check_offsets(s: &Streams, rows: usize) -> Result<(u64, u64)> {
 /// `strict` also demands the canonical form of §3.3 (what `from_bytes` and
 /// `to_bytes` require): no trailing escapes, no zero values, zero padding.
 pub fn validate(s: &Streams, shape: &[usize], strict: bool) -> Result<Vec<i64>> {
-    check_params(s.count_bits, s.value_bits).map_err(|e| crate::Error::Format(e.to_string()))?;
-    let rows = rows_of(shape).map_err(|e| crate::Error::Format(e.to_string()))?;
+    check_params(s.count_bits, s.value_bits).map_err(|e| crate::Error::Corrupt(e.to_string()))?;
+    let rows = rows_of(shape).map_err(|e| crate::Error::Corrupt(e.to_string()))?;
     let n = *shape.last().unwrap();
     let (num_codes, _) = check_offsets(s, rows)?;
     let mut value_offsets = Vec::with_capacity(rows + 1);
@@ -409,14 +403,14 @@ pub fn validate(s: &Streams, shape: &[usize], strict: bool) -> Result<Vec<i64>> 
         let (c0, c1) = (s.code_offsets[r] as u64, s.code_offsets[r + 1] as u64);
         let walk = walk_row(s.counts, s.count_bits, c0, c1, n, r, |_, _| {})?;
         if strict && walk.last_code_is_escape {
-            return format_err(format!("row {r}: ends with an escape code (not canonical)"));
+            return corrupt(format!("row {r}: ends with an escape code (not canonical)"));
         }
         total += walk.values;
         value_offsets.push(total as i64);
     }
     let want = values_len(total as u64, s.value_bits).unwrap();
     if s.values.len() as u64 != want {
-        return format_err(format!(
+        return corrupt(format!(
             "values stream has {} bytes, the codes need {} values ({} bytes)",
             s.values.len(),
             total,
@@ -426,18 +420,18 @@ pub fn validate(s: &Streams, shape: &[usize], strict: bool) -> Result<Vec<i64>> 
     if strict {
         let pad_bits = (num_codes * s.count_bits as u64) % 8;
         if pad_bits != 0 && (s.counts[s.counts.len() - 1] >> pad_bits) != 0 {
-            return format_err("nonzero padding bits after the last code");
+            return corrupt("nonzero padding bits after the last code");
         }
         if s.value_bits == 8 {
             if let Some(i) = s.values.iter().position(|&v| v == 0) {
-                return format_err(format!("value {i} is zero (not canonical)"));
+                return corrupt(format!("value {i} is zero (not canonical)"));
             }
         } else {
             if let Some(i) = (0..total).find(|&i| value_at(s.values, 4, i) == 0) {
-                return format_err(format!("value {i} is zero (not canonical)"));
+                return corrupt(format!("value {i} is zero (not canonical)"));
             }
             if total % 2 == 1 && s.values[total / 2] >> 4 != 0 {
-                return format_err("nonzero padding nibble after the last value");
+                return corrupt("nonzero padding nibble after the last value");
             }
         }
     }
@@ -447,13 +441,13 @@ pub fn validate(s: &Streams, shape: &[usize], strict: bool) -> Result<Vec<i64>> 
 /// Check the streams and value offsets of a `rows x n` array before decoding
 /// rows independently (O(rows)); `decode_row` relies on these.
 pub fn check_decodable(s: &Streams, value_offsets: &[i64], rows: usize) -> Result<()> {
-    check_params(s.count_bits, s.value_bits).map_err(|e| crate::Error::Format(e.to_string()))?;
+    check_params(s.count_bits, s.value_bits).map_err(|e| crate::Error::Corrupt(e.to_string()))?;
     let (_, cap) = check_offsets(s, rows)?;
     if value_offsets.len() != rows + 1 || value_offsets[0] != 0 || value_offsets.windows(2).any(|w| w[1] < w[0]) {
-        return format_err("value_offsets must have rows + 1 non-decreasing entries starting at 0");
+        return corrupt("value_offsets must have rows + 1 non-decreasing entries starting at 0");
     }
     if value_offsets[rows] as u64 > cap {
-        return format_err("value_offsets point past the values stream");
+        return corrupt("value_offsets point past the values stream");
     }
     Ok(())
 }
@@ -475,7 +469,7 @@ pub fn decode_row(s: &Streams, value_offsets: &[i64], r: usize, row: &mut [i8]) 
         }
     })?;
     if overflow || walk.values != v1 - v0 {
-        return format_err(format!("row {r}: codes hold {} values, value_offsets say {}", walk.values, v1 - v0));
+        return corrupt(format!("row {r}: codes hold {} values, value_offsets say {}", walk.values, v1 - v0));
     }
     Ok(())
 }
