@@ -143,7 +143,7 @@ mod sealed {
     /// # Safety
     ///
     /// Entries are `unsafe fn` because the SIMD ones need CPU features. A table
-    /// from [`table`] belongs to a level the CPU runs (it clamps with
+    /// from [`table`](super::table) belongs to a level the CPU runs (it clamps with
     /// `simd::runnable`), which discharges that part; the caller must still give
     /// each entry slices of exactly these lengths (the SIMD kernels write through
     /// raw pointers sized from them):

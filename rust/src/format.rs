@@ -6,7 +6,9 @@ use crate::error::{corrupt, truncated, unsupported};
 use crate::rle::{self, index_width, Encoded, Streams, HEADER_LEN as HEADER};
 use crate::Result;
 
+/// Magic of a serialized RLE (docs/format.md §4).
 pub const RLE_MAGIC: &[u8; 4] = b"PBRL";
+/// The serialized RLE format version this build writes and reads.
 pub const RLE_VERSION: u16 = 1;
 const MAX_NDIM: usize = 32;
 /// Serialize; the streams are validated strictly first so only canonical,

@@ -19,11 +19,15 @@ use crate::Result;
 /// A field value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// `null`.
     Null,
+    /// `true` or `false`.
     Bool(bool),
     /// Any JSON integer within i64/u64 (larger ones parse as `Float`, as in serde_json).
     Int(i128),
+    /// Any other JSON number.
     Float(f64),
+    /// A string.
     Str(String),
     /// An array of integers (at most the schema's `max_array` of them).
     Ints(Vec<i128>),
@@ -36,7 +40,10 @@ pub type Fields = Vec<Option<Value>>;
 /// the schema names one and the input has it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Table {
+    /// `(key, fields)` per row, in file order.
     pub rows: Vec<(String, Fields)>,
+    /// The schema's string-map row (`__metadata__`) as `(key, value)` pairs, in
+    /// file order; None when absent (an explicit `null` gives an empty list).
     pub strings: Option<Vec<(String, String)>>,
 }
 

@@ -632,7 +632,7 @@ mod x86 {
         (hsum(_mm256_add_ps(acc0, acc1)), k)
     }
 
-    /// rs[b] = Σ_k val[k] · xt[pos[k]][b] over the stored lanes, NBLK blocks of
+    /// `rs[b] = Σ_k val[k] · xt[pos[k]][b]` over the stored lanes, NBLK blocks of
     /// 8 batch rows held in registers.
     ///
     /// # Safety

@@ -8,13 +8,17 @@ use crate::error::{corrupt, invalid, truncated, unsupported};
 use crate::half::{f16_to_f32, f64_to_f16};
 use crate::{format, parallel, rle, Error, Result};
 
+/// The stored type of the scales `mu`, `alpha`, `sigma`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScaleType {
+    /// IEEE binary16 (`scale_dtype="float16"`).
     F16,
+    /// IEEE binary32 (`scale_dtype="float32"`).
     F32,
 }
 
 impl ScaleType {
+    /// The type of a width in bits (16 or 32), as the serialized header stores it.
     pub fn from_bits(bits: u32) -> Option<ScaleType> {
         match bits {
             16 => Some(ScaleType::F16),
@@ -22,6 +26,7 @@ impl ScaleType {
             _ => None,
         }
     }
+    /// Width in bits: 16 or 32.
     pub fn bits(self) -> u32 {
         match self {
             ScaleType::F16 => 16,
@@ -64,31 +69,40 @@ pub fn check_shape(m: usize, n: usize) -> std::result::Result<(), String> {
 /// Compression parameters (docs/format.md §6.1).
 #[derive(Debug, Clone)]
 pub struct Params {
+    /// Fraction of weights kept as salient residual codes, in `[0, 1]`.
     pub salient: f64,
+    /// Bits per residual code: 4 or 8.
     pub salient_bits: u32,
-    /// None: "auto".
+    /// Bits per zero-run code, 1..8; None: "auto" (the smallest blob).
     pub count_bits: Option<u32>,
-    /// None: the whole row.
+    /// Columns per (mu, alpha) group, 1..n; None: the whole row.
     pub group_size: Option<usize>,
     /// false: "row" (same count per row), true: "tensor" (one threshold).
     pub select_tensor: bool,
+    /// Subtract the group mean `mu` before binarizing (false: `mu = 0`).
     pub shift: bool,
+    /// The scales' stored type.
     pub scale: ScaleType,
 }
 
 /// A compressed matrix. Scales are kept as f32 holding exact float16/float32 values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PbTensor {
+    /// Rows (output features).
     pub m: usize,
+    /// Columns (input features).
     pub n: usize,
+    /// Columns per (mu, alpha) group (1 when `n = 0`).
     pub group_size: usize,
+    /// The scales' stored type.
     pub scale: ScaleType,
     /// `m x ceil(n/8)` sign bits (1 = -1).
     pub signs: Vec<u8>,
-    /// `m x n_groups`.
+    /// Group means, `m x n_groups`.
     pub mu: Vec<f32>,
+    /// Group scales of the sign plane, `m x n_groups`.
     pub alpha: Vec<f32>,
-    /// `m`.
+    /// Residual scale per row, `m`.
     pub sigma: Vec<f32>,
     /// Residual codes, shape `(m, n)`, `value_bits = salient_bits`.
     pub residual: rle::Encoded,
@@ -98,18 +112,29 @@ pub struct PbTensor {
 /// serializer read (the Python binding builds one over numpy arrays, no copy).
 #[derive(Debug, Clone, Copy)]
 pub struct PbRef<'a> {
+    /// Rows.
     pub m: usize,
+    /// Columns.
     pub n: usize,
+    /// Columns per group.
     pub group_size: usize,
+    /// The scales' stored type.
     pub scale: ScaleType,
+    /// `m x ceil(n/8)` sign bits.
     pub signs: &'a [u8],
+    /// `m x n_groups` group means.
     pub mu: &'a [f32],
+    /// `m x n_groups` group scales.
     pub alpha: &'a [f32],
+    /// `m` residual scales.
     pub sigma: &'a [f32],
+    /// The residual's streams, shape `(m, n)`.
     pub res: rle::Streams<'a>,
+    /// The residual's `m + 1` value offsets.
     pub value_offsets: &'a [i64],
 }
 
+/// Groups of a row of `n` columns: `ceil(n / group_size)`, 0 when `n = 0`.
 pub fn n_groups(n: usize, group_size: usize) -> usize {
     if n == 0 {
         0
@@ -298,6 +323,7 @@ pub fn compress(w: &[f32], m: usize, n: usize, importance: Option<&[f32]>, p: &P
 }
 
 impl PbTensor {
+    /// The tensor as a borrowed view.
     pub fn view(&self) -> PbRef<'_> {
         PbRef {
             m: self.m,
@@ -315,6 +341,7 @@ impl PbTensor {
 }
 
 impl PbRef<'_> {
+    /// Groups per row.
     pub fn n_groups(&self) -> usize {
         n_groups(self.n, self.group_size)
     }
@@ -345,7 +372,9 @@ impl PbRef<'_> {
 
 // ------------------------------------------------------------ serialization
 
+/// Magic of a serialized PBTensor (docs/format.md §7).
 pub const PB_MAGIC: &[u8; 4] = b"PBTN";
+/// The serialized PBTensor format version this build writes and reads.
 pub const PB_VERSION: u16 = 1;
 const PB_HEADER: usize = 40;
 
@@ -414,6 +443,9 @@ pub fn validate(t: &PbRef) -> Result<Vec<i64>> {
     Ok(vo)
 }
 
+/// Serialize (docs/format.md §7) after every check [`validate`] makes; the
+/// residual's `value_offsets` must also match its codes. Errors: a format error
+/// naming the first inconsistency.
 pub fn to_bytes(t: &PbRef) -> Result<Vec<u8>> {
     let vo = validate(t)?;
     if vo != t.value_offsets {
@@ -455,6 +487,10 @@ pub fn serialized_len(t: &PbRef) -> Option<u64> {
         .checked_add(rl)
 }
 
+/// Parse and fully validate a serialized PBTensor (docs/format.md §7): every size
+/// is checked against the buffer before anything is allocated. Errors:
+/// [`Error::Truncated`], [`Error::Unsupported`] (version, `dense_bits`) or
+/// [`Error::Corrupt`], naming the problem.
 pub fn from_bytes(buf: &[u8]) -> Result<PbTensor> {
     if buf.len() < PB_HEADER + 4 {
         return truncated(format!("truncated: buffer of {} bytes is too short for a PBTensor", buf.len()));

@@ -28,7 +28,9 @@ use crate::{parallel, Result};
 
 /// The activations of one call, quantized (§6.4).
 pub struct QuantX {
+    /// Batch rows.
     pub batch: usize,
+    /// Blocks of 64 columns per row.
     pub blocks: usize,
     /// Bytes per batch row of `xq` (`blocks * 64`).
     pub stride: usize,

@@ -10,27 +10,37 @@ use crate::Result;
 /// An encoded array: the two streams and the per-row offsets (`rows + 1` each).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
+    /// Bits per code `b` (1..8); the escape code is `2^b - 1`.
     pub count_bits: u32,
+    /// Bits per stored value: 4 or 8.
     pub value_bits: u32,
     /// Packed code stream, `ceil(num_codes * count_bits / 8)` bytes.
     pub counts: Vec<u8>,
     /// 8-bit: the values as bytes; 4-bit: two's-complement nibbles, low first.
     pub values: Vec<u8>,
+    /// `rows + 1` offsets of each row's first code (the last is `num_codes`).
     pub code_offsets: Vec<i64>,
+    /// `rows + 1` offsets of each row's first value (the last is `num_values`).
     pub value_offsets: Vec<i64>,
 }
 
 /// Borrowed view of the streams, as the decoder and serializer see them.
 #[derive(Debug, Clone, Copy)]
 pub struct Streams<'a> {
+    /// Bits per code (see [`Encoded::count_bits`]).
     pub count_bits: u32,
+    /// Bits per value: 4 or 8.
     pub value_bits: u32,
+    /// The packed code stream.
     pub counts: &'a [u8],
+    /// The values stream.
     pub values: &'a [u8],
+    /// `rows + 1` code offsets.
     pub code_offsets: &'a [i64],
 }
 
 impl Encoded {
+    /// The streams as a borrowed view.
     pub fn streams(&self) -> Streams<'_> {
         Streams {
             count_bits: self.count_bits,
@@ -40,14 +50,18 @@ impl Encoded {
             code_offsets: &self.code_offsets,
         }
     }
+    /// Codes in the stream (escapes included).
     pub fn num_codes(&self) -> u64 {
         *self.code_offsets.last().unwrap_or(&0) as u64
     }
+    /// Stored (nonzero) values.
     pub fn num_values(&self) -> u64 {
         *self.value_offsets.last().unwrap_or(&0) as u64
     }
 }
 
+/// Check the stream parameters: `count_bits` in 1..8, `value_bits` 4 or 8
+/// ([`Error::Invalid`](crate::Error::Invalid) otherwise).
 pub fn check_params(count_bits: u32, value_bits: u32) -> Result<()> {
     if !(1..=8).contains(&count_bits) {
         return invalid(format!("count_bits must be in 1..8 or 'auto', got {count_bits}"));

@@ -8,7 +8,7 @@
 //! matvec, the int8 and float32 layout kernels) has one table per level, looked
 //! up through its module's `table(level)`; public functions pass [`level()`],
 //! tests loop over [`available()`]. A table lookup clamps the level with
-//! [`runnable`], so no table of a level the CPU lacks is ever handed out: that
+//! `runnable`, so no table of a level the CPU lacks is ever handed out: that
 //! is what makes calling its `unsafe` entries sound.
 //!
 //! AVX-512 is the default where detected: its kernels pass the full test
