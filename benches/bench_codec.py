@@ -69,6 +69,7 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 
 import _env  # noqa: F401  (first: sets the BLAS/OpenMP environment)
 import numpy as np
@@ -440,7 +441,7 @@ def bench_signs(cfg: Cfg, level: str, rng) -> list[dict]:
         assert np.array_equal(pbcodec.pack_signs(x, out=ours_out), np_pack_signs(x, signs, peer_out))
         st = cfg.run(
             cls,
-            {"ours": lambda: pbcodec.pack_signs(x, out=ours_out), "peer": lambda: np_pack_signs(x, signs, peer_out)},
+            {"ours": partial(pbcodec.pack_signs, x, out=ours_out), "peer": partial(np_pack_signs, x, signs, peer_out)},
         )
         out.append(
             record(
@@ -483,8 +484,8 @@ def bench_pack(cfg: Cfg, level: str, rng) -> list[dict]:
             st = cfg.run(
                 cls,
                 {
-                    "ours": lambda: pbcodec.pack_bits(codes, k, out=ours_out),
-                    "peer": lambda: np_pack_bits(codes, k, peer_out),
+                    "ours": partial(pbcodec.pack_bits, codes, k, out=ours_out),
+                    "peer": partial(np_pack_bits, codes, k, peer_out),
                 },
             )
             out.append(
@@ -525,8 +526,8 @@ def bench_unpack(cfg: Cfg, level: str, rng) -> list[dict]:
             st = cfg.run(
                 cls,
                 {
-                    "ours": lambda: pbcodec.unpack_bits(packed, k, N_COLS, out=ours_out),
-                    "peer": lambda: np_unpack_bits(packed, k, N_COLS, peer_out),
+                    "ours": partial(pbcodec.unpack_bits, packed, k, N_COLS, out=ours_out),
+                    "peer": partial(np_unpack_bits, packed, k, N_COLS, peer_out),
                 },
             )
             out.append(
@@ -585,7 +586,7 @@ def bench_unpack_l2(cfg: Cfg, level: str, rng) -> list[dict]:
         packed = as_input(random_bytes(rows * N_COLS * k // 8, rng).reshape(rows, N_COLS * k // 8))
         o = touched((rows, N_COLS), np.uint8)
         st = measure(
-            {"ours": lambda: pbcodec.unpack_bits(packed, k, N_COLS, out=o)},
+            {"ours": partial(pbcodec.unpack_bits, packed, k, N_COLS, out=o)},
             budget_s=cfg.budget_s,
             sample_s=cfg.sample_s,
         )
@@ -758,7 +759,7 @@ def bench_rle(cfg: Cfg, rng) -> list[dict]:
                 assert np.array_equal(vo, ref.value_offsets)
                 assert _rle_nbytes(x.ndim, rows, ref.num_codes, ref.num_values, b) == ref.nbytes
                 del counts, vals, co, vo
-                st = cfg.run(cls, {"ours": lambda: pbcodec.rle_encode(x, cb), "peer": lambda: np_rle_encode(x, cb)})
+                st = cfg.run(cls, {"ours": partial(pbcodec.rle_encode, x, cb), "peer": partial(np_rle_encode, x, cb)})
                 out.append(
                     record(
                         "rle_encode",
@@ -784,8 +785,8 @@ def bench_rle(cfg: Cfg, rng) -> list[dict]:
             st = cfg.run(
                 cls,
                 {
-                    "ours": lambda: pbcodec.rle_decode(ref, out=ours_out),
-                    "peer": lambda: np_rle_decode(ref.counts, ref.values, ref.code_offsets, x.shape, 4, peer_out),
+                    "ours": partial(pbcodec.rle_decode, ref, out=ours_out),
+                    "peer": partial(np_rle_decode, ref.counts, ref.values, ref.code_offsets, x.shape, 4, peer_out),
                 },
             )
             out.append(

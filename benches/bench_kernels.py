@@ -29,6 +29,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 
 import _env  # noqa: F401  (first: sets the BLAS/OpenMP environment)
 import numpy as np
@@ -117,9 +118,9 @@ def gemv_cold(args, checks: Checks, zen4: bool) -> None:
             yd = np.empty((m, b), np.float32) if b > 1 else np.empty(m, np.float32)
             xd = x if b == 1 else np.ascontiguousarray(x.T)
             peers = {
-                "pb int8": [lambda tt=tt: tt.matvec(x, out=y, activations="int8") for tt in pbs],
-                "pb f32": [lambda tt=tt: tt.matvec(x, out=y) for tt in pbs],
-                "numpy f32": [lambda M=M: np.matmul(M, xd, out=yd) for M in dense],
+                "pb int8": [partial(tt.matvec, x, out=y, activations="int8") for tt in pbs],
+                "pb f32": [partial(tt.matvec, x, out=y) for tt in pbs],
+                "numpy f32": [partial(np.matmul, M, xd, out=yd) for M in dense],
             }
             if torch is not None:
                 q = make_torch_int8(W)
@@ -127,7 +128,7 @@ def gemv_cold(args, checks: Checks, zen4: bool) -> None:
 
                 qs = [q] + [copy.deepcopy(q) for _ in range(cold_copies(m * n, args.cold_bytes) - 1)]
                 xt = torch.from_numpy(x.reshape(-1, n))
-                peers["torch int8"] = [lambda q_=qq: q_(xt) for qq in qs]
+                peers["torch int8"] = [partial(qq, xt) for qq in qs]
             for fns in peers.values():
                 for f in fns:
                     f()
@@ -277,9 +278,9 @@ def pblinear(args, checks: Checks) -> None:
                 tm = {}
                 for _ in range(3):
                     for k, f in (
-                        ("dense", lambda: F.linear(x, lin.weight, lin.bias)),
-                        ("int8", lambda: l8(x)),
-                        ("f32", lambda: lf(x)),
+                        ("dense", partial(F.linear, x, lin.weight, lin.bias)),
+                        ("int8", partial(l8, x)),
+                        ("f32", partial(lf, x)),
                     ):
                         tm.setdefault(k, []).append(med(f, args.hot_n))
                 tm = {k: min(v) for k, v in tm.items()}

@@ -98,6 +98,7 @@ import resource
 import statistics
 import time
 import warnings
+from functools import partial
 
 import _env  # noqa: F401  (first: sets the BLAS/OpenMP environment)
 import numpy as np
@@ -291,6 +292,12 @@ def pick_layouts(W: np.ndarray, xs: dict[int, np.ndarray], trial_n: int) -> tupl
     return best, best_mn
 
 
+def _decompress_then(t, buf: np.ndarray, prod) -> None:
+    """The decompress+f32 peer: ``t.decompress(out=buf)``, then the product on ``buf``."""
+    t.decompress(out=buf)
+    prod()
+
+
 def make_torch_int8(W: np.ndarray):
     m, n = W.shape
     lin = torch.nn.Sequential(torch.nn.Linear(n, m, bias=False))
@@ -378,7 +385,7 @@ def bench_shape(m: int, n: int, configs: list, args, results: dict) -> None:
             # --- candidates: (cold cycler, hot fn) ---
             peers = {}
             y = np.empty((b, m) if b > 1 else (m,), np.float32)
-            pb_fns = [(lambda t_=tt: t_.matvec(x, out=y)) for tt in pbs]
+            pb_fns = [partial(tt.matvec, x, out=y) for tt in pbs]
             for f in pb_fns:  # warm every copy once (also builds its cached float32 scales)
                 f()
             peers[PB] = (Cycler(pb_fns), pb_fns[0])
@@ -393,19 +400,12 @@ def bench_shape(m: int, n: int, configs: list, args, results: dict) -> None:
             f16 = [np_product("W @ x.T", M, x16[b])[0] for M in dense16]
             peers[SLOW] = (Cycler(f16), f16[0])
 
-            def dec_fn(t_, prod):
-                def f():
-                    t_.decompress(out=buf)
-                    prod()
-
-                return f
-
             prod_buf = np_product(layout_mn[b], buf, x)[0]
-            dec = [dec_fn(tt, prod_buf) for tt in pbs]
+            dec = [partial(_decompress_then, tt, buf, prod_buf) for tt in pbs]
             peers[DEC] = (Cycler(dec, start=len(dec) // 2), dec[0])  # half a cycle away from pbcodec's copy
             if tq:
                 xb = xt[b]
-                tqf = [(lambda q_=qq: q_(xb)) for qq in tq]
+                tqf = [partial(qq, xb) for qq in tq]
                 errs[TQ] = rel_err(tq[0](xb).numpy(), ref[b])
                 peers[TQ] = (Cycler(tqf), tqf[0])
             cold = run_rounds(peers, hot=False, rounds=args.rounds, budget_s=args.budget, min_n=args.min_n)

@@ -22,6 +22,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import _env  # noqa: F401  (first: sets the BLAS/OpenMP environment)
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.get_num_threads()} torch threads, pbcodec threads {__import__('pbcodec').get_num_threads()}"
     )
     print(
-        f"original model: file {src.stat().st_size / 2**20:.1f} MiB, encode {t_base * 1e3:.1f} ms (median of {args.repeats})\n"
+        f"original model: file {src.stat().st_size / 2**20:.1f} MiB, "
+        f"encode {t_base * 1e3:.1f} ms (median of {args.repeats})\n"
     )
     head = (
         f"{'salient':>7}  {'bits/w':>6}  {'file MiB':>8}  {'cos |W|':>7}  {'cos calib':>9}  "
@@ -93,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         imp = pbt.activation_importance(calib, lambda m: m.encode(CALIBRATION))
         report = pbt.compress_model(calib, salient=sal, progress=False, importance=imp)
         cos_cal = float(np.mean(np.sum(encode(calib) * base, axis=1)))
-        t = _median_time(lambda: encode(calib), args.repeats)
+        t = _median_time(partial(encode, calib), args.repeats)
         print(
             f"{sal:7.2f}  {report.bits_per_weight:6.3f}  {size / 2**20:8.1f}  {cos_plain:7.4f}  {cos_cal:9.4f}  "
             f"{t * 1e3:9.1f}  {t_base / t:10.2f}x"
         )
     print(
         "\nbits/w: compressed Linear layers only (everything counted); file: `pbcodec compress --salient S` output;"
-        "\ncos: mean cosine of the 10 sentence embeddings to the original model's; vs original: time ratio (>1: faster)."
+        "\ncos: mean cosine of the 10 sentence embeddings to the original model's;"
+        " vs original: time ratio (>1: faster)."
     )
     return 0
 

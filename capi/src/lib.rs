@@ -179,7 +179,11 @@ impl From<core_::Error> for Fail {
     fn from(e: core_::Error) -> Fail {
         match e {
             core_::Error::Invalid(m) | core_::Error::Scale(m) => Fail(PbcodecStatus::InvalidArgument, m),
-            core_::Error::Format(m) => Fail(PbcodecStatus::Format, m),
+            // ABI v1 documents FORMAT for any data it cannot read; the message names
+            // the kind (truncated, unsupported version, corrupt).
+            core_::Error::Corrupt(m) | core_::Error::Truncated(m) | core_::Error::Unsupported(m) => {
+                Fail(PbcodecStatus::Format, m)
+            }
         }
     }
 }
@@ -226,7 +230,7 @@ unsafe fn slice<'a, T>(p: *const T, len: usize, what: &str) -> R<&'a [T]> {
     if p.is_null() {
         return fail(PbcodecStatus::InvalidArgument, format!("{what} is NULL but its length is {len}"));
     }
-    if (p as usize) % std::mem::align_of::<T>() != 0 {
+    if !(p as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return fail(PbcodecStatus::InvalidArgument, format!("{what} is not aligned for its element type"));
     }
     // SAFETY: the caller promises `len` readable elements at `p`.
@@ -240,7 +244,7 @@ unsafe fn slice_mut<'a, T>(p: *mut T, len: usize, what: &str) -> R<&'a mut [T]> 
     if p.is_null() {
         return fail(PbcodecStatus::InvalidArgument, format!("{what} is NULL but its length is {len}"));
     }
-    if (p as usize) % std::mem::align_of::<T>() != 0 {
+    if !(p as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return fail(PbcodecStatus::InvalidArgument, format!("{what} is not aligned for float"));
     }
     // SAFETY: the caller promises `len` writable elements at `p`.

@@ -131,8 +131,8 @@ pub(crate) fn scales_from_le(bytes: &[u8], scale: ScaleType) -> Vec<f32> {
 /// # Safety
 /// `bytes` must stay alive and unchanged for as long as the returned part.
 pub(crate) unsafe fn i64_part(bytes: &[u8]) -> Part<i64> {
-    let aligned = (bytes.as_ptr() as usize) % std::mem::align_of::<i64>() == 0;
-    if cfg!(target_endian = "little") && aligned && bytes.len() % 8 == 0 {
+    let aligned = (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<i64>());
+    if cfg!(target_endian = "little") && aligned && bytes.len().is_multiple_of(8) {
         // SAFETY: aligned, length a multiple of 8, any bit pattern is a valid i64;
         // lifetime per this function's contract.
         let s = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const i64, bytes.len() / 8) };

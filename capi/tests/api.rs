@@ -115,7 +115,8 @@ fn int8_mode_matches_the_core_and_refuses_unsupported_groups() {
     let mut y = [0f32; 16];
     for _ in 0..2 {
         // the second call reuses the layout built by the first
-        let st = unsafe { pbcodec_tensor_matvec(t, PbcodecActivation::Int8 as u32, x.as_ptr(), 64, y.as_mut_ptr(), 16) };
+        let st =
+            unsafe { pbcodec_tensor_matvec(t, PbcodecActivation::Int8 as u32, x.as_ptr(), 64, y.as_mut_ptr(), 16) };
         assert_eq!(st, PbcodecStatus::Ok, "{}", last_error());
         let lay = core_::layout::build(&core.view()).unwrap();
         let mut want = [0f32; 16];
@@ -292,7 +293,7 @@ fn safetensors(tensors: &[(&str, &str, Vec<u64>, Vec<u8>)], meta: Option<String>
         header.insert("__metadata__".into(), serde_json::json!({ "pbcodec": m }));
     }
     let mut h = serde_json::to_vec(&header).unwrap();
-    while (8 + h.len()) % 8 != 0 {
+    while !(8 + h.len()).is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

@@ -14,8 +14,10 @@ Codec primitives (this module):
 - :func:`save_file` / :func:`load_file`: safetensors files holding compressed tensors.
 - :class:`RawTensor`: a stored tensor whose dtype numpy lacks (bfloat16 without
   ``ml_dtypes``, float8, packed float4/6), kept as its safetensors dtype and bytes.
-- :class:`FormatError`: raised for any malformed serialized input or file;
-  :class:`ScaleRangeError`: a scale the chosen scale dtype cannot hold.
+- :class:`FormatError`: raised for any malformed serialized input or file; blob parsers
+  raise one of its subclasses :class:`CorruptError`, :class:`TruncatedError`,
+  :class:`UnsupportedVersionError`. :class:`ScaleRangeError`: a scale the chosen scale
+  dtype cannot hold.
 - :mod:`pbcodec.reference`: pure-Python twins of everything, written from docs/format.md.
 
 SIMD kernels are chosen at run time; ``PBCODEC_SIMD=scalar|avx2|avx512`` caps
@@ -30,7 +32,7 @@ import warnings
 
 from . import _core
 from .bitpack import pack_bits, pack_frame, pack_signs, unpack_bits, unpack_frame, unpack_signs
-from .errors import FormatError, ScaleRangeError
+from .errors import CorruptError, FormatError, ScaleRangeError, TruncatedError, UnsupportedVersionError
 from .files import RawTensor, load_file, load_metadata, save_file
 from .gptq import compress_gptq, input_hessian
 from .pb import PBTensor, compress, snr_db
@@ -40,11 +42,14 @@ from .rle import RLE, rle_decode, rle_encode
 __version__ = "0.1.0"
 
 __all__ = [
+    "CorruptError",
     "FormatError",
     "PBTensor",
     "RLE",
     "RawTensor",
     "ScaleRangeError",
+    "TruncatedError",
+    "UnsupportedVersionError",
     "compress",
     "from_pbllm",
     "compress_gptq",

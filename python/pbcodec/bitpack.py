@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _core
 from ._util import as_array, as_uint8_codes, c_aligned, check_bits, check_count, prepare_out, rows_of, unshared
-from .errors import FormatError
+from .errors import CorruptError, TruncatedError, UnsupportedVersionError
 
 # (uint view, +1.0 bits, -1.0 bits) per float dtype. Keyed by dtype.char
 # ('e' float16, 'f' float32, 'd' float64): dtype.name costs microseconds per call.
@@ -186,32 +186,34 @@ def pack_frame(codes: Any, bits: int, *, signed: bool = False) -> bytes:
 
 def unpack_frame(buf: Any) -> np.ndarray:
     """Inverse of :func:`pack_frame`: a 1-D uint8 array of codes (int8 for a
-    signed frame). Raises :class:`pbcodec.FormatError` for anything malformed
-    (docs/format.md §9 lists the checks); never allocates more than 8 codes
-    per byte of ``buf``."""
+    signed frame). Raises a :class:`pbcodec.FormatError` for anything malformed
+    (docs/format.md §9 lists the checks), as its subclass
+    :class:`~pbcodec.TruncatedError`, :class:`~pbcodec.UnsupportedVersionError` or
+    :class:`~pbcodec.CorruptError`; never allocates more than 8 codes per byte of ``buf``."""
     if isinstance(buf, np.ndarray):
         b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
     else:
         b = np.frombuffer(buf, dtype=np.uint8)
     if b.size < _FRAME.size + 4:
-        raise FormatError(f"{b.size} bytes is too short for a k-bit frame")
+        raise TruncatedError(f"{b.size} bytes is too short for a k-bit frame")
     magic, version, bits, signed, count = _FRAME.unpack(b[: _FRAME.size].tobytes())
     if magic != _FRAME_MAGIC:
-        raise FormatError("bad magic: not a pbcodec k-bit frame")
+        raise CorruptError("bad magic: not a pbcodec k-bit frame")
     if version != _FRAME_VERSION:
-        raise FormatError(f"unsupported k-bit frame version {version} (this build reads {_FRAME_VERSION})")
+        raise UnsupportedVersionError(f"unsupported k-bit frame version {version} (this build reads {_FRAME_VERSION})")
     if not 1 <= bits <= 8 or signed not in (0, 1):
-        raise FormatError(f"bad frame parameters: bits={bits}, signed={signed}")
+        raise CorruptError(f"bad frame parameters: bits={bits}, signed={signed}")
     need = _FRAME.size + (count * bits + 7) // 8 + 4
     if need != b.size:
-        raise FormatError(f"length mismatch: header describes {need} bytes, buffer has {b.size}")
+        error = TruncatedError if need > b.size else CorruptError
+        raise error(f"length mismatch: header describes {need} bytes, buffer has {b.size}")
     stored = int.from_bytes(b[-4:].tobytes(), "little")
     actual = _core.crc32c(np.ascontiguousarray(b[:-4]))
     if stored != actual:
-        raise FormatError(f"checksum mismatch (stored {stored:#010x}, computed {actual:#010x})")
+        raise CorruptError(f"checksum mismatch (stored {stored:#010x}, computed {actual:#010x})")
     packed = np.ascontiguousarray(b[_FRAME.size : -4])
     if (count * bits) % 8 and packed[-1] >> ((count * bits) % 8):
-        raise FormatError("nonzero padding bits after the last code")
+        raise CorruptError("nonzero padding bits after the last code")
     u = unpack_bits(packed, bits, count)
     if not signed:
         return u

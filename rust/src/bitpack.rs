@@ -8,6 +8,10 @@
 use crate::error::invalid;
 use crate::simd::{self, Level};
 use crate::Result;
+use sealed::Kernels;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Bytes of one packed row of `n` codes of `bits` bits: `ceil(n*bits/8)`.
 pub fn packed_len(n: usize, bits: u32) -> Result<usize> {
@@ -28,21 +32,7 @@ fn check_len(what: &str, got: usize, rows: usize, per_row: usize) -> Result<()> 
     }
 }
 
-/// A row kernel set for one SIMD level.
-#[doc(hidden)]
-pub struct Kernels {
-    /// Pack a row; returns the OR of all codes (the caller validates the range).
-    pub pack: unsafe fn(&[u8], u32, &mut [u8]) -> u8,
-    pub unpack: unsafe fn(&[u8], u32, &mut [u8]),
-    pub signs16: unsafe fn(&[u16], &mut [u8]),
-    pub signs32: unsafe fn(&[u32], &mut [u8]),
-    pub signs64: unsafe fn(&[u64], &mut [u8]),
-    pub unsigns16: unsafe fn(&[u8], u16, u16, &mut [u16]),
-    pub unsigns32: unsafe fn(&[u8], u32, u32, &mut [u32]),
-    pub unsigns64: unsafe fn(&[u8], u64, u64, &mut [u64]),
-}
-
-pub(crate) static SCALAR: Kernels = Kernels {
+static SCALAR: Kernels = Kernels {
     pack: pack_row_scalar,
     unpack: unpack_row_scalar,
     signs16: signs_row_scalar::<u16>,
@@ -53,14 +43,13 @@ pub(crate) static SCALAR: Kernels = Kernels {
     unsigns64: unsigns_row_scalar::<u64>,
 };
 
-/// The kernels for the current level. Non-scalar sets are only returned when
-/// `simd` has verified the CPU features, which is what makes calling them sound.
-pub(crate) fn kernels() -> &'static Kernels {
-    match simd::level() {
+/// The kernel table of `level`, lowered to a level this CPU runs.
+pub(crate) fn table(level: Level) -> &'static Kernels {
+    match simd::runnable(level) {
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => &crate::bitpack_x86::AVX512,
+        Level::Avx512 => &x86::AVX512,
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => &crate::bitpack_x86::AVX2,
+        Level::Avx2 => &x86::AVX2,
         _ => &SCALAR,
     }
 }
@@ -91,6 +80,10 @@ fn for_rows<I, O>(
 
 /// Pack `rows x n` codes (each `< 2**bits`) into `rows x packed_len(n, bits)` bytes.
 pub fn pack_bits(codes: &[u8], rows: usize, n: usize, bits: u32, out: &mut [u8]) -> Result<()> {
+    pack_bits_with(table(simd::level()), codes, rows, n, bits, out)
+}
+
+fn pack_bits_with(k: &Kernels, codes: &[u8], rows: usize, n: usize, bits: u32, out: &mut [u8]) -> Result<()> {
     check_bits(bits)?;
     let pl = packed_len(n, bits)?;
     check_len("codes", codes.len(), rows, n)?;
@@ -101,10 +94,14 @@ pub fn pack_bits(codes: &[u8], rows: usize, n: usize, bits: u32, out: &mut [u8])
         out.copy_from_slice(codes);
         return Ok(());
     }
-    let k = kernels();
     let mut or = 0u8;
-    // SAFETY: kernel set matches a detected CPU level; lengths checked above.
-    for_rows(codes, out, rows, n, pl, (n * bits as usize) % 8 == 0, |c, o| or |= unsafe { (k.pack)(c, bits, o) });
+    let aligned = (n * bits as usize).is_multiple_of(8);
+    for_rows(codes, out, rows, n, pl, aligned, |c, o| {
+        // SAFETY: a table from `table` (a level this CPU runs); `for_rows` hands out
+        // n codes and pl = packed_len(n, bits) bytes per row (or all rows at once when
+        // rows are byte aligned, where the same relation holds), bits in 1..=7.
+        or |= unsafe { (k.pack)(c, bits, o) }
+    });
     if bits < 8 && (or >> bits) != 0 {
         let (i, &v) = codes.iter().enumerate().find(|(_, &v)| (v >> bits) != 0).unwrap();
         return invalid(format!("code {v} at flat index {i} does not fit in {bits} bits (max {})", (1u32 << bits) - 1));
@@ -114,6 +111,10 @@ pub fn pack_bits(codes: &[u8], rows: usize, n: usize, bits: u32, out: &mut [u8])
 
 /// Unpack `rows x packed_len(count, bits)` bytes into `rows x count` codes.
 pub fn unpack_bits(packed: &[u8], rows: usize, count: usize, bits: u32, out: &mut [u8]) -> Result<()> {
+    unpack_bits_with(table(simd::level()), packed, rows, count, bits, out)
+}
+
+fn unpack_bits_with(k: &Kernels, packed: &[u8], rows: usize, count: usize, bits: u32, out: &mut [u8]) -> Result<()> {
     check_bits(bits)?;
     let pl = packed_len(count, bits)?;
     check_len("packed", packed.len(), rows, pl)?;
@@ -122,64 +123,117 @@ pub fn unpack_bits(packed: &[u8], rows: usize, count: usize, bits: u32, out: &mu
         out.copy_from_slice(packed);
         return Ok(());
     }
-    let k = kernels();
-    for_rows(packed, out, rows, pl, count, (count * bits as usize) % 8 == 0, |p, o| unsafe { (k.unpack)(p, bits, o) });
+    let aligned = (count * bits as usize).is_multiple_of(8);
+    // SAFETY: as in `pack_bits_with`: pl = packed_len(count, bits) bytes per count codes.
+    for_rows(packed, out, rows, pl, count, aligned, |p, o| unsafe { (k.unpack)(p, bits, o) });
     Ok(())
 }
 
-/// An unsigned word holding an IEEE float's bits (u16: f16/bf16, u32: f32, u64: f64).
-pub trait SignWord: Copy + Send + Sync + 'static {
-    const BITS: u32;
-    fn sign(self) -> u8;
-}
-macro_rules! sign_word {
-    ($t:ty) => {
-        impl SignWord for $t {
-            const BITS: u32 = <$t>::BITS;
-            #[inline(always)]
-            fn sign(self) -> u8 {
-                (self >> (<$t>::BITS - 1)) as u8
-            }
-        }
-    };
-}
-sign_word!(u16);
-sign_word!(u32);
-sign_word!(u64);
+/// An unsigned word holding an IEEE float's bits: `u16` (float16/bfloat16),
+/// `u32` (float32) or `u64` (float64). Sealed: implemented for these three only.
+pub trait SignWord: sealed::Sealed {}
+impl SignWord for u16 {}
+impl SignWord for u32 {}
+impl SignWord for u64 {}
 
-/// Dispatch helper: picks the kernel for the word width.
-pub trait SignKernels: SignWord {
-    fn pack_kernel(k: &Kernels) -> unsafe fn(&[Self], &mut [u8]);
-    fn unpack_kernel(k: &Kernels) -> unsafe fn(&[u8], Self, Self, &mut [Self]);
-}
-macro_rules! sign_kernels {
-    ($t:ty, $p:ident, $u:ident) => {
-        impl SignKernels for $t {
-            fn pack_kernel(k: &Kernels) -> unsafe fn(&[Self], &mut [u8]) {
-                k.$p
+mod sealed {
+    /// The row kernels of one SIMD level (docs/format.md §1–2). Each works on one
+    /// row whose output begins on a byte boundary.
+    ///
+    /// # Safety
+    ///
+    /// Entries are `unsafe fn` because the SIMD ones need CPU features. A table
+    /// from [`table`](super::table) belongs to a level the CPU runs (it clamps with
+    /// `simd::runnable`), which discharges that part; the caller must still give
+    /// each entry slices of exactly these lengths (the SIMD kernels write through
+    /// raw pointers sized from them):
+    /// - `pack(codes, bits, out)`: `bits` in 1..=8, `out.len() == packed_len(codes.len(), bits)`;
+    /// - `unpack(packed, bits, out)`: `bits` in 1..=8, `packed.len() == packed_len(out.len(), bits)`;
+    /// - `signsN(x, out)`: `out.len() == x.len().div_ceil(8)`;
+    /// - `unsignsN(packed, pos, neg, out)`: `packed.len() == out.len().div_ceil(8)`.
+    ///
+    /// The scalar entries are safe functions (bounds-checked) coerced to the table's type.
+    pub struct Kernels {
+        /// Pack a row; returns the OR of all codes (the caller validates the range).
+        pub pack: unsafe fn(&[u8], u32, &mut [u8]) -> u8,
+        /// Unpack a row of `out.len()` codes.
+        pub unpack: unsafe fn(&[u8], u32, &mut [u8]),
+        /// Pack the sign bits of a row of 16-bit words.
+        pub signs16: unsafe fn(&[u16], &mut [u8]),
+        /// Pack the sign bits of a row of 32-bit words.
+        pub signs32: unsafe fn(&[u32], &mut [u8]),
+        /// Pack the sign bits of a row of 64-bit words.
+        pub signs64: unsafe fn(&[u64], &mut [u8]),
+        /// Expand a row of sign bits to `pos` (bit 0) / `neg` (bit 1) 16-bit words.
+        pub unsigns16: unsafe fn(&[u8], u16, u16, &mut [u16]),
+        /// Expand a row of sign bits to 32-bit words.
+        pub unsigns32: unsafe fn(&[u8], u32, u32, &mut [u32]),
+        /// Expand a row of sign bits to 64-bit words.
+        pub unsigns64: unsafe fn(&[u8], u64, u64, &mut [u64]),
+    }
+
+    /// What the kernels need of a word type. Neither this trait nor [`Kernels`]
+    /// can be named outside `bitpack`, so only this module can pick a kernel.
+    pub trait Sealed: Copy + Send + Sync + 'static {
+        /// The IEEE sign bit (the top bit) as 0 or 1.
+        fn sign(self) -> u8;
+        /// The table's sign-packing kernel for this word width.
+        fn pack_kernel(k: &Kernels) -> unsafe fn(&[Self], &mut [u8]);
+        /// The table's sign-expanding kernel for this word width.
+        fn unpack_kernel(k: &Kernels) -> unsafe fn(&[u8], Self, Self, &mut [Self]);
+    }
+
+    macro_rules! sealed {
+        ($t:ty, $p:ident, $u:ident) => {
+            impl Sealed for $t {
+                #[inline(always)]
+                fn sign(self) -> u8 {
+                    (self >> (<$t>::BITS - 1)) as u8
+                }
+                fn pack_kernel(k: &Kernels) -> unsafe fn(&[Self], &mut [u8]) {
+                    k.$p
+                }
+                fn unpack_kernel(k: &Kernels) -> unsafe fn(&[u8], Self, Self, &mut [Self]) {
+                    k.$u
+                }
             }
-            fn unpack_kernel(k: &Kernels) -> unsafe fn(&[u8], Self, Self, &mut [Self]) {
-                k.$u
-            }
-        }
-    };
+        };
+    }
+    sealed!(u16, signs16, unsigns16);
+    sealed!(u32, signs32, unsigns32);
+    sealed!(u64, signs64, unsigns64);
 }
-sign_kernels!(u16, signs16, unsigns16);
-sign_kernels!(u32, signs32, unsigns32);
-sign_kernels!(u64, signs64, unsigns64);
 
 /// Pack the sign bits of `rows x n` floats (given as their bit patterns).
-pub fn pack_signs<T: SignKernels>(x: &[T], rows: usize, n: usize, out: &mut [u8]) -> Result<()> {
+pub fn pack_signs<T: SignWord>(x: &[T], rows: usize, n: usize, out: &mut [u8]) -> Result<()> {
+    pack_signs_with(table(simd::level()), x, rows, n, out)
+}
+
+fn pack_signs_with<T: SignWord>(k: &Kernels, x: &[T], rows: usize, n: usize, out: &mut [u8]) -> Result<()> {
     let pl = packed_len(n, 1)?;
     check_len("x", x.len(), rows, n)?;
     check_len("out", out.len(), rows, pl)?;
-    let f = T::pack_kernel(kernels());
-    for_rows(x, out, rows, n, pl, n % 8 == 0, |a, o| unsafe { f(a, o) });
+    let f = T::pack_kernel(k);
+    // SAFETY: a table from `table`; ceil(n/8) bytes per n words (per row, or for all
+    // rows at once when n is a multiple of 8).
+    for_rows(x, out, rows, n, pl, n.is_multiple_of(8), |a, o| unsafe { f(a, o) });
     Ok(())
 }
 
 /// Expand packed sign bits to `pos` (bit 0) / `neg` (bit 1) words: `rows x count`.
-pub fn unpack_signs<T: SignKernels>(
+pub fn unpack_signs<T: SignWord>(
+    packed: &[u8],
+    rows: usize,
+    count: usize,
+    pos: T,
+    neg: T,
+    out: &mut [T],
+) -> Result<()> {
+    unpack_signs_with(table(simd::level()), packed, rows, count, pos, neg, out)
+}
+
+fn unpack_signs_with<T: SignWord>(
+    k: &Kernels,
     packed: &[u8],
     rows: usize,
     count: usize,
@@ -190,8 +244,9 @@ pub fn unpack_signs<T: SignKernels>(
     let pl = packed_len(count, 1)?;
     check_len("packed", packed.len(), rows, pl)?;
     check_len("out", out.len(), rows, count)?;
-    let f = T::unpack_kernel(kernels());
-    for_rows(packed, out, rows, pl, count, count % 8 == 0, |p, o| unsafe { f(p, pos, neg, o) });
+    let f = T::unpack_kernel(k);
+    // SAFETY: a table from `table`; ceil(count/8) bytes per count words.
+    for_rows(packed, out, rows, pl, count, count.is_multiple_of(8), |p, o| unsafe { f(p, pos, neg, o) });
     Ok(())
 }
 
@@ -200,7 +255,7 @@ pub fn unpack_signs<T: SignKernels>(
 // A row's output begins on a byte boundary; `out.len()` is the exact size.
 
 /// Pack one row: 8 codes -> `bits` bytes through a u64.
-pub(crate) unsafe fn pack_row_scalar(codes: &[u8], bits: u32, out: &mut [u8]) -> u8 {
+fn pack_row_scalar(codes: &[u8], bits: u32, out: &mut [u8]) -> u8 {
     let b = bits as usize;
     let mut or = 0u8;
     let mut chunks = codes.chunks_exact(8);
@@ -229,7 +284,7 @@ pub(crate) unsafe fn pack_row_scalar(codes: &[u8], bits: u32, out: &mut [u8]) ->
 }
 
 /// Unpack one row: `bits` bytes -> 8 codes through a u64.
-pub(crate) unsafe fn unpack_row_scalar(packed: &[u8], bits: u32, out: &mut [u8]) {
+fn unpack_row_scalar(packed: &[u8], bits: u32, out: &mut [u8]) {
     let b = bits as usize;
     let mask = (1u64 << b) - 1;
     let mut i = 0;
@@ -255,7 +310,8 @@ pub(crate) unsafe fn unpack_row_scalar(packed: &[u8], bits: u32, out: &mut [u8])
     }
 }
 
-pub(crate) unsafe fn signs_row_scalar<T: SignWord>(x: &[T], out: &mut [u8]) {
+/// Pack the sign bits of one row.
+fn signs_row_scalar<T: SignWord>(x: &[T], out: &mut [u8]) {
     for (o, c) in out.iter_mut().zip(x.chunks(8)) {
         let mut byte = 0u8;
         for (j, &v) in c.iter().enumerate() {
@@ -265,7 +321,8 @@ pub(crate) unsafe fn signs_row_scalar<T: SignWord>(x: &[T], out: &mut [u8]) {
     }
 }
 
-pub(crate) unsafe fn unsigns_row_scalar<T: SignWord>(packed: &[u8], pos: T, neg: T, out: &mut [T]) {
+/// Expand one row of sign bits.
+fn unsigns_row_scalar<T: SignWord>(packed: &[u8], pos: T, neg: T, out: &mut [T]) {
     for (c, &byte) in out.chunks_mut(8).zip(packed) {
         for (j, v) in c.iter_mut().enumerate() {
             *v = if (byte >> j) & 1 != 0 { neg } else { pos };
@@ -303,7 +360,7 @@ mod tests {
     fn all_levels_match_model() {
         let mut seed = 7;
         for lvl in simd::available() {
-            simd::set_level(lvl).unwrap();
+            let k = table(lvl);
             for bits in 1..=8u32 {
                 for &(rows, n) in
                     &[(1, 0), (3, 0), (0, 5), (1, 1), (2, 7), (3, 63), (2, 64), (2, 65), (1, 200), (5, 129), (1, 1000)]
@@ -311,65 +368,62 @@ mod tests {
                     let codes: Vec<u8> = (0..rows * n).map(|_| (lcg(&mut seed) % (1 << bits)) as u8).collect();
                     let want = model_pack(&codes, rows, n, bits);
                     let mut got = vec![0xAAu8; want.len()];
-                    pack_bits(&codes, rows, n, bits, &mut got).unwrap();
+                    pack_bits_with(k, &codes, rows, n, bits, &mut got).unwrap();
                     assert_eq!(got, want, "{lvl:?} bits={bits} rows={rows} n={n}");
                     let mut back = vec![0xAAu8; codes.len()];
-                    unpack_bits(&got, rows, n, bits, &mut back).unwrap();
+                    unpack_bits_with(k, &got, rows, n, bits, &mut back).unwrap();
                     assert_eq!(back, codes, "{lvl:?} unpack bits={bits} rows={rows} n={n}");
                 }
             }
         }
-        simd::set_level(simd::detected()).unwrap();
     }
 
     #[test]
     fn rejects_wide_codes_on_every_level() {
         for lvl in simd::available() {
-            simd::set_level(lvl).unwrap();
+            let k = table(lvl);
             for bits in 1..8u32 {
                 for n in [1usize, 8, 64, 100, 300] {
                     let mut codes = vec![0u8; n];
                     codes[n - 1] = 1 << bits;
                     let mut out = vec![0u8; packed_len(n, bits).unwrap()];
-                    assert!(pack_bits(&codes, 1, n, bits, &mut out).is_err(), "{lvl:?} {bits} {n}");
+                    assert!(pack_bits_with(k, &codes, 1, n, bits, &mut out).is_err(), "{lvl:?} {bits} {n}");
                 }
             }
         }
-        simd::set_level(simd::detected()).unwrap();
     }
 
     #[test]
     fn signs_all_levels() {
         let mut seed = 3;
         for lvl in simd::available() {
-            simd::set_level(lvl).unwrap();
+            let k = table(lvl);
             for &(rows, n) in &[(1, 0), (1, 1), (2, 7), (3, 65), (2, 64), (1, 1000), (4, 33)] {
                 let x32: Vec<u32> =
                     (0..rows * n).map(|_| lcg(&mut seed) as u32 ^ ((lcg(&mut seed) as u32) << 31)).collect();
                 let bits: Vec<u8> = x32.iter().map(|v| (v >> 31) as u8).collect();
                 let want = model_pack(&bits, rows, n, 1);
                 let mut got = vec![0u8; want.len()];
-                pack_signs(&x32, rows, n, &mut got).unwrap();
+                pack_signs_with(k, &x32, rows, n, &mut got).unwrap();
                 assert_eq!(got, want, "{lvl:?} f32 {rows}x{n}");
                 let x16: Vec<u16> = x32.iter().map(|&v| (v >> 16) as u16).collect();
-                pack_signs(&x16, rows, n, &mut got).unwrap();
+                pack_signs_with(k, &x16, rows, n, &mut got).unwrap();
                 assert_eq!(got, want, "{lvl:?} f16 {rows}x{n}");
                 let x64: Vec<u64> = x32.iter().map(|&v| (v as u64) << 32 | 5).collect();
-                pack_signs(&x64, rows, n, &mut got).unwrap();
+                pack_signs_with(k, &x64, rows, n, &mut got).unwrap();
                 assert_eq!(got, want, "{lvl:?} f64 {rows}x{n}");
 
                 let mut u32s = vec![0u32; rows * n];
-                unpack_signs(&want, rows, n, 1u32, 2u32, &mut u32s).unwrap();
+                unpack_signs_with(k, &want, rows, n, 1u32, 2u32, &mut u32s).unwrap();
                 assert!(u32s.iter().zip(&bits).all(|(&v, &b)| v == if b == 1 { 2 } else { 1 }));
                 let mut u16s = vec![0u16; rows * n];
-                unpack_signs(&want, rows, n, 1u16, 2u16, &mut u16s).unwrap();
+                unpack_signs_with(k, &want, rows, n, 1u16, 2u16, &mut u16s).unwrap();
                 assert!(u16s.iter().zip(&bits).all(|(&v, &b)| v == if b == 1 { 2 } else { 1 }));
                 let mut u64s = vec![0u64; rows * n];
-                unpack_signs(&want, rows, n, 1u64, 2u64, &mut u64s).unwrap();
+                unpack_signs_with(k, &want, rows, n, 1u64, 2u64, &mut u64s).unwrap();
                 assert!(u64s.iter().zip(&bits).all(|(&v, &b)| v == if b == 1 { 2 } else { 1 }));
             }
         }
-        simd::set_level(simd::detected()).unwrap();
     }
 }
 
@@ -386,7 +440,7 @@ mod stream_tests {
             let mut packed = vec![0u8; packed_len(n, bits).unwrap()];
             pack_bits(&codes, 1, n, bits, &mut packed).unwrap();
             for lvl in simd::available() {
-                simd::set_level(lvl).unwrap();
+                let k = table(lvl);
                 for shift in [0usize, 8, 16, 24] {
                     let mut buf = vec![0u8; n + 64];
                     let base = buf.as_ptr() as usize;
@@ -394,11 +448,10 @@ mod stream_tests {
                     let m = n - 64;
                     let mp = packed_len(m, bits).unwrap();
                     // Only whole input bytes: m codes from the start.
-                    unpack_bits(&packed[..mp], 1, m, bits, &mut buf[off..off + m]).unwrap();
+                    unpack_bits_with(k, &packed[..mp], 1, m, bits, &mut buf[off..off + m]).unwrap();
                     assert_eq!(&buf[off..off + m], &codes[..m], "{lvl:?} bits={bits} shift={shift}");
                 }
             }
-            simd::set_level(simd::detected()).unwrap();
         }
     }
 }

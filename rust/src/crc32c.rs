@@ -1,5 +1,9 @@
 //! CRC-32C (Castagnoli), used as the checksum of every serialized blob.
-//! SSE4.2 `crc32` instruction when present, slicing-by-8 tables otherwise.
+//! The SSE4.2 `crc32` instruction on the AVX2 and AVX-512 levels (both imply
+//! SSE4.2), slicing-by-8 tables on the scalar level; chosen through
+//! `simd::level()` like every other kernel, so `PBCODEC_SIMD=scalar` runs the
+//! portable code.
+use crate::simd::{self, Level};
 
 const POLY: u32 = 0x82F6_3B78;
 
@@ -51,9 +55,10 @@ fn update_table(mut crc: u32, data: &[u8]) -> u32 {
     crc
 }
 
+/// Update the non-inverted CRC state `crc` with the `crc32` instruction.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse4.2")]
-unsafe fn update_hw(mut crc: u32, data: &[u8]) -> u32 {
+fn update_sse42(mut crc: u32, data: &[u8]) -> u32 {
     use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
     let mut c64 = crc as u64;
     let mut chunks = data.chunks_exact(8);
@@ -67,19 +72,33 @@ unsafe fn update_hw(mut crc: u32, data: &[u8]) -> u32 {
     crc
 }
 
-/// Continue a CRC-32C over `data` (pass the previous *finalized* value, 0 to start).
-pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
-    let c = !crc;
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("sse4.2") {
-            // SAFETY: the feature was just detected.
-            return !unsafe { update_hw(c, data) };
-        }
+/// A CRC-32C kernel: the non-inverted state after `data`.
+///
+/// # Safety
+/// Call only a kernel returned by [`table`]: it belongs to a level the CPU runs
+/// (`simd::runnable`), so its target features are present. Any input is valid.
+type Kernel = unsafe fn(u32, &[u8]) -> u32;
+
+/// The CRC-32C kernel of `level`, lowered to a level this CPU runs.
+fn table(level: Level) -> Kernel {
+    match simd::runnable(level) {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512 => update_sse42,
+        _ => update_table,
     }
-    !update_table(c, data)
 }
 
+/// Continue a CRC-32C over `data` (pass the previous *finalized* value, 0 to start).
+pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    append_with(table(simd::level()), crc, data)
+}
+
+fn append_with(kernel: Kernel, crc: u32, data: &[u8]) -> u32 {
+    // SAFETY: `kernel` comes from `table` (see `Kernel`).
+    !unsafe { kernel(!crc, data) }
+}
+
+/// CRC-32C of `data` (check value: `crc32c(b"123456789") == 0xE306_9283`).
 pub fn crc32c(data: &[u8]) -> u32 {
     crc32c_append(0, data)
 }
@@ -89,19 +108,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn check_value() {
+    fn check_value_on_every_level() {
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
         assert_eq!(!update_table(!0, b"123456789"), 0xE306_9283);
         assert_eq!(crc32c(b""), 0);
+        for lvl in simd::available() {
+            assert_eq!(append_with(table(lvl), 0, b"123456789"), 0xE306_9283, "{lvl:?}");
+            assert_eq!(append_with(table(lvl), 0, b""), 0, "{lvl:?}");
+        }
     }
 
     #[test]
-    fn append_matches_whole() {
+    fn append_matches_whole_on_every_level() {
         let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 3) as u8).collect();
         let whole = crc32c(&data);
+        assert_eq!(!update_table(!0, &data), whole);
         for split in [0, 1, 7, 8, 9, 500, 999, 1000] {
             assert_eq!(crc32c_append(crc32c(&data[..split]), &data[split..]), whole);
-            assert_eq!(!update_table(!0, &data), whole);
+        }
+        for lvl in simd::available() {
+            let k = table(lvl);
+            assert_eq!(append_with(k, 0, &data), whole, "{lvl:?}");
+            for split in [0, 1, 7, 8, 9, 500, 999, 1000] {
+                assert_eq!(append_with(k, append_with(k, 0, &data[..split]), &data[split..]), whole, "{lvl:?} {split}");
+            }
         }
     }
 }

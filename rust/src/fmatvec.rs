@@ -1,8 +1,11 @@
 //! Matrix-vector product with float32 activations on the execution layout
 //! (`activations="float32"`, docs/format.md §6.3; the layout is `layout.rs`).
 //!
-//! Per output row i and group g: Σ_j Ŵ_ij x_j = mu·X_g + alpha·(X_g − 2·P_ig)
-//! + sigma·Σ_j q_ij x_j, with X_g = Σ_{j∈g} x_j and P_ig = Σ_{j∈g, bit=1} x_j.
+//! Per output row i and group g,
+//!
+//!   Σ_j Ŵ_ij x_j = mu·X_g + alpha·(X_g − 2·P_ig) + sigma·Σ_j q_ij x_j,
+//!
+//! with X_g = Σ_{j∈g} x_j and P_ig = Σ_{j∈g, bit=1} x_j.
 //! The sign part uses one 16-entry table per 4-column quad (the sums of x over
 //! every subset of the quad's columns, built once per call, as T-MAC does with
 //! its lookup tables): the 16 rows of a tile look up their 4 sign bits with one
@@ -33,7 +36,7 @@ pub(crate) struct Prep {
 /// Whether the float kernels on the layout can run this tensor: group
 /// boundaries must fall on quads (group size a multiple of 4, or one group).
 pub fn supported(l: &Layout) -> bool {
-    l.n_groups <= 1 || l.group_size % 4 == 0
+    l.n_groups <= 1 || l.group_size.is_multiple_of(4)
 }
 
 fn prepare(l: &Layout, x: &[f32], batch: usize) -> Prep {
@@ -59,30 +62,45 @@ fn prepare(l: &Layout, x: &[f32], batch: usize) -> Prep {
     Prep { batch, quads, tables, xp, xg, qpg }
 }
 
-type TileFn = unsafe fn(&Layout, usize, &Prep, &mut [f32]);
-
-/// The float tile kernel of each SIMD level.
+/// The float tile kernel of one SIMD level: all batch rows of tile `t` into `yt`
+/// (`batch x 16`, row-major).
 ///
 /// # Safety
-/// The entry for a level may only be called when the CPU supports that level,
-/// with a layout built by `layout::build`, a `Prep` made by `prepare` for it,
-/// and `yt` holding `batch x 16` floats.
-fn tile_kernel(level: Level) -> TileFn {
-    #[cfg(target_arch = "x86_64")]
-    {
-        match level {
-            Level::Avx512 => return x86::tile_avx512,
-            Level::Avx2 => return x86::tile_avx2,
-            Level::Scalar => {}
-        }
+///
+/// Call only a kernel returned by [`table`]: it belongs to a level the CPU runs
+/// (`simd::runnable`). `l` must be built by `layout::build` (sizes and offsets
+/// consistent, values padded by `layout::VALUE_PAD`) with `supported(l)`, `p`
+/// made by `prepare` for `l`, `t < l.tiles` and `yt.len() == p.batch * TILE`.
+type TileFn = unsafe fn(&Layout, usize, &Prep, &mut [f32]);
+
+/// The float tile kernel of `level`, lowered to a level this CPU runs.
+fn table(level: Level) -> TileFn {
+    match simd::runnable(level) {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => x86::tile_avx512,
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => x86::tile_avx2,
+        _ => tile_scalar,
     }
-    let _ = level;
-    tile_scalar
 }
 
-/// y = Ŵ x (float32 activations) for `batch` rows of `x` into `out`
-/// (`batch x m`), plus `bias` if given.
+/// y = Ŵ x (float32 activations) for `batch` rows of `x` (`batch x n`) into
+/// `out` (`batch x m`), plus `bias` (`m`) if given.
+///
+/// Errors ([`Error::Invalid`](crate::Error::Invalid)): a group size that splits
+/// quads (see [`supported`]), or `x`, `out` or `bias` of the wrong size.
 pub fn matvec_f32(l: &Layout, x: &[f32], batch: usize, bias: Option<&[f32]>, out: &mut [f32]) -> Result<()> {
+    matvec_f32_at(simd::level(), l, x, batch, bias, out)
+}
+
+fn matvec_f32_at(
+    level: Level,
+    l: &Layout,
+    x: &[f32],
+    batch: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
     let (m, n) = (l.m, l.n);
     if !supported(l) {
         return invalid(format!("the layout kernels need a group size that is a multiple of 4, got {}", l.group_size));
@@ -100,10 +118,11 @@ pub fn matvec_f32(l: &Layout, x: &[f32], batch: usize, bias: Option<&[f32]>, out
         return Ok(());
     }
     let p = prepare(l, x, batch);
-    let kernel = tile_kernel(simd::level());
+    let kernel = table(level);
     crate::qmatvec::run_tiles(l, batch, bias, out, |t, y| {
-        // SAFETY: the kernel matches simd::level() (a level the CPU has); `l` was
-        // built by layout::build, `p` by prepare(l), `y` holds batch x 16 floats.
+        // SAFETY: `kernel` comes from `table`; `l` is a layout (supported, checked
+        // above), `p` was prepared for it, and `run_tiles` passes t < tiles with `y`
+        // of batch x 16 floats.
         unsafe { kernel(l, t, &p, y) }
     });
     Ok(())
@@ -112,12 +131,9 @@ pub fn matvec_f32(l: &Layout, x: &[f32], batch: usize, bias: Option<&[f32]>, out
 // ------------------------------------------------------------------ scalar
 
 /// Portable kernel: one table lookup per row and quad for the sign part, the
-/// residual by walking the mask's set bits.
-///
-/// # Safety
-/// Safe with any layout from `layout::build` and its `Prep`; `unsafe` only to
-/// share the kernel table's signature.
-unsafe fn tile_scalar(l: &Layout, t: usize, p: &Prep, yt: &mut [f32]) {
+/// residual by walking the mask's set bits. Safe (bounds-checked); coerced to
+/// [`TileFn`].
+fn tile_scalar(l: &Layout, t: usize, p: &Prep, yt: &mut [f32]) {
     let quads = p.quads;
     let ng = l.n_groups;
     let sw = &l.signs[t * quads..(t + 1) * quads];
@@ -164,15 +180,26 @@ mod x86 {
     use super::Prep;
     use crate::layout::{Layout, TILE};
 
+    // Bounds used by the SAFETY comments, for tile t < tiles of a layout from
+    // `layout::build` and a Prep from `prepare` (see `TileFn`):
+    // - sign and mask words [t quads, (t + 1) quads) exist, and a quad index k < quads;
+    // - the tile's values start at value_offsets[t], and vp advances by the popcount
+    //   of each mask word read, so it never passes value_offsets[t + 1]; after that
+    //   come VALUE_PAD (64) readable zero bytes;
+    // - tables row b < batch holds quads x 16 floats, xp row b quads x 4 floats;
+    // - xg holds batch x n_groups sums; mu, alpha tiles x n_groups x 16, sigma tiles x 16;
+    // - yt holds batch x 16 floats.
+
     /// AVX-512 (F/BW/VBMI) tile kernel, batch rows in passes of up to 2.
     ///
     /// # Safety
-    /// The CPU must have AVX-512 F/BW/VL/VBMI/VBMI2 and POPCNT; see `tile_kernel`.
+    /// The AVX-512 entry of [`super::TileFn`]: the CPU has AVX-512 F/BW/VL/VBMI/VBMI2
+    /// and POPCNT, and the arguments meet the contract there.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
     pub(super) unsafe fn tile_avx512(l: &Layout, t: usize, p: &Prep, yt: &mut [f32]) {
         let mut b0 = 0;
         while b0 < p.batch {
-            // SAFETY: same contract as this function; b0 + NB <= batch.
+            // SAFETY: this function's contract, and b0 + NB <= batch for the NB chosen.
             unsafe {
                 if p.batch - b0 == 1 {
                     tile512::<1>(l, t, p, b0, yt);
@@ -184,80 +211,103 @@ mod x86 {
         }
     }
 
-    #[inline(always)]
+    /// The first 16 floats of `v` (panics if fewer).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn load16(v: &[f32]) -> __m512 {
+        let v = &v[..16];
+        // SAFETY: 16 floats of `v`.
+        unsafe { _mm512_loadu_ps(v.as_ptr()) }
+    }
+
+    /// NB batch rows of the AVX-512 kernel.
+    ///
+    /// # Safety
+    /// As `tile_avx512`, with `b0 + NB <= batch`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vbmi2,popcnt")]
     unsafe fn tile512<const NB: usize>(l: &Layout, t: usize, p: &Prep, b0: usize, yt: &mut [f32]) {
         let quads = p.quads;
         let ng = l.n_groups;
-        // SAFETY (whole body): t < tiles, so the tile's words, scales and values are
-        // inside the layout; tables and xp rows hold quads*16 and quads*4 floats;
-        // the expand-load reads exactly popcount(mask) bytes of the tile's values.
-        unsafe {
-            let sw = l.signs.as_ptr().add(t * quads);
-            let mw = l.masks.as_ptr().add(t * quads);
-            let mut vp = l.values.as_ptr().add(l.value_offsets[t]) as *const i8;
-            // Byte 0 of each dword r gets bits 4r..4r+7 of the sign word: the low
-            // 4 bits (row r's nibble) index the table (vpermps reads 4 bits).
-            let ctrl = _mm512_set_epi8(
-                0, 0, 0, 60, 0, 0, 0, 56, 0, 0, 0, 52, 0, 0, 0, 48, 0, 0, 0, 44, 0, 0, 0, 40, 0, 0, 0, 36, 0, 0, 0,
-                32, 0, 0, 0, 28, 0, 0, 0, 24, 0, 0, 0, 20, 0, 0, 0, 16, 0, 0, 0, 12, 0, 0, 0, 8, 0, 0, 0, 4, 0, 0, 0, 0,
-            );
-            let fill = _mm512_set1_epi8(127);
-            let mut tab = [std::ptr::null::<f32>(); NB];
-            let mut xq = [std::ptr::null::<f32>(); NB];
-            for u in 0..NB {
-                tab[u] = p.tables.as_ptr().add((b0 + u) * quads * 16);
-                xq[u] = p.xp.as_ptr().add((b0 + u) * quads * 4);
-            }
-            let mut y = [_mm512_setzero_ps(); NB];
-            // Residual partial sums: chunk h holds rows 4h..4h+3, lane 4r'+c.
-            let mut racc = [[_mm512_setzero_ps(); 4]; NB];
-            for g in 0..ng {
-                let mut pp = [_mm512_setzero_ps(); NB];
-                let k1 = ((g + 1) * p.qpg).min(quads);
-                for k in g * p.qpg..k1 {
-                    let w = _mm512_set1_epi64(*sw.add(k) as i64);
-                    let idx = _mm512_multishift_epi64_epi8(ctrl, w);
-                    let km: __mmask64 = *mw.add(k);
-                    let v = _mm512_mask_expandloadu_epi8(fill, km, vp);
-                    vp = vp.add(km.count_ones() as usize);
-                    let q = _mm512_sub_epi8(v, fill);
-                    let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(q)));
-                    let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<1>(q)));
-                    let q2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<2>(q)));
-                    let q3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<3>(q)));
-                    for u in 0..NB {
-                        let tv = _mm512_loadu_ps(tab[u].add(16 * k));
-                        pp[u] = _mm512_add_ps(pp[u], _mm512_permutexvar_ps(idx, tv));
-                        let x4 = _mm512_broadcast_f32x4(_mm_loadu_ps(xq[u].add(4 * k)));
-                        racc[u][0] = _mm512_fmadd_ps(q0, x4, racc[u][0]);
-                        racc[u][1] = _mm512_fmadd_ps(q1, x4, racc[u][1]);
-                        racc[u][2] = _mm512_fmadd_ps(q2, x4, racc[u][2]);
-                        racc[u][3] = _mm512_fmadd_ps(q3, x4, racc[u][3]);
-                    }
-                }
-                let muv = _mm512_loadu_ps(l.mu.as_ptr().add((t * ng + g) * TILE));
-                let alv = _mm512_loadu_ps(l.alpha.as_ptr().add((t * ng + g) * TILE));
+        let sw = &l.signs[t * quads..(t + 1) * quads];
+        let mw = &l.masks[t * quads..(t + 1) * quads];
+        let mut vp = l.values[l.value_offsets[t]..].as_ptr().cast::<i8>();
+        // Byte 0 of each dword r gets bits 4r..4r+7 of the sign word: the low
+        // 4 bits (row r's nibble) index the table (vpermps reads 4 bits).
+        let ctrl = _mm512_set_epi8(
+            0, 0, 0, 60, 0, 0, 0, 56, 0, 0, 0, 52, 0, 0, 0, 48, 0, 0, 0, 44, 0, 0, 0, 40, 0, 0, 0, 36, 0, 0, 0, 32, 0,
+            0, 0, 28, 0, 0, 0, 24, 0, 0, 0, 20, 0, 0, 0, 16, 0, 0, 0, 12, 0, 0, 0, 8, 0, 0, 0, 4, 0, 0, 0, 0,
+        );
+        let fill = _mm512_set1_epi8(127);
+        let tab: [*const f32; NB] = std::array::from_fn(|u| p.tables[(b0 + u) * quads * 16..].as_ptr());
+        let xq: [*const f32; NB] = std::array::from_fn(|u| p.xp[(b0 + u) * quads * 4..].as_ptr());
+        let mut y = [_mm512_setzero_ps(); NB];
+        // Residual partial sums: chunk h holds rows 4h..4h+3, lane 4r'+c.
+        let mut racc = [[_mm512_setzero_ps(); 4]; NB];
+        for g in 0..ng {
+            let mut pp = [_mm512_setzero_ps(); NB];
+            let k1 = ((g + 1) * p.qpg).min(quads);
+            for k in g * p.qpg..k1 {
+                // SAFETY: quad k < quads.
+                let (wk, km) = unsafe { (*sw.get_unchecked(k), *mw.get_unchecked(k)) };
+                let idx = _mm512_multishift_epi64_epi8(ctrl, _mm512_set1_epi64(wk as i64));
+                // SAFETY: reads popcount(km) bytes at vp, this quad's values (module
+                // bounds); masked-off lanes are not read.
+                let v = unsafe { _mm512_mask_expandloadu_epi8(fill, km, vp) };
+                // SAFETY: stays within (or one past) the tile's values.
+                vp = unsafe { vp.add(km.count_ones() as usize) };
+                let q = _mm512_sub_epi8(v, fill);
+                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(q)));
+                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<1>(q)));
+                let q2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<2>(q)));
+                let q3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<3>(q)));
                 for u in 0..NB {
-                    let xg = _mm512_set1_ps(*p.xg.get_unchecked((b0 + u) * ng + g));
-                    let s = _mm512_sub_ps(xg, _mm512_add_ps(pp[u], pp[u]));
-                    y[u] = _mm512_add_ps(y[u], _mm512_fmadd_ps(muv, xg, _mm512_mul_ps(alv, s)));
+                    // SAFETY: floats [16k, 16k + 16) of tables row b0 + u and [4k, 4k + 4)
+                    // of xp row b0 + u (module bounds).
+                    let (tv, x4) = unsafe { (_mm512_loadu_ps(tab[u].add(16 * k)), _mm_loadu_ps(xq[u].add(4 * k))) };
+                    pp[u] = _mm512_add_ps(pp[u], _mm512_permutexvar_ps(idx, tv));
+                    let x4 = _mm512_broadcast_f32x4(x4);
+                    racc[u][0] = _mm512_fmadd_ps(q0, x4, racc[u][0]);
+                    racc[u][1] = _mm512_fmadd_ps(q1, x4, racc[u][1]);
+                    racc[u][2] = _mm512_fmadd_ps(q2, x4, racc[u][2]);
+                    racc[u][3] = _mm512_fmadd_ps(q3, x4, racc[u][3]);
                 }
             }
-            let sg = _mm512_loadu_ps(l.sigma.as_ptr().add(t * TILE));
+            let muv = load16(&l.mu[(t * ng + g) * TILE..]);
+            let alv = load16(&l.alpha[(t * ng + g) * TILE..]);
             for u in 0..NB {
-                // Reduce lanes 4r'+c over c: r = hsum4 of each chunk, 16 rows out.
-                let mut rows = [0f32; TILE];
-                for h in 0..4 {
-                    let mut tmp = [0f32; 16];
-                    _mm512_storeu_ps(tmp.as_mut_ptr(), racc[u][h]);
-                    for r in 0..4 {
-                        rows[4 * h + r] = (tmp[4 * r] + tmp[4 * r + 1]) + (tmp[4 * r + 2] + tmp[4 * r + 3]);
-                    }
-                }
-                let rv = _mm512_loadu_ps(rows.as_ptr());
-                _mm512_storeu_ps(yt.as_mut_ptr().add((b0 + u) * TILE), _mm512_fmadd_ps(sg, rv, y[u]));
+                // SAFETY: (b0 + u) ng + g < batch x n_groups (module bounds).
+                let xg = _mm512_set1_ps(unsafe { *p.xg.get_unchecked((b0 + u) * ng + g) });
+                let s = _mm512_sub_ps(xg, _mm512_add_ps(pp[u], pp[u]));
+                y[u] = _mm512_add_ps(y[u], _mm512_fmadd_ps(muv, xg, _mm512_mul_ps(alv, s)));
             }
         }
+        let sg = load16(&l.sigma[t * TILE..]);
+        for u in 0..NB {
+            // Reduce lanes 4r'+c over c: r = hsum4 of each chunk, 16 rows out.
+            let mut rows = [0f32; TILE];
+            for h in 0..4 {
+                let mut tmp = [0f32; 16];
+                // SAFETY: the 16 floats of tmp.
+                unsafe { _mm512_storeu_ps(tmp.as_mut_ptr(), racc[u][h]) };
+                for r in 0..4 {
+                    rows[4 * h + r] = (tmp[4 * r] + tmp[4 * r + 1]) + (tmp[4 * r + 2] + tmp[4 * r + 3]);
+                }
+            }
+            let v = _mm512_fmadd_ps(sg, load16(&rows), y[u]);
+            let out = &mut yt[(b0 + u) * TILE..(b0 + u + 1) * TILE];
+            // SAFETY: the 16 floats of `out`.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
+        }
+    }
+
+    /// The first 8 floats of `v` (panics if fewer).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn load8(v: &[f32]) -> __m256 {
+        let v = &v[..8];
+        // SAFETY: 8 floats of `v`.
+        unsafe { _mm256_loadu_ps(v.as_ptr()) }
     }
 
     /// AVX2 tile kernel: two halves of 8 rows; the 16-entry tables as two 8-entry
@@ -265,75 +315,139 @@ mod x86 {
     /// int8 kernel's `pshufb` tables and converted to float per 2 rows.
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA, BMI2 and POPCNT; see `tile_kernel`.
+    /// The AVX2 entry of [`super::TileFn`]: the CPU has AVX2, FMA, BMI2 and POPCNT,
+    /// and the arguments meet the contract there.
     #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
     pub(super) unsafe fn tile_avx2(l: &Layout, t: usize, p: &Prep, yt: &mut [f32]) {
         let quads = p.quads;
         let ng = l.n_groups;
-        // SAFETY (whole body): as in tile512; 16-byte value loads stay inside the
-        // tile's values plus VALUE_PAD.
-        unsafe {
-            let sw = l.signs.as_ptr().add(t * quads);
-            let mw = l.masks.as_ptr().add(t * quads);
-            let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-            for b in 0..p.batch {
-                let tab = p.tables.as_ptr().add(b * quads * 16);
-                let xq = p.xp.as_ptr().add(b * quads * 4);
-                let mut vp = l.values.as_ptr().add(l.value_offsets[t]);
-                let mut y = [_mm256_setzero_ps(); 2];
-                // Residual: chunk c holds rows 2c, 2c+1 (lanes 4r'+c' of 8).
-                let mut racc = [_mm256_setzero_ps(); 8];
-                for g in 0..ng {
-                    let mut pp = [_mm256_setzero_ps(); 2];
-                    let k1 = ((g + 1) * p.qpg).min(quads);
-                    for k in g * p.qpg..k1 {
-                        let w = *sw.add(k);
-                        let tlo = _mm256_loadu_ps(tab.add(16 * k));
-                        let thi = _mm256_loadu_ps(tab.add(16 * k + 8));
-                        for h in 0..2 {
-                            let idx = _mm256_srlv_epi32(_mm256_set1_epi32((w >> (32 * h)) as u32 as i32), shifts);
-                            let lo = _mm256_permutevar8x32_ps(tlo, idx);
-                            let hi = _mm256_permutevar8x32_ps(thi, idx);
-                            let sel = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
-                            pp[h] = _mm256_add_ps(pp[h], _mm256_blendv_ps(lo, hi, sel));
-                        }
-                        let km = *mw.add(k);
-                        let x4l = _mm_loadu_ps(xq.add(4 * k));
-                        let x4 = _mm256_set_m128(x4l, x4l);
-                        for h in 0..2 {
-                            let q = crate::qmatvec::x86::expand32((km >> (32 * h)) as u32, &mut vp);
-                            for c in 0..4 {
-                                let b8 = match c {
-                                    0 => _mm256_castsi256_si128(q),
-                                    1 => _mm_srli_si128::<8>(_mm256_castsi256_si128(q)),
-                                    2 => _mm256_extracti128_si256::<1>(q),
-                                    _ => _mm_srli_si128::<8>(_mm256_extracti128_si256::<1>(q)),
-                                };
-                                let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8));
-                                racc[4 * h + c] = _mm256_fmadd_ps(qf, x4, racc[4 * h + c]);
-                            }
-                        }
+        let sw = &l.signs[t * quads..(t + 1) * quads];
+        let mw = &l.masks[t * quads..(t + 1) * quads];
+        let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        for b in 0..p.batch {
+            let tab = p.tables[b * quads * 16..].as_ptr();
+            let xq = p.xp[b * quads * 4..].as_ptr();
+            let mut vp = l.values[l.value_offsets[t]..].as_ptr();
+            let mut y = [_mm256_setzero_ps(); 2];
+            // Residual: chunk c holds rows 2c, 2c+1 (lanes 4r'+c' of 8).
+            let mut racc = [_mm256_setzero_ps(); 8];
+            for g in 0..ng {
+                let mut pp = [_mm256_setzero_ps(); 2];
+                let k1 = ((g + 1) * p.qpg).min(quads);
+                for k in g * p.qpg..k1 {
+                    // SAFETY: quad k < quads.
+                    let (w, km) = unsafe { (*sw.get_unchecked(k), *mw.get_unchecked(k)) };
+                    // SAFETY: floats [16k, 16k + 16) of tables row b (module bounds).
+                    let (tlo, thi) =
+                        unsafe { (_mm256_loadu_ps(tab.add(16 * k)), _mm256_loadu_ps(tab.add(16 * k + 8))) };
+                    for (h, pph) in pp.iter_mut().enumerate() {
+                        let idx = _mm256_srlv_epi32(_mm256_set1_epi32((w >> (32 * h)) as u32 as i32), shifts);
+                        let lo = _mm256_permutevar8x32_ps(tlo, idx);
+                        let hi = _mm256_permutevar8x32_ps(thi, idx);
+                        let sel = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
+                        *pph = _mm256_add_ps(*pph, _mm256_blendv_ps(lo, hi, sel));
                     }
-                    let xg = _mm256_set1_ps(*p.xg.get_unchecked(b * ng + g));
+                    // SAFETY: floats [4k, 4k + 4) of xp row b (module bounds).
+                    let x4l = unsafe { _mm_loadu_ps(xq.add(4 * k)) };
+                    let x4 = _mm256_set_m128(x4l, x4l);
                     for h in 0..2 {
-                        let muv = _mm256_loadu_ps(l.mu.as_ptr().add((t * ng + g) * TILE + 8 * h));
-                        let alv = _mm256_loadu_ps(l.alpha.as_ptr().add((t * ng + g) * TILE + 8 * h));
-                        let s = _mm256_sub_ps(xg, _mm256_add_ps(pp[h], pp[h]));
-                        y[h] = _mm256_add_ps(y[h], _mm256_fmadd_ps(muv, xg, _mm256_mul_ps(alv, s)));
+                        // SAFETY: vp is at this half-word's values (module bounds).
+                        let q = unsafe { crate::qmatvec::x86::expand32((km >> (32 * h)) as u32, &mut vp) };
+                        for c in 0..4 {
+                            let b8 = match c {
+                                0 => _mm256_castsi256_si128(q),
+                                1 => _mm_srli_si128::<8>(_mm256_castsi256_si128(q)),
+                                2 => _mm256_extracti128_si256::<1>(q),
+                                _ => _mm_srli_si128::<8>(_mm256_extracti128_si256::<1>(q)),
+                            };
+                            let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8));
+                            racc[4 * h + c] = _mm256_fmadd_ps(qf, x4, racc[4 * h + c]);
+                        }
                     }
                 }
-                let mut rows = [0f32; TILE];
-                for (c, acc) in racc.iter().enumerate() {
-                    let mut tmp = [0f32; 8];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), *acc);
-                    for r in 0..2 {
-                        rows[2 * c + r] = (tmp[4 * r] + tmp[4 * r + 1]) + (tmp[4 * r + 2] + tmp[4 * r + 3]);
-                    }
-                }
+                // SAFETY: b ng + g < batch x n_groups (module bounds).
+                let xg = _mm256_set1_ps(unsafe { *p.xg.get_unchecked(b * ng + g) });
                 for h in 0..2 {
-                    let sg = _mm256_loadu_ps(l.sigma.as_ptr().add(t * TILE + 8 * h));
-                    let rv = _mm256_loadu_ps(rows.as_ptr().add(8 * h));
-                    _mm256_storeu_ps(yt.as_mut_ptr().add(b * TILE + 8 * h), _mm256_fmadd_ps(sg, rv, y[h]));
+                    let muv = load8(&l.mu[(t * ng + g) * TILE + 8 * h..]);
+                    let alv = load8(&l.alpha[(t * ng + g) * TILE + 8 * h..]);
+                    let s = _mm256_sub_ps(xg, _mm256_add_ps(pp[h], pp[h]));
+                    y[h] = _mm256_add_ps(y[h], _mm256_fmadd_ps(muv, xg, _mm256_mul_ps(alv, s)));
+                }
+            }
+            let mut rows = [0f32; TILE];
+            for (c, acc) in racc.iter().enumerate() {
+                let mut tmp = [0f32; 8];
+                // SAFETY: the 8 floats of tmp.
+                unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), *acc) };
+                for r in 0..2 {
+                    rows[2 * c + r] = (tmp[4 * r] + tmp[4 * r + 1]) + (tmp[4 * r + 2] + tmp[4 * r + 3]);
+                }
+            }
+            for (h, yh) in y.iter().enumerate() {
+                let sg = load8(&l.sigma[t * TILE + 8 * h..]);
+                let rv = load8(&rows[8 * h..]);
+                let out = &mut yt[b * TILE + 8 * h..b * TILE + 8 * h + 8];
+                // SAFETY: the 8 floats of `out`.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_fmadd_ps(sg, rv, *yh)) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout;
+    use crate::pb::{compress, Params, ScaleType};
+
+    fn rand_vec(len: usize, seed: &mut u64) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    /// Every level agrees with the decompressed product to float rounding, for
+    /// batch sizes that exercise every pass width, tail tiles, groups and the bias.
+    #[test]
+    fn every_level_matches_the_decompressed_product() {
+        let mut seed = 17;
+        for (m, n, gs, vb) in [(37, 203, None, 8), (16, 128, Some(4), 4), (5, 64, Some(32), 8), (40, 384, Some(12), 8)]
+        {
+            let w = rand_vec(m * n, &mut seed);
+            let p = Params {
+                salient: 0.12,
+                salient_bits: vb,
+                count_bits: None,
+                group_size: gs,
+                select_tensor: false,
+                shift: true,
+                scale: ScaleType::F32,
+            };
+            let t = compress(&w, m, n, None, &p).unwrap();
+            let mut wh = vec![0f32; m * n];
+            t.view().decompress(&mut wh).unwrap();
+            let l = layout::build(&t.view()).unwrap();
+            assert!(supported(&l));
+            let bias = rand_vec(m, &mut seed);
+            for batch in [1usize, 2, 3, 5] {
+                let x = rand_vec(batch * n, &mut seed);
+                for lvl in simd::available() {
+                    let mut y = vec![f32::NAN; batch * m];
+                    matvec_f32_at(lvl, &l, &x, batch, Some(&bias), &mut y).unwrap();
+                    for b in 0..batch {
+                        for i in 0..m {
+                            let (mut e, mut mag) = (bias[i] as f64, bias[i].abs() as f64);
+                            for j in 0..n {
+                                e += wh[i * n + j] as f64 * x[b * n + j] as f64;
+                                mag += (wh[i * n + j] as f64 * x[b * n + j] as f64).abs();
+                            }
+                            let got = y[b * m + i] as f64;
+                            assert!((got - e).abs() <= 1e-5 * mag + 1e-6, "{lvl:?} {m}x{n} b={b} i={i}: {got} vs {e}");
+                        }
+                    }
                 }
             }
         }

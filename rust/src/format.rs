@@ -1,46 +1,21 @@
-//! Serialized forms (docs/format.md §4): little-endian header, streams, CRC-32C.
-//! Parsers check every size against the buffer before allocating anything.
+//! The serialized RLE (docs/format.md §4): little-endian header, streams, CRC-32C.
+//! Parsers check every size against the buffer before allocating anything. The
+//! size formula is `rle::serialized_len` (the encoder's "auto" width needs it too).
 use crate::crc32c::crc32c;
-use crate::error::format_err;
-use crate::rle::{self, Encoded, Streams};
+use crate::error::{corrupt, truncated, unsupported};
+use crate::rle::{self, index_width, Encoded, Streams, HEADER_LEN as HEADER};
 use crate::Result;
 
+/// Magic of a serialized RLE (docs/format.md §4).
 pub const RLE_MAGIC: &[u8; 4] = b"PBRL";
+/// The serialized RLE format version this build writes and reads.
 pub const RLE_VERSION: u16 = 1;
 const MAX_NDIM: usize = 32;
-const HEADER: usize = 16;
-
-fn index_width(num_codes: u64) -> usize {
-    if num_codes < (1u64 << 32) {
-        4
-    } else {
-        8
-    }
-}
-
-/// Exact `to_bytes()` length, or None on overflow.
-pub fn rle_serialized_len(
-    ndim: usize,
-    rows: usize,
-    num_codes: u64,
-    num_values: u64,
-    count_bits: u32,
-    value_bits: u32,
-) -> Option<u64> {
-    let mut t = HEADER as u64;
-    t = t.checked_add(8u64.checked_mul(ndim as u64)?)?;
-    t = t.checked_add(16)?;
-    t = t.checked_add((index_width(num_codes) as u64).checked_mul(rows as u64)?)?;
-    t = t.checked_add(rle::counts_len(num_codes, count_bits)?)?;
-    t = t.checked_add(rle::values_len(num_values, value_bits)?)?;
-    t.checked_add(4)
-}
-
 /// Serialize; the streams are validated strictly first so only canonical,
 /// decodable data is ever written.
 pub fn rle_to_bytes(s: &Streams, shape: &[usize]) -> Result<Vec<u8>> {
     if shape.is_empty() || shape.len() > MAX_NDIM {
-        return format_err(format!("ndim must be in 1..{MAX_NDIM}, got {}", shape.len()));
+        return corrupt(format!("ndim must be in 1..{MAX_NDIM}, got {}", shape.len()));
     }
     let vo = rle::validate(s, shape, true)?;
     rle_write(s, shape, *vo.last().unwrap() as u64)
@@ -51,7 +26,7 @@ pub fn rle_to_bytes(s: &Streams, shape: &[usize]) -> Result<Vec<u8>> {
 pub(crate) fn rle_write(s: &Streams, shape: &[usize], num_values: u64) -> Result<Vec<u8>> {
     let rows = rle::rows_of(shape)?;
     let num_codes = s.code_offsets[rows] as u64;
-    let len = rle_serialized_len(shape.len(), rows, num_codes, num_values, s.count_bits, s.value_bits)
+    let len = rle::serialized_len(shape.len(), rows, num_codes, num_values, s.count_bits, s.value_bits)
         .ok_or_else(|| crate::Error::Invalid("array too large to serialize".into()))?;
     let w = index_width(num_codes);
     let mut out = Vec::with_capacity(len as usize);
@@ -89,7 +64,7 @@ impl<'a> Reader<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            _ => format_err(format!("truncated: {what} needs {n} bytes at offset {}", self.pos)),
+            _ => truncated(format!("truncated: {what} needs {n} bytes at offset {}", self.pos)),
         }
     }
     fn u64(&mut self, what: &str) -> Result<u64> {
@@ -101,60 +76,60 @@ impl<'a> Reader<'a> {
 /// encoded streams (with value offsets recomputed by the validating walk).
 pub fn rle_from_bytes(buf: &[u8]) -> Result<(Vec<usize>, Encoded)> {
     if buf.len() < HEADER + 4 {
-        return format_err(format!("buffer of {} bytes is too short for an RLE blob", buf.len()));
+        return truncated(format!("truncated: buffer of {} bytes is too short for an RLE blob", buf.len()));
     }
     let mut r = Reader { buf, pos: 0 };
     if r.take(4, "magic")? != RLE_MAGIC {
-        return format_err("bad magic: not a pbcodec RLE blob");
+        return corrupt("bad magic: not a pbcodec RLE blob");
     }
     let version = u16::from_le_bytes(r.take(2, "version")?.try_into().unwrap());
     if version != RLE_VERSION {
-        return format_err(format!("unsupported RLE format version {version} (this build reads {RLE_VERSION})"));
+        return unsupported(format!("unsupported RLE format version {version} (this build reads {RLE_VERSION})"));
     }
     let h = r.take(4, "header")?;
     let (count_bits, value_bits, ndim, w) = (h[0] as u32, h[1] as u32, h[2] as usize, h[3] as usize);
     if r.take(6, "reserved")?.iter().any(|&b| b != 0) {
-        return format_err("reserved header bytes are not zero");
+        return corrupt("reserved header bytes are not zero");
     }
     if !(1..=8).contains(&count_bits) {
-        return format_err(format!("count_bits {count_bits} out of range 1..8"));
+        return corrupt(format!("count_bits {count_bits} out of range 1..8"));
     }
     if value_bits != 4 && value_bits != 8 {
-        return format_err(format!("value_bits {value_bits} must be 4 or 8"));
+        return corrupt(format!("value_bits {value_bits} must be 4 or 8"));
     }
     if !(1..=MAX_NDIM).contains(&ndim) {
-        return format_err(format!("ndim {ndim} out of range 1..{MAX_NDIM}"));
+        return corrupt(format!("ndim {ndim} out of range 1..{MAX_NDIM}"));
     }
     if w != 4 && w != 8 {
-        return format_err(format!("index width {w} must be 4 or 8"));
+        return corrupt(format!("index width {w} must be 4 or 8"));
     }
     let mut shape = Vec::with_capacity(ndim);
     for _ in 0..ndim {
         let d = r.u64("shape")?;
-        shape.push(usize::try_from(d).map_err(|_| crate::Error::Format("dimension too large".into()))?);
+        shape.push(usize::try_from(d).map_err(|_| crate::Error::Corrupt("dimension too large".into()))?);
     }
-    let rows = rle::rows_of(&shape).map_err(|e| crate::Error::Format(e.to_string()))?;
+    let rows = rle::rows_of(&shape).map_err(|e| crate::Error::Corrupt(e.to_string()))?;
     let num_codes = r.u64("num_codes")?;
     let num_values = r.u64("num_values")?;
     if w != index_width(num_codes) {
-        return format_err(format!("index width {w} does not match {num_codes} codes"));
+        return corrupt(format!("index width {w} does not match {num_codes} codes"));
     }
     // Every size is checked against the buffer before anything is allocated.
-    let want = rle_serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits);
+    let want = rle::serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits);
     if want != Some(buf.len() as u64) {
-        return format_err(match want {
+        return match want {
             Some(n) if n > buf.len() as u64 => {
-                format!("truncated: header describes {n} bytes, buffer has {}", buf.len())
+                truncated(format!("truncated: header describes {n} bytes, buffer has {}", buf.len()))
             }
-            Some(n) => format!("{} trailing bytes after the {n} the header describes", buf.len() as u64 - n),
-            None => "header sizes overflow".to_string(),
-        });
+            Some(n) => corrupt(format!("{} trailing bytes after the {n} the header describes", buf.len() as u64 - n)),
+            None => corrupt("header sizes overflow"),
+        };
     }
     let body = &buf[..buf.len() - 4];
     let stored = u32::from_le_bytes(buf[buf.len() - 4..].try_into().unwrap());
     let actual = crc32c(body);
     if stored != actual {
-        return format_err(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
+        return corrupt(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
     }
     let ends = r.take(w * rows, "row index")?;
     let mut code_offsets = Vec::with_capacity(rows + 1);
@@ -164,22 +139,22 @@ pub fn rle_from_bytes(buf: &[u8]) -> Result<(Vec<usize>, Encoded)> {
         t[..w].copy_from_slice(e);
         let v = u64::from_le_bytes(t);
         if v > num_codes {
-            return format_err(format!("row end {v} exceeds num_codes {num_codes}"));
+            return corrupt(format!("row end {v} exceeds num_codes {num_codes}"));
         }
         code_offsets.push(v as i64);
     }
     if rows > 0 && code_offsets[rows] as u64 != num_codes {
-        return format_err("last row end does not equal num_codes");
+        return corrupt("last row end does not equal num_codes");
     }
     if rows == 0 && num_codes != 0 {
-        return format_err("num_codes must be 0 for an array with no rows");
+        return corrupt("num_codes must be 0 for an array with no rows");
     }
     let counts = r.take(rle::counts_len(num_codes, count_bits).unwrap() as usize, "counts")?.to_vec();
     let values = r.take(rle::values_len(num_values, value_bits).unwrap() as usize, "values")?.to_vec();
     let s = Streams { count_bits, value_bits, counts: &counts, values: &values, code_offsets: &code_offsets };
     let value_offsets = rle::validate(&s, &shape, true)?;
     if value_offsets[rows] as u64 != num_values {
-        return format_err(format!("codes hold {} values, header says {num_values}", value_offsets[rows]));
+        return corrupt(format!("codes hold {} values, header says {num_values}", value_offsets[rows]));
     }
     Ok((shape, Encoded { count_bits, value_bits, counts, values, code_offsets, value_offsets }))
 }
@@ -187,6 +162,7 @@ pub fn rle_from_bytes(buf: &[u8]) -> Result<(Vec<usize>, Encoded)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
 
     fn sample() -> (Vec<usize>, Encoded) {
         let x: Vec<i8> = (0..600).map(|i| if i % 7 == 0 { (i % 11) as i8 - 5 } else { 0 }).collect();
@@ -199,7 +175,7 @@ mod tests {
     fn round_trip() {
         let (shape, e) = sample();
         let b = rle_to_bytes(&e.streams(), &shape).unwrap();
-        assert_eq!(b.len() as u64, rle_serialized_len(2, 3, e.num_codes(), e.num_values(), 3, 8).unwrap());
+        assert_eq!(b.len() as u64, rle::serialized_len(2, 3, e.num_codes(), e.num_values(), 3, 8).unwrap());
         let (s2, e2) = rle_from_bytes(&b).unwrap();
         assert_eq!(s2, shape);
         assert_eq!(e2, e);
@@ -210,16 +186,23 @@ mod tests {
         let (shape, e) = sample();
         let b = rle_to_bytes(&e.streams(), &shape).unwrap();
         for cut in 0..b.len() {
-            assert!(rle_from_bytes(&b[..cut]).is_err(), "truncated at {cut}");
+            assert!(matches!(rle_from_bytes(&b[..cut]), Err(Error::Truncated(_))), "truncated at {cut}");
         }
         let mut ext = b.clone();
         ext.push(0);
-        assert!(rle_from_bytes(&ext).is_err());
+        assert!(matches!(rle_from_bytes(&ext), Err(Error::Corrupt(m)) if m.contains("trailing")));
         for i in 0..b.len() {
             for bit in 0..8 {
                 let mut c = b.clone();
                 c[i] ^= 1 << bit;
-                assert!(matches!(rle_from_bytes(&c), Err(crate::Error::Format(_))), "flip {i}:{bit}");
+                let r = rle_from_bytes(&c);
+                assert!(matches!(&r, Err(e) if e.is_format()), "flip {i}:{bit}");
+                if (4..6).contains(&i) {
+                    assert!(matches!(&r, Err(Error::Unsupported(m)) if m.contains("version")), "flip {i}:{bit}");
+                }
+                if i >= b.len() - 4 {
+                    assert!(matches!(&r, Err(Error::Corrupt(m)) if m.contains("checksum")), "flip {i}:{bit}");
+                }
             }
         }
     }

@@ -1,6 +1,8 @@
 //! float16 conversions (no f16 type on stable Rust). `f64_to_f16` rounds to
 //! nearest-even directly from float64, like numpy's `np.float16(x)`.
 
+/// `x` rounded to the nearest float16 (ties to even), as its bit pattern;
+/// overflow gives ±inf, NaN stays NaN.
 pub fn f64_to_f16(x: f64) -> u16 {
     let b = x.to_bits();
     let sign = ((b >> 48) & 0x8000) as u16;
@@ -32,6 +34,7 @@ pub fn f64_to_f16(x: f64) -> u16 {
     sign | q as u16 // a carry into the exponent is the correct rounding (up to inf)
 }
 
+/// The float16 with bit pattern `h`, exactly, as a float32.
 pub fn f16_to_f32(h: u16) -> f32 {
     let sign = ((h & 0x8000) as u32) << 16;
     let exp = ((h >> 10) & 0x1F) as u32;

@@ -13,17 +13,21 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::error::format_err;
+use crate::error::corrupt;
 use crate::Result;
 
 /// A field value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// `null`.
     Null,
+    /// `true` or `false`.
     Bool(bool),
     /// Any JSON integer within i64/u64 (larger ones parse as `Float`, as in serde_json).
     Int(i128),
+    /// Any other JSON number.
     Float(f64),
+    /// A string.
     Str(String),
     /// An array of integers (at most the schema's `max_array` of them).
     Ints(Vec<i128>),
@@ -36,7 +40,10 @@ pub type Fields = Vec<Option<Value>>;
 /// the schema names one and the input has it.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Table {
+    /// `(key, fields)` per row, in file order.
     pub rows: Vec<(String, Fields)>,
+    /// The schema's string-map row (`__metadata__`) as `(key, value)` pairs, in
+    /// file order; None when absent (an explicit `null` gives an empty list).
     pub strings: Option<Vec<(String, String)>>,
 }
 
@@ -75,7 +82,7 @@ pub const DESCRIPTIONS: Schema = Schema {
     max_array: 64,
 };
 
-/// Parse `json` as a table of `schema`. Errors (`Error::Format`) name the first
+/// Parse `json` as a table of `schema`. Errors (`Error::Corrupt`) name the first
 /// problem: invalid JSON or UTF-8, a top level that is not an object, a row that is
 /// not an object, a field outside the schema, a missing field, a nested
 /// object, an array holding anything but integers or more than `max_array` of them,
@@ -85,14 +92,14 @@ pub fn parse_table(json: &[u8], schema: &Schema) -> Result<Table> {
     let mut de = serde_json::Deserializer::from_slice(json);
     let table = match de.deserialize_map(TableVisitor { schema }).and_then(|t| de.end().map(|_| t)) {
         Ok(t) => t,
-        Err(e) => return format_err(format!("not valid JSON of the expected form: {e}")),
+        Err(e) => return corrupt(format!("not valid JSON of the expected form: {e}")),
     };
     let names = table.rows.iter().map(|(k, _)| k.as_str());
     if let Some(k) = duplicate(names) {
-        return format_err(format!("key {k:?} appears twice"));
+        return corrupt(format!("key {k:?} appears twice"));
     }
     if let Some(k) = table.strings.as_ref().and_then(|s| duplicate(s.iter().map(|(k, _)| k.as_str()))) {
-        return format_err(format!("{:?}: key {k:?} appears twice", schema.strings_row.unwrap_or("")));
+        return corrupt(format!("{:?}: key {k:?} appears twice", schema.strings_row.unwrap_or("")));
     }
     Ok(table)
 }
@@ -297,7 +304,7 @@ mod tests {
     }
     fn err(s: &str, schema: &Schema) -> String {
         match parse_table(s.as_bytes(), schema) {
-            Err(crate::Error::Format(m)) => m,
+            Err(crate::Error::Corrupt(m)) => m,
             other => panic!("{s}: expected a format error, got {other:?}"),
         }
     }

@@ -21,7 +21,7 @@
 //! (2.8 bits/weight at 10 % salient); `Layout::nbytes` reports it exactly.
 use rayon::prelude::*;
 
-use crate::error::{format_err, invalid};
+use crate::error::{corrupt, invalid};
 use crate::pb::{n_groups, PbRef};
 use crate::{parallel, rle, Result};
 
@@ -38,11 +38,17 @@ pub const VALUE_PAD: usize = 64;
 /// A PBTensor rearranged for the integer kernels (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Layout {
+    /// Rows of the source tensor.
     pub m: usize,
+    /// Columns of the source tensor.
     pub n: usize,
+    /// Columns per (mu, alpha) group.
     pub group_size: usize,
+    /// Groups per row.
     pub n_groups: usize,
+    /// Tiles of [`TILE`] rows: `ceil(m / 16)`.
     pub tiles: usize,
+    /// Blocks of [`BLOCK`] columns: `ceil(n / 64)`.
     pub blocks: usize,
     /// `tiles x quads` words, bit `4r + c` = sign bit (1: -alpha) of row `16t + r`, column `4k + c`.
     pub signs: Vec<u64>,
@@ -52,10 +58,11 @@ pub struct Layout {
     pub values: Vec<u8>,
     /// `tiles + 1` offsets of each tile's values.
     pub value_offsets: Vec<usize>,
-    /// `tiles x n_groups x 16` (zero for padding rows).
+    /// Group means, `tiles x n_groups x 16` (zero for padding rows).
     pub mu: Vec<f32>,
+    /// Group scales, `tiles x n_groups x 16` (zero for padding rows).
     pub alpha: Vec<f32>,
-    /// `tiles x 16`.
+    /// Residual scales, `tiles x 16`.
     pub sigma: Vec<f32>,
     /// Salient bits of the source tensor (4 or 8), for reporting.
     pub value_bits: u32,
@@ -78,7 +85,7 @@ impl Layout {
     /// Whether the int8 kernels can run on this tensor: each group must be a
     /// whole number of activation blocks (or the row one group).
     pub fn int8_supported(&self) -> bool {
-        self.n_groups <= 1 || self.group_size % BLOCK == 0
+        self.n_groups <= 1 || self.group_size.is_multiple_of(BLOCK)
     }
 
     /// Blocks per group for the int8 kernels (all blocks when there is one group).
@@ -153,7 +160,7 @@ pub fn build(t: &PbRef) -> Result<Layout> {
                                 if v == i8::MIN {
                                     // The compressor never emits -128 and validation rejects it; the
                                     // kernels rely on |q| <= 127 (no overflow in byte arithmetic).
-                                    return format_err(format!(
+                                    return corrupt(format!(
                                         "row {}: residual code -128 is outside -127..127",
                                         ti * TILE + r
                                     ));

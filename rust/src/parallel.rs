@@ -69,12 +69,14 @@ pub fn pool() -> Arc<ThreadPool> {
     w.get_or_insert(p).clone()
 }
 
+/// Replace the pool with one of `n` threads (checked by [`check_threads`]).
 pub fn set_num_threads(n: usize) -> crate::Result<()> {
     let p = build(check_threads(n)?)?;
     *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
     Ok(())
 }
 
+/// Threads of the pool (building it on first use).
 pub fn num_threads() -> usize {
     pool().current_num_threads()
 }

@@ -1,20 +1,24 @@
-//! The partially-binarized tensor (docs/format.md §6–7): compression,
-//! decompression and the serialized form. The matrix-vector kernel is in
-//! `matvec.rs`.
+//! The partially-binarized tensor (docs/format.md §6–7): compression and the
+//! serialized form. Decompression is `decompress.rs`; the matrix-vector kernels
+//! are `fmatvec.rs`/`qmatvec.rs` (on the execution layout) and `matvec.rs`.
 use rayon::prelude::*;
 
 use crate::crc32c::crc32c;
-use crate::error::{format_err, invalid};
+use crate::error::{corrupt, invalid, truncated, unsupported};
 use crate::half::{f16_to_f32, f64_to_f16};
 use crate::{format, parallel, rle, Error, Result};
 
+/// The stored type of the scales `mu`, `alpha`, `sigma`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScaleType {
+    /// IEEE binary16 (`scale_dtype="float16"`).
     F16,
+    /// IEEE binary32 (`scale_dtype="float32"`).
     F32,
 }
 
 impl ScaleType {
+    /// The type of a width in bits (16 or 32), as the serialized header stores it.
     pub fn from_bits(bits: u32) -> Option<ScaleType> {
         match bits {
             16 => Some(ScaleType::F16),
@@ -22,6 +26,7 @@ impl ScaleType {
             _ => None,
         }
     }
+    /// Width in bits: 16 or 32.
     pub fn bits(self) -> u32 {
         match self {
             ScaleType::F16 => 16,
@@ -64,31 +69,40 @@ pub fn check_shape(m: usize, n: usize) -> std::result::Result<(), String> {
 /// Compression parameters (docs/format.md §6.1).
 #[derive(Debug, Clone)]
 pub struct Params {
+    /// Fraction of weights kept as salient residual codes, in `[0, 1]`.
     pub salient: f64,
+    /// Bits per residual code: 4 or 8.
     pub salient_bits: u32,
-    /// None: "auto".
+    /// Bits per zero-run code, 1..8; None: "auto" (the smallest blob).
     pub count_bits: Option<u32>,
-    /// None: the whole row.
+    /// Columns per (mu, alpha) group, 1..n; None: the whole row.
     pub group_size: Option<usize>,
     /// false: "row" (same count per row), true: "tensor" (one threshold).
     pub select_tensor: bool,
+    /// Subtract the group mean `mu` before binarizing (false: `mu = 0`).
     pub shift: bool,
+    /// The scales' stored type.
     pub scale: ScaleType,
 }
 
 /// A compressed matrix. Scales are kept as f32 holding exact float16/float32 values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PbTensor {
+    /// Rows (output features).
     pub m: usize,
+    /// Columns (input features).
     pub n: usize,
+    /// Columns per (mu, alpha) group (1 when `n = 0`).
     pub group_size: usize,
+    /// The scales' stored type.
     pub scale: ScaleType,
     /// `m x ceil(n/8)` sign bits (1 = -1).
     pub signs: Vec<u8>,
-    /// `m x n_groups`.
+    /// Group means, `m x n_groups`.
     pub mu: Vec<f32>,
+    /// Group scales of the sign plane, `m x n_groups`.
     pub alpha: Vec<f32>,
-    /// `m`.
+    /// Residual scale per row, `m`.
     pub sigma: Vec<f32>,
     /// Residual codes, shape `(m, n)`, `value_bits = salient_bits`.
     pub residual: rle::Encoded,
@@ -98,18 +112,29 @@ pub struct PbTensor {
 /// serializer read (the Python binding builds one over numpy arrays, no copy).
 #[derive(Debug, Clone, Copy)]
 pub struct PbRef<'a> {
+    /// Rows.
     pub m: usize,
+    /// Columns.
     pub n: usize,
+    /// Columns per group.
     pub group_size: usize,
+    /// The scales' stored type.
     pub scale: ScaleType,
+    /// `m x ceil(n/8)` sign bits.
     pub signs: &'a [u8],
+    /// `m x n_groups` group means.
     pub mu: &'a [f32],
+    /// `m x n_groups` group scales.
     pub alpha: &'a [f32],
+    /// `m` residual scales.
     pub sigma: &'a [f32],
+    /// The residual's streams, shape `(m, n)`.
     pub res: rle::Streams<'a>,
+    /// The residual's `m + 1` value offsets.
     pub value_offsets: &'a [i64],
 }
 
+/// Groups of a row of `n` columns: `ceil(n / group_size)`, 0 when `n = 0`.
 pub fn n_groups(n: usize, group_size: usize) -> usize {
     if n == 0 {
         0
@@ -178,8 +203,8 @@ fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowO
             }
         }
         let alpha = p.scale.round(if c > 0 { asum / c as f64 } else { 0.0 }, "alpha", i)?;
-        for j in g0..g1 {
-            if w[j] < mu {
+        for (j, &wj) in (g0..g1).zip(&w[g0..g1]) {
+            if wj < mu {
                 out.signs[j / 8] |= 1 << (j % 8);
             }
         }
@@ -193,10 +218,8 @@ fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowO
     };
     let qm = qmax(p.salient_bits);
     let mut rmax = 0f64;
-    for j in 0..n {
-        if sal[j] != 0 {
-            rmax = rmax.max(resid(j).abs());
-        }
+    for (j, _) in sal.iter().enumerate().filter(|(_, &s)| s != 0) {
+        rmax = rmax.max(resid(j).abs());
     }
     let sigma = p.scale.round(rmax / qm as f64, "sigma", i)?;
     // Underflow (float16): a row with a nonzero weight whose scales all round to 0
@@ -213,11 +236,9 @@ fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowO
         }
     }
     if sigma > 0.0 {
-        for j in 0..n {
-            if sal[j] != 0 {
-                let v = (resid(j) / sigma as f64).round_ties_even();
-                out.q[j] = v.clamp(-qm as f64, qm as f64) as i8;
-            }
+        for (j, _) in sal.iter().enumerate().filter(|(_, &s)| s != 0) {
+            let v = (resid(j) / sigma as f64).round_ties_even();
+            out.q[j] = v.clamp(-qm as f64, qm as f64) as i8;
         }
     }
     Ok(sigma)
@@ -225,7 +246,7 @@ fn binarize_row(i: usize, w: &[f32], sal: &[u8], g: usize, p: &Params, out: RowO
 
 /// Compress a row-major `m x n` float32 matrix (docs/format.md §6.1).
 pub fn compress(w: &[f32], m: usize, n: usize, importance: Option<&[f32]>, p: &Params) -> Result<PbTensor> {
-    if w.len() != m.checked_mul(n).unwrap_or(usize::MAX) {
+    if w.len() != m.saturating_mul(n) {
         return invalid(format!("weight has {} elements, expected {m} x {n}", w.len()));
     }
     check_shape(m, n).or_else(invalid)?;
@@ -302,6 +323,7 @@ pub fn compress(w: &[f32], m: usize, n: usize, importance: Option<&[f32]>, p: &P
 }
 
 impl PbTensor {
+    /// The tensor as a borrowed view.
     pub fn view(&self) -> PbRef<'_> {
         PbRef {
             m: self.m,
@@ -319,6 +341,7 @@ impl PbTensor {
 }
 
 impl PbRef<'_> {
+    /// Groups per row.
     pub fn n_groups(&self) -> usize {
         n_groups(self.n, self.group_size)
     }
@@ -327,10 +350,10 @@ impl PbRef<'_> {
     /// residual's stream contents are checked by the kernels that walk them).
     pub fn check_sizes(&self) -> Result<()> {
         // Shapes come from user-modifiable Python objects: checked arithmetic.
-        check_shape(self.m, self.n).or_else(format_err)?;
+        check_shape(self.m, self.n).or_else(corrupt)?;
         let group_ok = if self.n == 0 { self.group_size == 1 } else { (1..=self.n).contains(&self.group_size) };
         if !group_ok {
-            return format_err(format!("group_size {} out of range for n = {}", self.group_size, self.n));
+            return corrupt(format!("group_size {} out of range for n = {}", self.group_size, self.n));
         }
         let ng = self.n_groups();
         let eq = |len: usize, a: usize, b: usize| a.checked_mul(b) == Some(len);
@@ -341,49 +364,17 @@ impl PbRef<'_> {
             && self.res.code_offsets.len() == self.m + 1
             && self.value_offsets.len() == self.m + 1;
         if !ok {
-            return format_err("PBTensor parts have inconsistent sizes");
+            return corrupt("PBTensor parts have inconsistent sizes");
         }
         Ok(())
-    }
-
-    /// §6.2 into `out` (`m x n` float32).
-    pub fn decompress(&self, out: &mut [f32]) -> Result<()> {
-        self.check_sizes()?;
-        let (m, n, g, ng) = (self.m, self.n, self.group_size, self.n_groups());
-        if out.len() != m * n {
-            return invalid(format!("out has {} elements, expected {m} x {n}", out.len()));
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        rle::check_decodable(&self.res, self.value_offsets, m)?;
-        let nb = n.div_ceil(8);
-        // Rows decode independently: each task decodes its row's residual into
-        // a small buffer, then writes B + S (§6.2) group by group.
-        parallel::pool().install(|| {
-            out.par_chunks_mut(n).enumerate().try_for_each_init(
-                || vec![0i8; n],
-                |q, (i, row)| {
-                    rle::decode_row(&self.res, self.value_offsets, i, q)?;
-                    crate::matvec::dequant_row(
-                        &self.signs[i * nb..(i + 1) * nb],
-                        q,
-                        &self.mu[i * ng..(i + 1) * ng],
-                        &self.alpha[i * ng..(i + 1) * ng],
-                        g,
-                        self.sigma[i],
-                        row,
-                    );
-                    Ok::<(), crate::Error>(())
-                },
-            )
-        })
     }
 }
 
 // ------------------------------------------------------------ serialization
 
+/// Magic of a serialized PBTensor (docs/format.md §7).
 pub const PB_MAGIC: &[u8; 4] = b"PBTN";
+/// The serialized PBTensor format version this build writes and reads.
 pub const PB_VERSION: u16 = 1;
 const PB_HEADER: usize = 40;
 
@@ -411,7 +402,7 @@ fn check_scales(t: &PbRef) -> Result<()> {
     };
     for (name, v, nonneg) in [("mu", &t.mu, false), ("alpha", &t.alpha, true), ("sigma", &t.sigma, true)] {
         if let Some(i) = v.iter().position(|&x| !x.is_finite() || (nonneg && x < 0.0) || !fits(x)) {
-            return format_err(format!("{name}[{i}] = {} is not a valid scale", v[i]));
+            return corrupt(format!("{name}[{i}] = {} is not a valid scale", v[i]));
         }
     }
     Ok(())
@@ -423,17 +414,17 @@ fn check_codes(r: &rle::Streams, num_values: usize) -> Result<()> {
     let nv = num_values;
     let bad = (0..nv).find(|&i| (rle::value_at(r.values, r.value_bits, i) as i32) < -qm);
     if let Some(i) = bad {
-        return format_err(format!("residual value {i} is outside -{qm}..{qm}"));
+        return corrupt(format!("residual value {i} is outside -{qm}..{qm}"));
     }
     Ok(())
 }
 
 fn check_sign_padding(signs: &[u8], m: usize, n: usize) -> Result<()> {
     let nb = n.div_ceil(8);
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         for i in 0..m {
             if signs[i * nb + nb - 1] >> (n % 8) != 0 {
-                return format_err(format!("row {i}: nonzero padding bits in the sign plane"));
+                return corrupt(format!("row {i}: nonzero padding bits in the sign plane"));
             }
         }
     }
@@ -452,10 +443,13 @@ pub fn validate(t: &PbRef) -> Result<Vec<i64>> {
     Ok(vo)
 }
 
+/// Serialize (docs/format.md §7) after every check [`validate`] makes; the
+/// residual's `value_offsets` must also match its codes. Errors: a format error
+/// naming the first inconsistency.
 pub fn to_bytes(t: &PbRef) -> Result<Vec<u8>> {
     let vo = validate(t)?;
     if vo != t.value_offsets {
-        return format_err("residual value_offsets do not match its codes");
+        return corrupt("residual value_offsets do not match its codes");
     }
     // `validate` already ran the residual's strict validation.
     let rb = format::rle_write(&t.res, &[t.m, t.n], *vo.last().unwrap_or(&0) as u64)?;
@@ -478,7 +472,7 @@ pub fn to_bytes(t: &PbRef) -> Result<Vec<u8>> {
 
 /// Exact serialized size without building the blob.
 pub fn serialized_len(t: &PbRef) -> Option<u64> {
-    let rl = format::rle_serialized_len(
+    let rl = rle::serialized_len(
         2,
         t.m,
         *t.res.code_offsets.last()? as u64,
@@ -493,34 +487,38 @@ pub fn serialized_len(t: &PbRef) -> Option<u64> {
         .checked_add(rl)
 }
 
+/// Parse and fully validate a serialized PBTensor (docs/format.md §7): every size
+/// is checked against the buffer before anything is allocated. Errors:
+/// [`Error::Truncated`], [`Error::Unsupported`] (version, `dense_bits`) or
+/// [`Error::Corrupt`], naming the problem.
 pub fn from_bytes(buf: &[u8]) -> Result<PbTensor> {
     if buf.len() < PB_HEADER + 4 {
-        return format_err(format!("buffer of {} bytes is too short for a PBTensor", buf.len()));
+        return truncated(format!("truncated: buffer of {} bytes is too short for a PBTensor", buf.len()));
     }
     if &buf[..4] != PB_MAGIC {
-        return format_err("bad magic: not a pbcodec PBTensor blob");
+        return corrupt("bad magic: not a pbcodec PBTensor blob");
     }
     let version = u16::from_le_bytes([buf[4], buf[5]]);
     if version != PB_VERSION {
-        return format_err(format!("unsupported PBTensor format version {version} (this build reads {PB_VERSION})"));
+        return unsupported(format!("unsupported PBTensor format version {version} (this build reads {PB_VERSION})"));
     }
     if buf[6] != 1 {
-        return format_err(format!("dense_bits {} is not supported (this build reads 1)", buf[6]));
+        return unsupported(format!("dense_bits {} is not supported (this build reads 1)", buf[6]));
     }
     let scale = ScaleType::from_bits(buf[7] as u32)
-        .ok_or_else(|| crate::Error::Format(format!("scale width {} must be 16 or 32", buf[7])))?;
+        .ok_or_else(|| crate::Error::Corrupt(format!("scale width {} must be 16 or 32", buf[7])))?;
     let rd = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().unwrap());
-    let too_big = || crate::Error::Format("header sizes overflow".into());
+    let too_big = || crate::Error::Corrupt("header sizes overflow".into());
     let m = usize::try_from(rd(8)).map_err(|_| too_big())?;
     let n = usize::try_from(rd(16)).map_err(|_| too_big())?;
     let g = usize::try_from(rd(24)).map_err(|_| too_big())?;
     let rl = usize::try_from(rd(32)).map_err(|_| too_big())?;
-    check_shape(m, n).or_else(format_err)?;
+    check_shape(m, n).or_else(corrupt)?;
     if n == 0 && g != 1 {
-        return format_err(format!("group_size must be 1 for n = 0, got {g}"));
+        return corrupt(format!("group_size must be 1 for n = 0, got {g}"));
     }
     if n > 0 && !(1..=n).contains(&g) {
-        return format_err(format!("group_size {g} out of range 1..{n}"));
+        return corrupt(format!("group_size {g} out of range 1..{n}"));
     }
     let ng = n_groups(n, g);
     let w = scale.width();
@@ -535,13 +533,16 @@ pub fn from_bytes(buf: &[u8]) -> Result<PbTensor> {
         .iter()
         .try_fold(0usize, |a, &b| a.checked_add(b))
         .ok_or_else(too_big)?;
-    if total != buf.len() {
-        return format_err(format!("length mismatch: header describes {total} bytes, buffer has {}", buf.len()));
+    if total > buf.len() {
+        return truncated(format!("length mismatch: header describes {total} bytes, buffer has {}", buf.len()));
+    }
+    if total < buf.len() {
+        return corrupt(format!("length mismatch: header describes {total} bytes, buffer has {}", buf.len()));
     }
     let stored = u32::from_le_bytes(buf[buf.len() - 4..].try_into().unwrap());
     let actual = crc32c(&buf[..buf.len() - 4]);
     if stored != actual {
-        return format_err(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
+        return corrupt(format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"));
     }
     let mut o = PB_HEADER;
     let mut take = |len: usize| {
@@ -555,7 +556,7 @@ pub fn from_bytes(buf: &[u8]) -> Result<PbTensor> {
     let sigma = get_scales(take(m * w), scale);
     let (shape, residual) = format::rle_from_bytes(take(rl))?;
     if shape != [m, n] {
-        return format_err(format!("residual has shape {shape:?}, expected [{m}, {n}]"));
+        return corrupt(format!("residual has shape {shape:?}, expected [{m}, {n}]"));
     }
     let t = PbTensor { m, n, group_size: g, scale, signs, mu, alpha, sigma, residual };
     check_sign_padding(&t.signs, m, n)?;
@@ -602,7 +603,7 @@ mod tests {
         {
             let p = Params { group_size: gs, select_tensor: tensor, scale, ..params() };
             let t = compress(&w, m, n, None, &p).unwrap();
-            assert_eq!(t.residual.num_values() as usize <= m * n / 10 + m, true);
+            assert!(t.residual.num_values() as usize <= m * n / 10 + m);
             let b = to_bytes(&t.view()).unwrap();
             assert_eq!(b.len() as u64, serialized_len(&t.view()).unwrap());
             let t2 = from_bytes(&b).unwrap();
@@ -612,10 +613,47 @@ mod tests {
             let err: f64 = w.iter().zip(&wh).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             let pow: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
             assert!(10.0 * (pow / err).log10() > 6.0, "snr too low");
-            for cut in [0, 10, 39, 40, b.len() / 2, b.len() - 1] {
-                assert!(from_bytes(&b[..cut]).is_err());
+            for cut in 0..b.len() {
+                assert!(matches!(from_bytes(&b[..cut]), Err(Error::Truncated(_))), "cut {cut}");
             }
         }
+    }
+
+    /// Each kind of damage surfaces as its own error kind.
+    #[test]
+    fn error_kinds() {
+        let w = gaussian(3, 40, 4);
+        let b = to_bytes(&compress(&w, 3, 40, None, &params()).unwrap().view()).unwrap();
+        let with_crc = |mut v: Vec<u8>| {
+            let n = v.len() - 4;
+            let c = crc32c(&v[..n]);
+            v[n..].copy_from_slice(&c.to_le_bytes());
+            v
+        };
+        let mut v = b.clone();
+        v[4] = 2; // version 2, valid checksum
+        assert!(matches!(from_bytes(&with_crc(v)), Err(Error::Unsupported(m)) if m.contains("version 2")));
+        let mut v = b.clone();
+        v[6] = 2; // dense_bits 2
+        assert!(matches!(from_bytes(&with_crc(v)), Err(Error::Unsupported(m)) if m.contains("dense_bits")));
+        let mut v = b.clone();
+        *v.last_mut().unwrap() ^= 1;
+        assert!(matches!(from_bytes(&v), Err(Error::Corrupt(m)) if m.contains("checksum")));
+        let mut v = b.clone();
+        v.push(0);
+        assert!(matches!(from_bytes(&v), Err(Error::Corrupt(m)) if m.contains("length mismatch")));
+        let mut v = b.clone();
+        v[0] = b'X';
+        assert!(matches!(from_bytes(&v), Err(Error::Corrupt(m)) if m.contains("magic")));
+        // The embedded residual blob's own version.
+        let rle_at = b.len() - 4 - u64::from_le_bytes(b[32..40].try_into().unwrap()) as usize;
+        let mut v = b.clone();
+        v[rle_at + 4] = 9;
+        let n = v.len() - 8;
+        let c = crc32c(&v[rle_at..n]);
+        v[n..n + 4].copy_from_slice(&c.to_le_bytes());
+        assert!(matches!(from_bytes(&with_crc(v)), Err(Error::Unsupported(m)) if m.contains("RLE format version 9")));
+        assert!(Error::Truncated(String::new()).is_format() && !Error::Invalid(String::new()).is_format());
     }
 
     #[test]
@@ -678,7 +716,7 @@ mod tests {
         let c = crc32c(&b);
         b.extend_from_slice(&c.to_le_bytes());
         assert_eq!(b.len(), 96);
-        assert!(matches!(from_bytes(&b), Err(Error::Format(m)) if m.contains("too large")));
-        assert!(matches!(format::rle_from_bytes(&rle), Err(Error::Format(m)) if m.contains("too large")));
+        assert!(matches!(from_bytes(&b), Err(Error::Corrupt(m)) if m.contains("too large")));
+        assert!(matches!(format::rle_from_bytes(&rle), Err(Error::Corrupt(m)) if m.contains("too large")));
     }
 }

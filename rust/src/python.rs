@@ -11,13 +11,19 @@ use pyo3::types::{PyBytes, PyList, PyType};
 use crate::pb::{self, PbRef, ScaleType};
 use crate::{bitpack, format, parallel, rle, simd, Error};
 
-static FORMAT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static CORRUPT_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static TRUNCATED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static UNSUPPORTED_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 static SCALE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
 
+/// Each error kind as its Python exception (`pbcodec.errors`; the three data
+/// kinds subclass `FormatError`).
 fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let (cell, name, m) = match e {
         Error::Invalid(m) => return PyValueError::new_err(m),
-        Error::Format(m) => (&FORMAT_ERROR, "FormatError", m),
+        Error::Corrupt(m) => (&CORRUPT_ERROR, "CorruptError", m),
+        Error::Truncated(m) => (&TRUNCATED_ERROR, "TruncatedError", m),
+        Error::Unsupported(m) => (&UNSUPPORTED_ERROR, "UnsupportedVersionError", m),
         Error::Scale(m) => (&SCALE_ERROR, "ScaleRangeError", m),
     };
     match cell.import(py, "pbcodec.errors", name) {
@@ -38,7 +44,7 @@ impl<T> IntoPy<T> for crate::Result<T> {
 /// Rust slices must be aligned: an unaligned numpy view (e.g. of a memory-mapped
 /// file) is rejected here; the Python layer copies such arrays first.
 fn aligned<T>(s: &[T], name: &str) -> PyResult<()> {
-    if (s.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !(s.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(PyValueError::new_err(format!("{name} is not aligned in memory")));
     }
     Ok(())
@@ -207,7 +213,7 @@ fn rle_nbytes(
     count_bits: u32,
     value_bits: u32,
 ) -> PyResult<u64> {
-    format::rle_serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits)
+    rle::serialized_len(ndim, rows, num_codes, num_values, count_bits, value_bits)
         .ok_or_else(|| PyValueError::new_err("size overflows"))
 }
 

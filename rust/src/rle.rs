@@ -4,33 +4,43 @@
 //! nonzero, with `ESC = 2^b - 1` meaning "skip ESC zeros, no value") and the
 //! nonzero values. All rows' codes form one continuous bit stream; per-row
 //! offsets into both streams let any row decode on its own.
-use crate::error::{format_err, invalid};
-use crate::{format, Result};
+use crate::error::{corrupt, invalid};
+use crate::Result;
 
 /// An encoded array: the two streams and the per-row offsets (`rows + 1` each).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
+    /// Bits per code `b` (1..8); the escape code is `2^b - 1`.
     pub count_bits: u32,
+    /// Bits per stored value: 4 or 8.
     pub value_bits: u32,
     /// Packed code stream, `ceil(num_codes * count_bits / 8)` bytes.
     pub counts: Vec<u8>,
     /// 8-bit: the values as bytes; 4-bit: two's-complement nibbles, low first.
     pub values: Vec<u8>,
+    /// `rows + 1` offsets of each row's first code (the last is `num_codes`).
     pub code_offsets: Vec<i64>,
+    /// `rows + 1` offsets of each row's first value (the last is `num_values`).
     pub value_offsets: Vec<i64>,
 }
 
 /// Borrowed view of the streams, as the decoder and serializer see them.
 #[derive(Debug, Clone, Copy)]
 pub struct Streams<'a> {
+    /// Bits per code (see [`Encoded::count_bits`]).
     pub count_bits: u32,
+    /// Bits per value: 4 or 8.
     pub value_bits: u32,
+    /// The packed code stream.
     pub counts: &'a [u8],
+    /// The values stream.
     pub values: &'a [u8],
+    /// `rows + 1` code offsets.
     pub code_offsets: &'a [i64],
 }
 
 impl Encoded {
+    /// The streams as a borrowed view.
     pub fn streams(&self) -> Streams<'_> {
         Streams {
             count_bits: self.count_bits,
@@ -40,14 +50,18 @@ impl Encoded {
             code_offsets: &self.code_offsets,
         }
     }
+    /// Codes in the stream (escapes included).
     pub fn num_codes(&self) -> u64 {
         *self.code_offsets.last().unwrap_or(&0) as u64
     }
+    /// Stored (nonzero) values.
     pub fn num_values(&self) -> u64 {
         *self.value_offsets.last().unwrap_or(&0) as u64
     }
 }
 
+/// Check the stream parameters: `count_bits` in 1..8, `value_bits` 4 or 8
+/// ([`Error::Invalid`](crate::Error::Invalid) otherwise).
 pub fn check_params(count_bits: u32, value_bits: u32) -> Result<()> {
     if !(1..=8).contains(&count_bits) {
         return invalid(format!("count_bits must be in 1..8 or 'auto', got {count_bits}"));
@@ -72,6 +86,38 @@ pub fn counts_len(num_codes: u64, count_bits: u32) -> Option<u64> {
     num_codes.checked_mul(count_bits as u64).map(|b| b.div_ceil(8))
 }
 
+/// Bytes of the fixed part of the serialized header (docs/format.md §4).
+pub(crate) const HEADER_LEN: usize = 16;
+
+/// Bytes per entry of the serialized row index: 4 below 2^32 codes, else 8 (§4).
+pub(crate) fn index_width(num_codes: u64) -> usize {
+    if num_codes < (1u64 << 32) {
+        4
+    } else {
+        8
+    }
+}
+
+/// Exact length of the serialized form (docs/format.md §4, `format::rle_to_bytes`)
+/// of an array with `ndim` dimensions and `rows` rows holding `num_codes` codes and
+/// `num_values` values; None on overflow.
+pub fn serialized_len(
+    ndim: usize,
+    rows: usize,
+    num_codes: u64,
+    num_values: u64,
+    count_bits: u32,
+    value_bits: u32,
+) -> Option<u64> {
+    let mut t = HEADER_LEN as u64;
+    t = t.checked_add(8u64.checked_mul(ndim as u64)?)?;
+    t = t.checked_add(16)?;
+    t = t.checked_add((index_width(num_codes) as u64).checked_mul(rows as u64)?)?;
+    t = t.checked_add(counts_len(num_codes, count_bits)?)?;
+    t = t.checked_add(values_len(num_values, value_bits)?)?;
+    t.checked_add(4)
+}
+
 // ------------------------------------------------------------------ encode
 
 /// Positions of the nonzero bytes of `row`, in order (SWAR over 8-byte words:
@@ -79,11 +125,11 @@ pub fn counts_len(num_codes: u64, count_bits: u32) -> Option<u64> {
 #[inline(always)]
 fn for_each_nonzero(row: &[i8], mut f: impl FnMut(usize)) {
     const LO7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
-    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(row.as_ptr() as *const u8, row.len()) };
-    let mut words = bytes.chunks_exact(8);
+    let mut words = row.chunks_exact(8);
     let mut base = 0;
     for w in &mut words {
-        let w = u64::from_le_bytes(w.try_into().unwrap());
+        let w: [i8; 8] = w.try_into().unwrap();
+        let w = u64::from_le_bytes(w.map(|b| b as u8));
         if w != 0 {
             // High bit of each byte set iff the byte is nonzero.
             let mut nz = ((w & LO7).wrapping_add(LO7) | w) & !LO7;
@@ -215,8 +261,7 @@ pub fn encode(x: &[i8], shape: &[usize], count_bits: Option<u32>, value_bits: u3
                 for (run, &h) in hist.iter().enumerate() {
                     codes += h * (run as u64 / esc + 1);
                 }
-                let size =
-                    format::rle_serialized_len(shape.len(), rows, codes, nvals, b, value_bits).unwrap_or(u64::MAX);
+                let size = serialized_len(shape.len(), rows, codes, nvals, b, value_bits).unwrap_or(u64::MAX);
                 if size < best.0 {
                     best = (size, b);
                 }
@@ -317,9 +362,7 @@ pub(crate) fn walk_row(
             } else {
                 pos += code;
                 if pos >= n as u64 {
-                    return format_err(format!(
-                        "row {row}: a value decodes at position {pos}, past the row length {n}"
-                    ));
+                    return corrupt(format!("row {row}: a value decodes at position {pos}, past the row length {n}"));
                 }
                 put(pos as usize, nv);
                 nv += 1;
@@ -329,7 +372,7 @@ pub(crate) fn walk_row(
         c += take;
     }
     if pos > n as u64 {
-        return format_err(format!("row {row}: escapes run to position {pos}, past the row length {n}"));
+        return corrupt(format!("row {row}: escapes run to position {pos}, past the row length {n}"));
     }
     Ok(RowWalk { values: nv, last_code_is_escape: c1 > c0 && last == esc })
 }
@@ -337,21 +380,17 @@ pub(crate) fn walk_row(
 /// Check offsets against the streams (lengths, monotonicity) without decoding.
 fn check_offsets(s: &Streams, rows: usize) -> Result<(u64, u64)> {
     if s.code_offsets.len() != rows + 1 {
-        return format_err(format!(
-            "code_offsets has {} entries, expected rows + 1 = {}",
-            s.code_offsets.len(),
-            rows + 1
-        ));
+        return corrupt(format!("code_offsets has {} entries, expected rows + 1 = {}", s.code_offsets.len(), rows + 1));
     }
     if s.code_offsets[0] != 0 {
-        return format_err("code_offsets must start at 0");
+        return corrupt("code_offsets must start at 0");
     }
     if s.code_offsets.windows(2).any(|w| w[1] < w[0]) {
-        return format_err("code_offsets must be non-decreasing");
+        return corrupt("code_offsets must be non-decreasing");
     }
     let num_codes = s.code_offsets[rows] as u64;
     if counts_len(num_codes, s.count_bits) != Some(s.counts.len() as u64) {
-        return format_err(format!(
+        return corrupt(format!(
             "counts stream has {} bytes, {} codes of {} bits need {}",
             s.counts.len(),
             num_codes,
@@ -367,8 +406,8 @@ fn check_offsets(s: &Streams, rows: usize) -> Result<(u64, u64)> {
 /// `strict` also demands the canonical form of §3.3 (what `from_bytes` and
 /// `to_bytes` require): no trailing escapes, no zero values, zero padding.
 pub fn validate(s: &Streams, shape: &[usize], strict: bool) -> Result<Vec<i64>> {
-    check_params(s.count_bits, s.value_bits).map_err(|e| crate::Error::Format(e.to_string()))?;
-    let rows = rows_of(shape).map_err(|e| crate::Error::Format(e.to_string()))?;
+    check_params(s.count_bits, s.value_bits).map_err(|e| crate::Error::Corrupt(e.to_string()))?;
+    let rows = rows_of(shape).map_err(|e| crate::Error::Corrupt(e.to_string()))?;
     let n = *shape.last().unwrap();
     let (num_codes, _) = check_offsets(s, rows)?;
     let mut value_offsets = Vec::with_capacity(rows + 1);
@@ -378,14 +417,14 @@ pub fn validate(s: &Streams, shape: &[usize], strict: bool) -> Result<Vec<i64>> 
         let (c0, c1) = (s.code_offsets[r] as u64, s.code_offsets[r + 1] as u64);
         let walk = walk_row(s.counts, s.count_bits, c0, c1, n, r, |_, _| {})?;
         if strict && walk.last_code_is_escape {
-            return format_err(format!("row {r}: ends with an escape code (not canonical)"));
+            return corrupt(format!("row {r}: ends with an escape code (not canonical)"));
         }
         total += walk.values;
         value_offsets.push(total as i64);
     }
     let want = values_len(total as u64, s.value_bits).unwrap();
     if s.values.len() as u64 != want {
-        return format_err(format!(
+        return corrupt(format!(
             "values stream has {} bytes, the codes need {} values ({} bytes)",
             s.values.len(),
             total,
@@ -395,18 +434,18 @@ pub fn validate(s: &Streams, shape: &[usize], strict: bool) -> Result<Vec<i64>> 
     if strict {
         let pad_bits = (num_codes * s.count_bits as u64) % 8;
         if pad_bits != 0 && (s.counts[s.counts.len() - 1] >> pad_bits) != 0 {
-            return format_err("nonzero padding bits after the last code");
+            return corrupt("nonzero padding bits after the last code");
         }
         if s.value_bits == 8 {
             if let Some(i) = s.values.iter().position(|&v| v == 0) {
-                return format_err(format!("value {i} is zero (not canonical)"));
+                return corrupt(format!("value {i} is zero (not canonical)"));
             }
         } else {
             if let Some(i) = (0..total).find(|&i| value_at(s.values, 4, i) == 0) {
-                return format_err(format!("value {i} is zero (not canonical)"));
+                return corrupt(format!("value {i} is zero (not canonical)"));
             }
             if total % 2 == 1 && s.values[total / 2] >> 4 != 0 {
-                return format_err("nonzero padding nibble after the last value");
+                return corrupt("nonzero padding nibble after the last value");
             }
         }
     }
@@ -416,13 +455,13 @@ pub fn validate(s: &Streams, shape: &[usize], strict: bool) -> Result<Vec<i64>> 
 /// Check the streams and value offsets of a `rows x n` array before decoding
 /// rows independently (O(rows)); `decode_row` relies on these.
 pub fn check_decodable(s: &Streams, value_offsets: &[i64], rows: usize) -> Result<()> {
-    check_params(s.count_bits, s.value_bits).map_err(|e| crate::Error::Format(e.to_string()))?;
+    check_params(s.count_bits, s.value_bits).map_err(|e| crate::Error::Corrupt(e.to_string()))?;
     let (_, cap) = check_offsets(s, rows)?;
     if value_offsets.len() != rows + 1 || value_offsets[0] != 0 || value_offsets.windows(2).any(|w| w[1] < w[0]) {
-        return format_err("value_offsets must have rows + 1 non-decreasing entries starting at 0");
+        return corrupt("value_offsets must have rows + 1 non-decreasing entries starting at 0");
     }
     if value_offsets[rows] as u64 > cap {
-        return format_err("value_offsets point past the values stream");
+        return corrupt("value_offsets point past the values stream");
     }
     Ok(())
 }
@@ -444,7 +483,7 @@ pub fn decode_row(s: &Streams, value_offsets: &[i64], r: usize, row: &mut [i8]) 
         }
     })?;
     if overflow || walk.values != v1 - v0 {
-        return format_err(format!("row {r}: codes hold {} values, value_offsets say {}", walk.values, v1 - v0));
+        return corrupt(format!("row {r}: codes hold {} values, value_offsets say {}", walk.values, v1 - v0));
     }
     Ok(())
 }
@@ -505,7 +544,7 @@ mod tests {
                         .map(|_| {
                             seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
                             let r = (seed >> 33) as u32;
-                            if r % 10 == 0 {
+                            if r.is_multiple_of(10) {
                                 ((r >> 8) % 15) as i8 - 7
                             } else {
                                 0

@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import CorruptError, FormatError
 from ._common import _nonzero_product, _packed_len
 from .bitpack import unpack_bits
 from .pb import PBTensor, _n_groups
@@ -318,7 +318,7 @@ def _count_values(rle: RLE) -> np.ndarray:
     """value_offsets implied by the codes (non-escape codes per row)."""
     cb = rle.count_bits
     if not 1 <= cb <= 8:
-        raise FormatError(f"count_bits {cb} out of range")
+        raise CorruptError(f"count_bits {cb} out of range")
     codes = unpack_bits(rle.counts, cb, int(rle.code_offsets[-1])) if rle.code_offsets.size else np.zeros(0, np.uint8)
     isval = (codes != (1 << cb) - 1).astype(np.int64)
     csum = np.concatenate([[0], np.cumsum(isval)])

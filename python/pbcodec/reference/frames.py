@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import CorruptError, TruncatedError, UnsupportedVersionError
 from ._common import _check_bits, _packed_len
 from .bitpack import pack_bits, unpack_bits
 from .checksum import _CRC_SIZE, crc32c
@@ -45,22 +45,23 @@ def unpack_frame(buf) -> np.ndarray:
     """Inverse of :func:`pack_frame` (§9), with its checks in the order listed there."""
     data = bytes(buf)
     if len(data) < _FRAME_HEADER.size + _CRC_SIZE:
-        raise FormatError(f"{len(data)} bytes is too short for a k-bit frame")
+        raise TruncatedError(f"{len(data)} bytes is too short for a k-bit frame")
     magic, version, bits, signed, count = _FRAME_HEADER.unpack_from(data, 0)
     if magic != b"PBBP":
-        raise FormatError("bad magic")
+        raise CorruptError("bad magic")
     if version != 1:
-        raise FormatError(f"unsupported version {version}")
+        raise UnsupportedVersionError(f"unsupported version {version}")
     if not 1 <= bits <= 8 or signed not in (0, 1):
-        raise FormatError("bad bits or signed flag")
-    if len(data) != _FRAME_HEADER.size + _packed_len(count, bits) + _CRC_SIZE:
-        raise FormatError("length mismatch")
+        raise CorruptError("bad bits or signed flag")
+    need = _FRAME_HEADER.size + _packed_len(count, bits) + _CRC_SIZE
+    if len(data) != need:
+        raise (TruncatedError if need > len(data) else CorruptError)("length mismatch")
     if struct.unpack("<I", data[-4:])[0] != crc32c(data[:-4]):
-        raise FormatError("checksum mismatch")
+        raise CorruptError("checksum mismatch")
     packed = np.frombuffer(data[_FRAME_HEADER.size : -4], dtype=np.uint8)
     used = count * bits
     if used % 8 and int(packed[-1]) >> (used % 8):
-        raise FormatError("nonzero padding bits")
+        raise CorruptError("nonzero padding bits")
     codes = unpack_bits(packed, bits, count)
     if not signed:
         return codes

@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 
-from ..errors import FormatError, ScaleRangeError
+from ..errors import CorruptError, FormatError, ScaleRangeError, TruncatedError, UnsupportedVersionError
 from ._common import _U64_MAX, _is_int, _nonzero_product, _packed_len
 from .bitpack import pack_bits, unpack_bits, unpack_signs
 from .checksum import _CRC_SIZE, crc32c
@@ -557,23 +557,23 @@ class PBTensor:
 
         # Fixed header.
         if len(buf) < _PBT_HEADER.size + _CRC_SIZE:
-            raise FormatError(f"buffer too short: {len(buf)} bytes, need at least 44")
+            raise TruncatedError(f"buffer too short: {len(buf)} bytes, need at least 44")
         magic, version, dense_bits, scale_bits, m, n, group_size, res_len = _PBT_HEADER.unpack_from(buf, 0)
         if magic != _PBT_MAGIC:
-            raise FormatError(f"bad magic {magic!r}, expected {_PBT_MAGIC!r}")
+            raise CorruptError(f"bad magic {magic!r}, expected {_PBT_MAGIC!r}")
         if version != _PBT_VERSION:
-            raise FormatError(f"unknown format version {version}")
+            raise UnsupportedVersionError(f"unknown format version {version}")
         if dense_bits != _PBT_DENSE_BITS:
-            raise FormatError(f"dense_bits {dense_bits} not supported (only 1)")
+            raise UnsupportedVersionError(f"dense_bits {dense_bits} not supported (only 1)")
         if scale_bits not in (16, 32):
-            raise FormatError(f"scale width {scale_bits} bits, expected 16 or 32")
+            raise CorruptError(f"scale width {scale_bits} bits, expected 16 or 32")
         if _nonzero_product((m, n)) >= 1 << 60:
-            raise FormatError(f"shape ({m}, {n}) is too large (limit: 2**60 elements)")
+            raise CorruptError(f"shape ({m}, {n}) is too large (limit: 2**60 elements)")
         if n == 0:
             if group_size != 1:
-                raise FormatError(f"group_size must be stored as 1 when n = 0, got {group_size}")
+                raise CorruptError(f"group_size must be stored as 1 when n = 0, got {group_size}")
         elif not 1 <= group_size <= n:
-            raise FormatError(f"group_size {group_size} not in 1..{n}")
+            raise CorruptError(f"group_size {group_size} not in 1..{n}")
 
         # Sizes and exact total length (Python ints are exact; beyond u64 is an error).
         w = scale_bits // 8
@@ -583,15 +583,16 @@ class PBTensor:
         sigma_len = m * w
         total = _PBT_HEADER.size + signs_len + 2 * scales_len + sigma_len + res_len + _CRC_SIZE
         if max(signs_len, scales_len, sigma_len, total) > _U64_MAX:
-            raise FormatError("size overflow in header fields")
+            raise CorruptError("size overflow in header fields")
         if total != len(buf):
-            raise FormatError(f"length mismatch: header implies {total} bytes, buffer has {len(buf)}")
+            error = TruncatedError if total > len(buf) else CorruptError
+            raise error(f"length mismatch: header implies {total} bytes, buffer has {len(buf)}")
 
         # Checksum.
         (stored_crc,) = struct.unpack_from("<I", buf, len(buf) - _CRC_SIZE)
         actual_crc = crc32c(buf[: len(buf) - _CRC_SIZE])
         if stored_crc != actual_crc:
-            raise FormatError(f"CRC-32C mismatch: stored {stored_crc:#010x}, computed {actual_crc:#010x}")
+            raise CorruptError(f"CRC-32C mismatch: stored {stored_crc:#010x}, computed {actual_crc:#010x}")
 
         # Sections (all sizes now bounded by len(buf)).
         pos = _PBT_HEADER.size
@@ -609,14 +610,14 @@ class PBTensor:
         try:
             residual = RLE.from_bytes(buf[pos : pos + res_len])
         except FormatError as e:
-            raise FormatError(f"embedded residual RLE: {e}") from e
+            raise type(e)(f"embedded residual RLE: {e}") from e
         pos += res_len
         assert pos == len(buf) - _CRC_SIZE
 
         if residual.shape != (m, n):
-            raise FormatError(f"residual has shape {residual.shape}, expected {(m, n)}")
+            raise CorruptError(f"residual has shape {residual.shape}, expected {(m, n)}")
         if n % 8 and m and np.any(signs[:, -1] >> (n % 8)):
-            raise FormatError("nonzero padding bits in the sign plane")
+            raise CorruptError("nonzero padding bits in the sign plane")
         _check_scales(mu, alpha, sigma)
         _check_residual_codes(residual)
         return cls((m, n), signs, mu, alpha, sigma, residual, group_size)
@@ -626,10 +627,10 @@ def _check_scales(mu, alpha, sigma) -> None:
     """§7: every scale finite; alpha and sigma non-negative (numerically: -0.0 passes)."""
     for name, a in (("mu", mu), ("alpha", alpha), ("sigma", sigma)):
         if not np.all(np.isfinite(a)):
-            raise FormatError(f"{name} has a non-finite scale")
+            raise CorruptError(f"{name} has a non-finite scale")
     for name, a in (("alpha", alpha), ("sigma", sigma)):
         if np.any(a < 0):
-            raise FormatError(f"{name} has a negative scale")
+            raise CorruptError(f"{name} has a negative scale")
 
 
 def _check_residual_codes(residual: RLE) -> None:
@@ -637,36 +638,37 @@ def _check_residual_codes(residual: RLE) -> None:
     big_q = _q_max(residual.value_bits)
     vals = _values_as_int8(residual.values, residual.value_bits, residual.num_values)
     if vals.size and int(vals.min()) < -big_q:
-        raise FormatError(f"a residual code is {int(vals.min())}, outside -{big_q}..{big_q}")
+        raise CorruptError(f"a residual code is {int(vals.min())}, outside -{big_q}..{big_q}")
 
 
 def _validate_pbtensor(t: PBTensor) -> None:
     """Everything §7 requires of a tensor, for an in-memory PBTensor (FormatError)."""
     m, n = t.shape
     if any(d < 0 for d in t.shape) or _nonzero_product(t.shape) >= 1 << 60:
-        raise FormatError(f"shape {t.shape} is invalid or too large (limit: 2**60 elements)")
+        raise CorruptError(f"shape {t.shape} is invalid or too large (limit: 2**60 elements)")
     gs = t.group_size
     if n == 0:
         if gs != 1:
-            raise FormatError(f"group_size must be 1 when n = 0, got {gs}")
+            raise CorruptError(f"group_size must be 1 when n = 0, got {gs}")
     elif not 1 <= gs <= n:
-        raise FormatError(f"group_size {gs} not in 1..{n}")
+        raise CorruptError(f"group_size {gs} not in 1..{n}")
     ng = _n_groups(n, gs)
     if t.signs.dtype != np.uint8 or t.signs.shape != (m, _packed_len(n, 1)):
-        raise FormatError(f"signs must be uint8 of shape {(m, _packed_len(n, 1))}, got {t.signs.dtype} {t.signs.shape}")
+        want = (m, _packed_len(n, 1))
+        raise CorruptError(f"signs must be uint8 of shape {want}, got {t.signs.dtype} {t.signs.shape}")
     dt = t.mu.dtype
     if dt not in _SCALE_DTYPES or t.alpha.dtype != dt or t.sigma.dtype != dt:
-        raise FormatError(
+        raise CorruptError(
             f"mu, alpha, sigma must share a float16/float32 dtype, got {t.mu.dtype}, {t.alpha.dtype}, {t.sigma.dtype}"
         )
     for name, a, want in (("mu", t.mu, (m, ng)), ("alpha", t.alpha, (m, ng)), ("sigma", t.sigma, (m,))):
         if a.shape != want:
-            raise FormatError(f"{name} must have shape {want}, got {a.shape}")
+            raise CorruptError(f"{name} must have shape {want}, got {a.shape}")
     if t.residual.shape != (m, n):
-        raise FormatError(f"residual has shape {t.residual.shape}, expected {(m, n)}")
+        raise CorruptError(f"residual has shape {t.residual.shape}, expected {(m, n)}")
     _validate_rle(t.residual, canonical=True)
     if n % 8 and m and np.any(t.signs[:, -1] >> (n % 8)):
-        raise FormatError("nonzero padding bits in the sign plane")
+        raise CorruptError("nonzero padding bits in the sign plane")
     _check_scales(t.mu, t.alpha, t.sigma)
     _check_residual_codes(t.residual)
 

@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import CorruptError, TruncatedError, UnsupportedVersionError
 from ._common import _U64_MAX, _is_int, _nonzero_product, _packed_len, _rows_of
 from .bitpack import pack_bits, unpack_bits
 from .checksum import _CRC_SIZE, crc32c
@@ -160,28 +160,28 @@ class RLE:
 
         # Step 1: fixed header.
         if len(buf) < _HEADER.size + _CRC_SIZE:
-            raise FormatError(f"buffer too short: {len(buf)} bytes, need at least 20")
+            raise TruncatedError(f"buffer too short: {len(buf)} bytes, need at least 20")
         magic, version, count_bits, value_bits, ndim, w, res16, res32 = _HEADER.unpack_from(buf, 0)
         if magic != _MAGIC:
-            raise FormatError(f"bad magic {magic!r}, expected {_MAGIC!r}")
+            raise CorruptError(f"bad magic {magic!r}, expected {_MAGIC!r}")
         if version != _VERSION:
-            raise FormatError(f"unknown format version {version}")
+            raise UnsupportedVersionError(f"unknown format version {version}")
         if res16 != 0 or res32 != 0:
-            raise FormatError("reserved header bytes are not zero")
+            raise CorruptError("reserved header bytes are not zero")
         if not 1 <= count_bits <= 8:
-            raise FormatError(f"count_bits {count_bits} not in 1..8")
+            raise CorruptError(f"count_bits {count_bits} not in 1..8")
         if value_bits not in (4, 8):
-            raise FormatError(f"value_bits {value_bits} not 4 or 8")
+            raise CorruptError(f"value_bits {value_bits} not 4 or 8")
         if not 1 <= ndim <= _MAX_NDIM:
-            raise FormatError(f"ndim {ndim} not in 1..{_MAX_NDIM}")
+            raise CorruptError(f"ndim {ndim} not in 1..{_MAX_NDIM}")
         if w not in (4, 8):
-            raise FormatError(f"index_width {w} not 4 or 8")
+            raise CorruptError(f"index_width {w} not 4 or 8")
 
         # Step 2: variable header, sizes, exact total length (before any allocation).
         pos = _HEADER.size
         fields_end = pos + 8 * ndim + 16
         if len(buf) < fields_end + _CRC_SIZE:
-            raise FormatError(f"buffer truncated: {len(buf)} bytes, header alone needs {fields_end + _CRC_SIZE}")
+            raise TruncatedError(f"buffer truncated: {len(buf)} bytes, header alone needs {fields_end + _CRC_SIZE}")
         shape = struct.unpack_from(f"<{ndim}Q", buf, pos)
         pos += 8 * ndim
         num_codes, num_values = struct.unpack_from("<QQ", buf, pos)
@@ -191,36 +191,37 @@ class RLE:
         rows = _rows_of(shape)
         # §4: the product of the nonzero dimensions must be below 2**63.
         if _nonzero_product(shape) >= 1 << 63:
-            raise FormatError(f"shape {shape} is too large (limit: 2**63 elements)")
+            raise CorruptError(f"shape {shape} is too large (limit: 2**63 elements)")
         row_ends_len = w * rows
         counts_len = _packed_len(num_codes, count_bits)
         values_len = num_values if value_bits == 8 else (num_values + 1) // 2
         total = fields_end + row_ends_len + counts_len + values_len + _CRC_SIZE
         if max(rows, row_ends_len, num_codes * count_bits, counts_len, total) > _U64_MAX:
-            raise FormatError("size overflow in header fields")
+            raise CorruptError("size overflow in header fields")
         if total != len(buf):
-            raise FormatError(f"length mismatch: header implies {total} bytes, buffer has {len(buf)}")
+            error = TruncatedError if total > len(buf) else CorruptError
+            raise error(f"length mismatch: header implies {total} bytes, buffer has {len(buf)}")
 
         # Step 3: checksum.
         (stored_crc,) = struct.unpack_from("<I", buf, len(buf) - _CRC_SIZE)
         actual_crc = crc32c(buf[: len(buf) - _CRC_SIZE])
         if stored_crc != actual_crc:
-            raise FormatError(f"CRC-32C mismatch: stored {stored_crc:#010x}, computed {actual_crc:#010x}")
+            raise CorruptError(f"CRC-32C mismatch: stored {stored_crc:#010x}, computed {actual_crc:#010x}")
 
         # Step 4: row ends and index width.
         row_ends = np.frombuffer(buf, dtype="<u4" if w == 4 else "<u8", count=rows, offset=pos)
         pos += row_ends_len
         if rows == 0:
             if num_codes != 0:
-                raise FormatError(f"array has zero rows but num_codes = {num_codes}")
+                raise CorruptError(f"array has zero rows but num_codes = {num_codes}")
         else:
             # Compared in their own unsigned dtype: no wrap before the checks.
             if np.any(row_ends[1:] < row_ends[:-1]):
-                raise FormatError("row_ends are not non-decreasing")
+                raise CorruptError("row_ends are not non-decreasing")
             if int(row_ends[-1]) != num_codes:
-                raise FormatError(f"last row end {int(row_ends[-1])} != num_codes {num_codes}")
+                raise CorruptError(f"last row end {int(row_ends[-1])} != num_codes {num_codes}")
         if w != _index_width(num_codes):
-            raise FormatError(f"index_width {w} is not the prescribed {_index_width(num_codes)}")
+            raise CorruptError(f"index_width {w} is not the prescribed {_index_width(num_codes)}")
         code_offsets = np.concatenate([[0], row_ends.astype(np.int64)]).astype(np.int64)
 
         # Step 5: padding bits of both streams are zero.
@@ -233,9 +234,9 @@ class RLE:
         pos += values_len
         assert pos == len(buf) - _CRC_SIZE
         if not _padding_is_zero(counts, num_codes * count_bits):
-            raise FormatError("nonzero padding bits in the counts stream")
+            raise CorruptError("nonzero padding bits in the counts stream")
         if value_bits == 4 and not _padding_is_zero(values, num_values * 4):
-            raise FormatError("nonzero padding bits in the values stream")
+            raise CorruptError("nonzero padding bits in the values stream")
 
         # Step 6: every row decodes within its length and is canonical.
         codes = unpack_bits(counts, count_bits, num_codes)
@@ -245,9 +246,9 @@ class RLE:
         _check_no_trailing_escape(codes, code_offsets, esc)
         value_offsets = _value_offsets_from_codes(codes, code_offsets, esc)
         if int(value_offsets[-1]) != num_values:
-            raise FormatError(f"codes hold {int(value_offsets[-1])} values but num_values = {num_values}")
+            raise CorruptError(f"codes hold {int(value_offsets[-1])} values but num_values = {num_values}")
         if np.any(_values_as_int8(values, value_bits, num_values) == 0):
-            raise FormatError("a stored value is zero (non-canonical)")
+            raise CorruptError("a stored value is zero (non-canonical)")
 
         return cls(
             shape=shape,
@@ -310,7 +311,7 @@ def _check_rows_fit(codes, code_offsets, n, esc) -> None:
     bad = np.flatnonzero(row_len > min(n, 2**62))
     if bad.size:
         i = int(bad[0])
-        raise FormatError(f"row {i} decodes to position {int(row_len[i])}, past its length {n}")
+        raise CorruptError(f"row {i} decodes to position {int(row_len[i])}, past its length {n}")
 
 
 def _check_no_trailing_escape(codes, code_offsets, esc) -> None:
@@ -320,7 +321,7 @@ def _check_no_trailing_escape(codes, code_offsets, esc) -> None:
     bad = np.flatnonzero(last == esc)
     if bad.size:
         i = int(np.flatnonzero(nonempty)[bad[0]])
-        raise FormatError(f"row {i} ends with an escape code (non-canonical)")
+        raise CorruptError(f"row {i} ends with an escape code (non-canonical)")
 
 
 def _value_offsets_from_codes(codes, code_offsets, esc) -> np.ndarray:
@@ -349,37 +350,37 @@ def _validate_rle(rle: RLE, canonical: bool) -> np.ndarray:
     """
     b, vb, shape = rle.count_bits, rle.value_bits, rle.shape
     if not 1 <= b <= 8:
-        raise FormatError(f"count_bits {b} not in 1..8")
+        raise CorruptError(f"count_bits {b} not in 1..8")
     if vb not in (4, 8):
-        raise FormatError(f"value_bits {vb} not 4 or 8")
+        raise CorruptError(f"value_bits {vb} not 4 or 8")
     if not 1 <= len(shape) <= _MAX_NDIM:
-        raise FormatError(f"ndim {len(shape)} not in 1..{_MAX_NDIM}")
+        raise CorruptError(f"ndim {len(shape)} not in 1..{_MAX_NDIM}")
     if any(d < 0 for d in shape) or _nonzero_product(shape) >= 1 << 63:
-        raise FormatError(f"shape {shape} is invalid or too large (limit: 2**63 elements)")
+        raise CorruptError(f"shape {shape} is invalid or too large (limit: 2**63 elements)")
     rows = _rows_of(shape)
     co, vo = rle.code_offsets, rle.value_offsets
     for name, off in (("code_offsets", co), ("value_offsets", vo)):
         if off.dtype != np.int64 or off.ndim != 1:
-            raise FormatError(f"{name} must be a 1-D int64 array")
+            raise CorruptError(f"{name} must be a 1-D int64 array")
         if off.size != rows + 1:
-            raise FormatError(f"{name} has {off.size} entries, expected rows + 1 = {rows + 1}")
+            raise CorruptError(f"{name} has {off.size} entries, expected rows + 1 = {rows + 1}")
         if off[0] != 0:
-            raise FormatError(f"{name} does not start at 0")
+            raise CorruptError(f"{name} does not start at 0")
         if np.any(off[1:] < off[:-1]):
-            raise FormatError(f"{name} is not non-decreasing")
+            raise CorruptError(f"{name} is not non-decreasing")
     num_codes, num_values = rle.num_codes, rle.num_values
     if rle.counts.dtype != np.uint8 or rle.counts.ndim != 1:
-        raise FormatError("counts must be a 1-D uint8 array")
+        raise CorruptError("counts must be a 1-D uint8 array")
     if rle.counts.size != _packed_len(num_codes, b):
-        raise FormatError(
+        raise CorruptError(
             f"counts has {rle.counts.size} bytes, expected {_packed_len(num_codes, b)} "
             f"for {num_codes} codes of {b} bits"
         )
     want_vdtype, want_vlen = (np.int8, num_values) if vb == 8 else (np.uint8, (num_values + 1) // 2)
     if rle.values.dtype != want_vdtype or rle.values.ndim != 1:
-        raise FormatError(f"values must be a 1-D {np.dtype(want_vdtype)} array for value_bits={vb}")
+        raise CorruptError(f"values must be a 1-D {np.dtype(want_vdtype)} array for value_bits={vb}")
     if rle.values.size != want_vlen:
-        raise FormatError(f"values has {rle.values.size} elements, expected {want_vlen}")
+        raise CorruptError(f"values has {rle.values.size} elements, expected {want_vlen}")
 
     esc = (1 << b) - 1
     codes = unpack_bits(rle.counts, b, num_codes)
@@ -387,18 +388,18 @@ def _validate_rle(rle: RLE, canonical: bool) -> np.ndarray:
     per_row = _value_offsets_from_codes(codes, co, esc)
     bad = np.flatnonzero(per_row != vo)
     if bad.size:
-        raise FormatError(
+        raise CorruptError(
             f"value_offsets[{int(bad[0])}] = {int(vo[bad[0]])} but the codes before it "
             f"hold {int(per_row[bad[0]])} values"
         )
     if canonical:
         if not _padding_is_zero(rle.counts, num_codes * b):
-            raise FormatError("nonzero padding bits in the counts stream")
+            raise CorruptError("nonzero padding bits in the counts stream")
         if vb == 4 and not _padding_is_zero(rle.values, num_values * 4):
-            raise FormatError("nonzero padding bits in the values stream")
+            raise CorruptError("nonzero padding bits in the values stream")
         _check_no_trailing_escape(codes, co, esc)
         if np.any(_values_as_int8(rle.values, vb, num_values) == 0):
-            raise FormatError("a stored value is zero (non-canonical)")
+            raise CorruptError("a stored value is zero (non-canonical)")
     return codes
 
 
