@@ -752,15 +752,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::pb::{compress, Params, ScaleType};
-
-    fn rand_vec(len: usize, seed: &mut u64) -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
-    }
+    use crate::testutil::rand_vec;
 
     fn check(m: usize, n: usize, p: &Params, batch: usize, seed: &mut u64) {
         let w = rand_vec(m * n, seed);

@@ -406,6 +406,31 @@ fn pb_layout(py: Python<'_>, meta: PbMeta, arrays: PbArrays<'_>) -> PyResult<PyL
     Ok(PyLayout { inner })
 }
 
+/// A matvec on the execution layout: `(layout, x, batch, bias, out)`.
+type LayoutKernel = fn(&crate::layout::Layout, &[f32], usize, Option<&[f32]>, &mut [f32]) -> crate::Result<()>;
+
+/// The arguments both layout matvec bindings take, checked and borrowed, then
+/// `kernel(layout, x, batch, bias, out)` with the GIL released.
+fn layout_matvec(
+    py: Python<'_>,
+    layout: &Bound<'_, PyLayout>,
+    x: PyReadonlyArrayDyn<'_, f32>,
+    batch: usize,
+    mut out: PyReadwriteArrayDyn<'_, f32>,
+    bias: Option<PyReadonlyArrayDyn<'_, f32>>,
+    kernel: LayoutKernel,
+) -> PyResult<()> {
+    let l = &layout.get().inner;
+    let xs = ro(&x, "x")?;
+    let bs = match &bias {
+        Some(b) => Some(ro(b, "bias")?),
+        None => None,
+    };
+    let o = rw(&mut out, "out")?;
+    py.detach(|| kernel(l, xs, batch, bs, o)).py(py)
+}
+
+/// int8-activation matvec on a layout (docs/format.md §6.4), plus `bias`.
 #[pyfunction]
 #[pyo3(signature = (layout, x, batch, out, bias=None))]
 fn pb_matvec_int8(
@@ -413,19 +438,13 @@ fn pb_matvec_int8(
     layout: &Bound<'_, PyLayout>,
     x: PyReadonlyArrayDyn<'_, f32>,
     batch: usize,
-    mut out: PyReadwriteArrayDyn<'_, f32>,
+    out: PyReadwriteArrayDyn<'_, f32>,
     bias: Option<PyReadonlyArrayDyn<'_, f32>>,
 ) -> PyResult<()> {
-    let l = &layout.get().inner;
-    let xs = ro(&x, "x")?;
-    let bs = match &bias {
-        Some(b) => Some(ro(b, "bias")?),
-        None => None,
-    };
-    let o = rw(&mut out, "out")?;
-    py.detach(|| crate::qmatvec::matvec_int8(l, xs, batch, bs, o)).py(py)
+    layout_matvec(py, layout, x, batch, out, bias, crate::qmatvec::matvec_int8)
 }
 
+/// float32-activation matvec on a layout, plus `bias`.
 #[pyfunction]
 #[pyo3(signature = (layout, x, batch, out, bias=None))]
 fn pb_matvec_layout_f32(
@@ -433,17 +452,10 @@ fn pb_matvec_layout_f32(
     layout: &Bound<'_, PyLayout>,
     x: PyReadonlyArrayDyn<'_, f32>,
     batch: usize,
-    mut out: PyReadwriteArrayDyn<'_, f32>,
+    out: PyReadwriteArrayDyn<'_, f32>,
     bias: Option<PyReadonlyArrayDyn<'_, f32>>,
 ) -> PyResult<()> {
-    let l = &layout.get().inner;
-    let xs = ro(&x, "x")?;
-    let bs = match &bias {
-        Some(b) => Some(ro(b, "bias")?),
-        None => None,
-    };
-    let o = rw(&mut out, "out")?;
-    py.detach(|| crate::fmatvec::matvec_f32(l, xs, batch, bs, o)).py(py)
+    layout_matvec(py, layout, x, batch, out, bias, crate::fmatvec::matvec_f32)
 }
 
 #[pyfunction]

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ..gptq import compress_gptq
-from ..pb import compress, snr_db
+from ..pb import compress
 from .convert import _linear_slots, _swap, default_filter
 from .module import PBLinear
-from .report import CompressionReport
+from .report import CompressionReport, layer_row
 
 #: Per-layer salient budget used by :func:`calibrate_model` unless told otherwise:
 #: ``{name glob: factor}``, the layer's salient fraction is ``factor * salient``
@@ -282,23 +282,9 @@ def _compress_layer(
             t = compress_gptq(w32, h.numpy(), **kw)
         pbl = PBLinear.from_pbtensor(t, lin.bias, device=w.device, activations=activations)
     _swap(slots, {id(lin): pbl})
-    m, n = t.shape
-    return {
-        "name": name,
-        "shape": (m, n),
-        "dtype": str(w.dtype),
-        "params": m * n,
-        "bytes_before": m * n * w.element_size(),
-        "bytes_float32": 4 * m * n,
-        "bytes_after": t.nbytes,
-        "bits_per_weight": t.bits_per_weight,
-        "snr_db": snr_db(w32, t.decompress()),
-        "salient_fraction": t.residual.num_values / (m * n) if m * n else 0.0,
-        "salient_target": float(kw["salient"]),
-        "calibrated": h is not None,
-        "tokens": int(tokens),
-        "activations": pbl.activations,
-    }
+    return layer_row(
+        name, w, w32, pbl, salient_target=float(kw["salient"]), calibrated=h is not None, tokens=int(tokens)
+    )
 
 
 _PLAIN_ARGS = ("salient", "salient_bits", "count_bits", "group_size", "select", "importance", "shift", "scale_dtype")

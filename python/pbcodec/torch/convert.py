@@ -13,9 +13,8 @@ from torch import Tensor, nn
 
 from .._adapt import compress_adapted
 from ..errors import ScaleRangeError
-from ..pb import snr_db
 from .module import ACTIVATIONS, PBLinear, stored_layers
-from .report import CompressionReport
+from .report import CompressionReport, layer_row
 
 
 # ---------------------------------------------------------------------------
@@ -296,23 +295,7 @@ def compress_model(
                 raise type(e)(f"layer {name!r}: {e}") from e
             # from_pbtensor falls back to float32 where int8 cannot run this group size
             pbl = PBLinear.from_pbtensor(t, lin.bias, device=lin.weight.device, activations=activations)
-            m, n = t.shape
-            layers.append(
-                {
-                    "name": name,
-                    "shape": (m, n),
-                    "dtype": str(w.dtype),
-                    "params": m * n,
-                    "bytes_before": m * n * w.element_size(),
-                    "bytes_float32": 4 * m * n,
-                    "bytes_after": t.nbytes,
-                    "bits_per_weight": t.bits_per_weight,
-                    "snr_db": snr_db(w32, t.decompress()),
-                    "salient_fraction": t.residual.num_values / (m * n) if m * n else 0.0,
-                    "activations": pbl.activations,
-                    "notes": notes,
-                }
-            )
+            layers.append(layer_row(name, w, w32, pbl, notes=notes))
         new[id(lin)] = pbl
     _swap(slots, new)
     return CompressionReport(layers, skipped, reasons)

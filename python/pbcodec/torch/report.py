@@ -126,6 +126,30 @@ class CompressionReport:
         )
 
 
+def layer_row(name: str, w: Any, w32: Any, pbl: Any, **extra: Any) -> dict[str, Any]:
+    """One :attr:`CompressionReport.layers` entry: the original weight ``w`` (a tensor),
+    its float32 numpy copy ``w32`` and the :class:`PBLinear` made from it, plus ``extra``
+    fields."""
+    from ..pb import snr_db
+
+    t = pbl.pb
+    m, n = t.shape
+    return {
+        "name": name,
+        "shape": (m, n),
+        "dtype": str(w.dtype),
+        "params": m * n,
+        "bytes_before": m * n * w.element_size(),
+        "bytes_float32": 4 * m * n,
+        "bytes_after": t.nbytes,
+        "bits_per_weight": t.bits_per_weight,
+        "snr_db": snr_db(w32, t.decompress()),
+        "salient_fraction": t.residual.num_values / (m * n) if m * n else 0.0,
+        "activations": pbl.activations,
+        **extra,
+    }
+
+
 def _fmt_bytes(b: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if b >= size:
