@@ -5,6 +5,8 @@
   out of cache, with copy bandwidth and the entropy bound.
 - ``bench_matvec.py``: the fused matvec against numpy float32, decompress-then-GEMV
   and torch's int8 dynamic Linear, cold and in cache, with the roofline.
+- ``bench_kernels.py``: both activation modes against numpy float32 and torch's int8
+  Linear (cold, in cache, batch scaling, decompress, PBLinear, MiniLM), with targets.
 - ``bench_model.py``: all-MiniLM-L6-v2 with compressed Linear layers.
 - ``bench_quality.py``: the quality report (plain / activation-aware / calibrated
   compression of all-MiniLM-L6-v2 at 2-5 bits/weight, with int2/3/4 references).
@@ -25,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 def run_all(quick: bool = False, extra: list[str] | None = None) -> int:
     """Run every benchmark script; returns the worst exit status."""
     status = 0
-    for script in ("bench_codec.py", "bench_matvec.py", "bench_model.py", "bench_quality.py"):
+    for script in ("bench_kernels.py", "bench_codec.py", "bench_matvec.py", "bench_model.py", "bench_quality.py"):
         quick_flag = ["--repeats", "5"] if script == "bench_model.py" else ["--quick"]
         args = [sys.executable, str(HERE / script)] + (quick_flag if quick else []) + list(extra or [])
         print("$ python benches/" + " ".join(args[1:]).split("benches/")[-1], flush=True)
