@@ -220,12 +220,8 @@ class PBTensor:
         ):
             # The common call (one float32 vector, layout built): ~1 µs of Python.
             res = np.empty(m, np.float32)
-            if activations == "int8":
-                _core.pb_matvec_int8(lay, x, 1, res)
-                return res
-            if activations == "float32" and lay.f32_supported:
-                _core.pb_matvec_layout_f32(lay, x, 1, res)
-                return res
+            self._matvec_into(x, 1, res, activations)
+            return res
         xa = np.asarray(x)
         if xa.dtype != np.float32:
             if xa.dtype.kind != "f":
@@ -237,17 +233,34 @@ class PBTensor:
         batch = 1 if xa.ndim == 1 else xa.shape[0]
         res = prepare_out(out, (m,) if xa.ndim == 1 else (batch, m), np.float32)
         xa = unshared(xa, out)  # matvec(x, out=x): x is read while out is written
-        if activations == "float32":
-            lay = self._exec_layout()
-            if lay.f32_supported:
-                _core.pb_matvec_layout_f32(lay, xa, batch, res)
-            else:  # group boundaries inside 4-column quads: the row-wise kernel
-                _core.pb_matvec(*self._parts(), xa, batch, res)
-        elif activations == "int8":
-            _core.pb_matvec_int8(self._exec_layout(), xa, batch, res)
-        else:
-            raise ValueError(f"activations must be 'float32' or 'int8', got {activations!r}")
+        self._matvec_into(xa, batch, res, activations)
         return res
+
+    def _matvec_into(
+        self,
+        x: np.ndarray,
+        batch: int,
+        res: np.ndarray,
+        activations: str,
+        bias: np.ndarray | None = None,
+        build_layout: bool = True,
+    ) -> None:
+        """The kernel choice of :meth:`matvec` (also PBLinear's): ``res = x @ Ŵ.T (+ bias)``
+        for prepared float32 arrays. int8 always runs on the execution layout; float32 on
+        the layout when it exists (built here unless ``build_layout`` is false) and its
+        group size allows, else on the row-wise kernel."""
+        if activations == "int8":
+            _core.pb_matvec_int8(self._exec_layout(), x, batch, res, bias)
+            return
+        if activations != "float32":
+            raise ValueError(f"activations must be 'float32' or 'int8', got {activations!r}")
+        lay = self._exec_layout() if build_layout else self._layout
+        if lay is not None and lay.f32_supported:
+            _core.pb_matvec_layout_f32(lay, x, batch, res, bias)
+        else:  # no layout, or group boundaries inside 4-column quads: the row-wise kernel
+            _core.pb_matvec(*self._parts(), x, batch, res)
+            if bias is not None:
+                res += bias
 
     def to_bytes(self) -> bytes:
         """Serialize (docs/format.md §7): magic, version, parts, embedded RLE, CRC-32C."""

@@ -101,20 +101,10 @@ fn matvec_f32_at(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
-    let (m, n) = (l.m, l.n);
     if !supported(l) {
         return invalid(format!("the layout kernels need a group size that is a multiple of 4, got {}", l.group_size));
     }
-    if x.len() != batch.saturating_mul(n) {
-        return invalid(format!("x has {} elements, expected {batch} x {n}", x.len()));
-    }
-    if out.len() != batch.saturating_mul(m) {
-        return invalid(format!("out has {} elements, expected {batch} x {m}", out.len()));
-    }
-    if bias.is_some_and(|b| b.len() != m) {
-        return invalid(format!("bias must have {m} elements"));
-    }
-    if m == 0 || batch == 0 {
+    if !crate::qmatvec::has_work(l, x, batch, bias, out)? {
         return Ok(());
     }
     let p = prepare(l, x, batch);

@@ -150,7 +150,7 @@ fn matvec_int8_at(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
-    let (m, n) = (l.m, l.n);
+    let n = l.n;
     if !l.int8_supported() {
         return invalid(format!(
             "int8 activations need a group size that is a multiple of {BLOCK} (or one group per row); \
@@ -158,16 +158,7 @@ fn matvec_int8_at(
             l.group_size
         ));
     }
-    if x.len() != batch.saturating_mul(n) {
-        return invalid(format!("x has {} elements, expected {batch} x {n}", x.len()));
-    }
-    if out.len() != batch.saturating_mul(m) {
-        return invalid(format!("out has {} elements, expected {batch} x {m}", out.len()));
-    }
-    if bias.is_some_and(|b| b.len() != m) {
-        return invalid(format!("bias must have {m} elements"));
-    }
-    if m == 0 || batch == 0 {
+    if !has_work(l, x, batch, bias, out)? {
         return Ok(());
     }
     let qx = quantize(x, batch, n, l);
@@ -179,6 +170,22 @@ fn matvec_int8_at(
         unsafe { kernel(l, t, &qx, y) }
     });
     Ok(())
+}
+
+/// The size checks both layout matvecs make: `x` is `batch x n`, `out` `batch x m`,
+/// `bias` (if any) `m`; returns whether there is anything to compute.
+pub(crate) fn has_work(l: &Layout, x: &[f32], batch: usize, bias: Option<&[f32]>, out: &[f32]) -> Result<bool> {
+    let (m, n) = (l.m, l.n);
+    if x.len() != batch.saturating_mul(n) {
+        return invalid(format!("x has {} elements, expected {batch} x {n}", x.len()));
+    }
+    if out.len() != batch.saturating_mul(m) {
+        return invalid(format!("out has {} elements, expected {batch} x {m}", out.len()));
+    }
+    if bias.is_some_and(|b| b.len() != m) {
+        return invalid(format!("bias must have {m} elements"));
+    }
+    Ok(m > 0 && batch > 0)
 }
 
 /// Run `tile(t, yt)` for every tile (`yt`: batch x 16 floats) over the worker

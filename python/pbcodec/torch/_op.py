@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _core
 from .._parts import PBArrays, PBMeta, PBParts
 from ..errors import FormatError
 from ..pb import _SCALE_BITS, PBTensor, _assemble
@@ -186,16 +185,7 @@ def linear_forward(
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         yn = np.empty((rows, m), np.float32)
-        xn = x2.numpy()  # zero-copy
-        lay = t._layout if t._layout is not None else (t._exec_layout() if (int8 or use_layout) else None)
-        if int8:
-            _core.pb_matvec_int8(lay, xn, rows, yn, bn)
-        elif lay is not None and lay.f32_supported:
-            _core.pb_matvec_layout_f32(lay, xn, rows, yn, bn)
-        else:
-            _core.pb_matvec(*t._parts(), xn, rows, yn)
-            if bn is not None:
-                yn += bn
+        t._matvec_into(x2.numpy(), rows, yn, "int8" if int8 else "float32", bn, build_layout=use_layout)
         y = torch.from_numpy(yn)
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
