@@ -2,7 +2,7 @@
 //! (10 % salient, 8-bit residual): the kernel alone, no Python, no pool.
 //!
 //! `cargo build --release --example kernels`, then
-//! `MODE=int8|f32|rowwise PBCODEC_SIMD=scalar|avx2|avx512 ./target/release/examples/kernels M N BATCH`.
+//! `MODE=int8|f32|rowwise|quantize PBCODEC_SIMD=scalar|avx2|avx512 ./target/release/examples/kernels M N BATCH`.
 //! Prints the median time and weights per cycle at a nominal 2.6 GHz (x batch).
 use std::time::Instant;
 
@@ -40,6 +40,8 @@ fn main() {
         let t0 = Instant::now();
         if mode == "int8" {
             pbcodec::qmatvec::matvec_int8(&l, &x, batch, None, &mut y).unwrap();
+        } else if mode == "quantize" {
+            std::hint::black_box(pbcodec::qmatvec::quantize(&x, batch, n, &l));
         } else if mode == "f32" {
             pbcodec::fmatvec::matvec_f32(&l, &x, batch, None, &mut y).unwrap();
         } else {

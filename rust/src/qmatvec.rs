@@ -44,8 +44,35 @@ pub struct QuantX {
     pub tsum: Vec<f32>,
 }
 
-/// Quantize `batch x n` activations per block of 64 columns (§6.4).
+/// Quantize `batch x n` activations per block of 64 columns (§6.4), with the
+/// loops compiled for the best SIMD level this CPU runs (the same IEEE
+/// operations at every width, so the same bits).
 pub fn quantize(x: &[f32], batch: usize, n: usize, l: &Layout) -> QuantX {
+    quantize_at(simd::level(), x, batch, n, l)
+}
+
+fn quantize_at(level: Level, x: &[f32], batch: usize, n: usize, l: &Layout) -> QuantX {
+    match simd::runnable(level) {
+        // SAFETY: `runnable` returned a level this CPU runs.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 => unsafe { x86::quantize_avx512(x, batch, n, l) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => unsafe { x86::quantize_avx2(x, batch, n, l) },
+        _ => quantize_generic(x, batch, n, l, quantize_block),
+    }
+}
+
+/// The portable body of [`quantize`]; `inline(always)` so that each
+/// `#[target_feature]` wrapper vectorizes it at its own width.
+#[inline(always)]
+fn quantize_generic(
+    x: &[f32],
+    batch: usize,
+    n: usize,
+    l: &Layout,
+    block: impl Fn(&[f32], &mut [i8]) -> (f32, i32),
+) -> QuantX {
     let blocks = l.blocks;
     let stride = blocks * BLOCK;
     let ng = l.n_groups;
@@ -64,7 +91,7 @@ pub fn quantize(x: &[f32], batch: usize, n: usize, l: &Layout) -> QuantX {
         for kb in 0..blocks {
             let blk = &xr[kb * BLOCK..((kb + 1) * BLOCK).min(n)];
             let out = &mut q.xq[b * stride + kb * BLOCK..b * stride + kb * BLOCK + blk.len()];
-            let (d, sum) = quantize_block(blk, out);
+            let (d, sum) = block(blk, out);
             q.d[b * blocks + kb] = d;
             q.xsum[b * blocks + kb] = sum;
         }
@@ -81,6 +108,7 @@ pub fn quantize(x: &[f32], batch: usize, n: usize, l: &Layout) -> QuantX {
 
 /// One block: returns (d, Σ codes). A block with a non-finite value gets
 /// d = NaN and zero codes (its outputs become NaN, as in float arithmetic).
+#[inline(always)]
 fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     // Branch-free folds (no early exit), so the loops vectorize.
     let finite = x.iter().fold(true, |a, v| a & v.is_finite());
@@ -99,13 +127,13 @@ fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     // 64): |v/d| <= 127.5, and adding 1.5·2^23 lands in [2^23, 2^24) where the float
     // addition itself rounds to an integer, half to even; subtracting it back is exact.
     const MAGIC: f32 = 12_582_912.0;
-    let mut sum = 0i32;
     for (o, &v) in out.iter_mut().zip(x) {
-        let r = ((v / d + MAGIC) - MAGIC).clamp(-127.0, 127.0) as i32;
-        *o = r as i8;
-        sum += r;
+        let r = ((v / d + MAGIC) - MAGIC).clamp(-127.0, 127.0);
+        // SAFETY: r is finite and integral in [-127, 127] (v and d finite, d > 0),
+        // so the unchecked conversion is exact; unlike `as`, it vectorizes.
+        *o = unsafe { r.to_int_unchecked::<i32>() } as i8;
     }
-    (d, sum)
+    (d, out.iter().map(|&c| i32::from(c)).sum())
 }
 
 /// The int8 tile kernel of one SIMD level: all batch rows of tile `t` into `yt`
@@ -161,7 +189,7 @@ fn matvec_int8_at(
     if !has_work(l, x, batch, bias, out)? {
         return Ok(());
     }
-    let qx = quantize(x, batch, n, l);
+    let qx = quantize_at(level, x, batch, n, l);
     let kernel = table(level);
     run_tiles(l, batch, bias, out, |t, y| {
         // SAFETY: `kernel` comes from `table`; `l` is a layout (built by layout::build,
@@ -309,7 +337,7 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::QuantX;
-    use crate::layout::{Layout, QUADS_PER_BLOCK, TILE};
+    use crate::layout::{Layout, BLOCK, QUADS_PER_BLOCK, TILE};
 
     // Bounds used by the SAFETY comments of both kernels, for tile t < tiles of a
     // layout from `layout::build` and a QuantX from `quantize` (see `TileFn`):
@@ -322,6 +350,79 @@ pub(crate) mod x86 {
     // - mu, alpha hold tiles x n_groups x 16 floats, sigma tiles x 16;
     // - yt holds batch x 16 floats.
 
+    /// [`super::quantize`] vectorized for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn quantize_avx512(x: &[f32], batch: usize, n: usize, l: &Layout) -> QuantX {
+        super::quantize_generic(x, batch, n, l, |blk, out| {
+            // SAFETY: this function's contract (AVX-512 F/BW/VL).
+            unsafe { quantize_block512(blk, out) }
+        })
+    }
+
+    /// One block of [`super::quantize_block`] in four zmm registers: the same IEEE
+    /// operations in the same order per value (divide, add and subtract 1.5·2^23,
+    /// clamp), so the same codes, d and sum.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VL; `x.len() == out.len() <= 64`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn quantize_block512(x: &[f32], out: &mut [i8]) -> (f32, i32) {
+        debug_assert!(x.len() == out.len() && x.len() <= BLOCK);
+        let len = x.len();
+        let lane_mask = |i: usize| -> __mmask16 {
+            let k = len.saturating_sub(16 * i).min(16);
+            ((1u32 << k) - 1) as __mmask16
+        };
+        let absm = _mm512_set1_epi32(0x7fff_ffff);
+        let inf = _mm512_set1_ps(f32::INFINITY);
+        let mut v = [_mm512_setzero_ps(); 4];
+        let mut amax = _mm512_setzero_ps();
+        let mut bad: __mmask16 = 0;
+        for (i, vi) in v.iter_mut().enumerate() {
+            // SAFETY: masked load of the block's floats [16 i, min(len, 16 i + 16)).
+            *vi = unsafe { _mm512_maskz_loadu_ps(lane_mask(i), x.as_ptr().add(16 * i)) };
+            let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(*vi), absm));
+            // Not less than +inf, or unordered (NaN): not finite.
+            bad |= _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(a, inf);
+            amax = _mm512_max_ps(amax, a);
+        }
+        if bad != 0 {
+            out.fill(0);
+            return (f32::NAN, 0);
+        }
+        let d = _mm512_reduce_max_ps(amax) / 127.0;
+        if d == 0.0 {
+            out.fill(0);
+            return (d, 0);
+        }
+        const MAGIC: f32 = 12_582_912.0;
+        let (dv, mv) = (_mm512_set1_ps(d), _mm512_set1_ps(MAGIC));
+        let (lo, hi) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+        let mut sum = _mm512_setzero_si512();
+        for (i, vi) in v.iter().enumerate() {
+            let r = _mm512_sub_ps(_mm512_add_ps(_mm512_div_ps(*vi, dv), mv), mv);
+            let c = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+            // Lanes past len hold 0/d = 0.
+            sum = _mm512_add_epi32(sum, c);
+            // SAFETY: masked store of codes [16 i, min(len, 16 i + 16)) of out.
+            unsafe { _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(16 * i).cast(), lane_mask(i), c) };
+        }
+        (d, _mm512_reduce_add_epi32(sum))
+    }
+
+    /// [`super::quantize`] vectorized for AVX2.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_avx2(x: &[f32], batch: usize, n: usize, l: &Layout) -> QuantX {
+        super::quantize_generic(x, batch, n, l, super::quantize_block)
+    }
+
     /// AVX-512 (F/BW/VNNI/VBMI2) tile kernel, batch rows in passes of up to 4.
     ///
     /// # Safety
@@ -329,6 +430,11 @@ pub(crate) mod x86 {
     /// and POPCNT, and the arguments meet the contract there.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2,popcnt")]
     pub(super) unsafe fn tile_avx512(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
+        if qx.batch >= ROWS_MIN {
+            // SAFETY: this function's contract.
+            unsafe { tile512_rows(l, t, qx, yt) };
+            return;
+        }
         let mut b0 = 0;
         while b0 < qx.batch {
             // SAFETY: this function's contract, and b0 + NB <= batch for the NB chosen.
@@ -341,6 +447,127 @@ pub(crate) mod x86 {
                 }
             }
             b0 += 4;
+        }
+    }
+
+    /// Batch size from which [`tile512_rows`] runs.
+    const ROWS_MIN: usize = 16;
+    /// Batch rows per pass of [`tile512_rows`] (its per-row state lives on the stack).
+    const ROWS_CHUNK: usize = 32;
+
+    /// Batched tile kernel: each block of the tile is decoded once per pass (16
+    /// quads of sign bytes and residual bytes, 2 KiB in L1), then every batch row
+    /// of the pass streams over it with two `vpdpbusd` per quad. No register
+    /// pressure grows with the batch, unlike holding NB rows' accumulators.
+    ///
+    /// # Safety
+    /// As `tile_avx512`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2,popcnt")]
+    unsafe fn tile512_rows(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
+        let quads = l.quads();
+        let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
+        let (sw, mw) = (&l.signs[t * quads..(t + 1) * quads], &l.masks[t * quads..(t + 1) * quads]);
+        let mu = &l.mu[t * ng * TILE..(t + 1) * ng * TILE];
+        let alpha = &l.alpha[t * ng * TILE..(t + 1) * ng * TILE];
+        let ones = _mm512_set1_epi8(1);
+        let fill = _mm512_set1_epi8(127);
+        let z = _mm512_setzero_si512();
+        let zf = _mm512_setzero_ps();
+        let mut wb = [z; QUADS_PER_BLOCK];
+        let mut wv = [z; QUADS_PER_BLOCK];
+        let mut ss = [zf; ROWS_CHUNK];
+        let mut sr = [zf; ROWS_CHUNK];
+        let mut y = [zf; ROWS_CHUNK];
+        let mut c0 = 0;
+        while c0 < qx.batch {
+            let rows = (qx.batch - c0).min(ROWS_CHUNK);
+            let mut vp = l.value_offsets[t];
+            ss[..rows].fill(zf);
+            sr[..rows].fill(zf);
+            y[..rows].fill(zf);
+            let mut gb = 0;
+            for kb in 0..blocks {
+                for j in 0..QUADS_PER_BLOCK {
+                    let k = kb * QUADS_PER_BLOCK + j;
+                    let km = mw[k];
+                    // SAFETY: AVX-512 BW/VBMI2 (contract); the 64-byte load at value vp
+                    // stays inside the values and their VALUE_PAD (module bounds).
+                    unsafe {
+                        wb[j] = _mm512_maskz_mov_epi8(sw[k], ones);
+                        wv[j] = expand_bytes(fill, km, _mm512_loadu_si512(l.values[vp..vp + 64].as_ptr().cast()));
+                    }
+                    vp += km.count_ones() as usize;
+                }
+                let last = gb + 1 == bpg || kb + 1 == blocks;
+                let g = kb / bpg;
+                // SAFETY: AVX-512 F; the tile's 16 scales of group g.
+                let (muv, alv) =
+                    unsafe { (_mm512_loadu_ps(mu[g * TILE..].as_ptr()), _mm512_loadu_ps(alpha[g * TILE..].as_ptr())) };
+                let mut u = 0;
+                while u < rows {
+                    // Two rows at a time when possible: 8 independent dot chains.
+                    let two = u + 1 < rows;
+                    let (b, b2) = (c0 + u, c0 + u + usize::from(two));
+                    let xr = &qx.xq[b * qx.stride + kb * BLOCK..b * qx.stride + (kb + 1) * BLOCK];
+                    let xr2 = &qx.xq[b2 * qx.stride + kb * BLOCK..b2 * qx.stride + (kb + 1) * BLOCK];
+                    let mut acc = [[z; 4]; 2];
+                    for j in (0..QUADS_PER_BLOCK).step_by(2) {
+                        for (h, xr) in [xr, xr2].into_iter().enumerate() {
+                            if h == 1 && !two {
+                                break;
+                            }
+                            let x0 = i32::from_le_bytes([
+                                xr[4 * j] as u8,
+                                xr[4 * j + 1] as u8,
+                                xr[4 * j + 2] as u8,
+                                xr[4 * j + 3] as u8,
+                            ]);
+                            let x1 = i32::from_le_bytes([
+                                xr[4 * j + 4] as u8,
+                                xr[4 * j + 5] as u8,
+                                xr[4 * j + 6] as u8,
+                                xr[4 * j + 7] as u8,
+                            ]);
+                            let (x0, x1) = (_mm512_set1_epi32(x0), _mm512_set1_epi32(x1));
+                            let a = &mut acc[h];
+                            a[0] = _mm512_dpbusd_epi32(a[0], wb[j], x0);
+                            a[1] = _mm512_dpbusd_epi32(a[1], wv[j], x0);
+                            a[2] = _mm512_dpbusd_epi32(a[2], wb[j + 1], x1);
+                            a[3] = _mm512_dpbusd_epi32(a[3], wv[j + 1], x1);
+                        }
+                    }
+                    for (h, a) in acc.iter().enumerate().take(1 + usize::from(two)) {
+                        let (b, u) = (c0 + u + h, u + h);
+                        let bi = b * blocks + kb;
+                        let (xs, d) = (qx.xsum[bi], _mm512_set1_ps(qx.d[bi]));
+                        let pp = _mm512_add_epi32(a[0], a[2]);
+                        let rr = _mm512_add_epi32(a[1], a[3]);
+                        // S = X - 2P; R = R' - 127 X, as in tile512 (same f32 order).
+                        let sv = _mm512_sub_epi32(_mm512_set1_epi32(xs), _mm512_slli_epi32::<1>(pp));
+                        let rv = _mm512_sub_epi32(rr, _mm512_set1_epi32(127 * xs));
+                        ss[u] = _mm512_add_ps(ss[u], _mm512_mul_ps(d, _mm512_cvtepi32_ps(sv)));
+                        sr[u] = _mm512_add_ps(sr[u], _mm512_mul_ps(d, _mm512_cvtepi32_ps(rv)));
+                        if last {
+                            let tg = _mm512_set1_ps(qx.tsum[b * ng + g]);
+                            let part = _mm512_add_ps(_mm512_mul_ps(muv, tg), _mm512_mul_ps(alv, ss[u]));
+                            y[u] = _mm512_add_ps(y[u], part);
+                            ss[u] = zf;
+                        }
+                    }
+                    u += 1 + usize::from(two);
+                }
+                gb = if last { 0 } else { gb + 1 };
+            }
+            // SAFETY: the tile's 16 sigmas.
+            let sg = unsafe { _mm512_loadu_ps(l.sigma[t * TILE..].as_ptr()) };
+            for u in 0..rows {
+                let v = _mm512_add_ps(y[u], _mm512_mul_ps(sg, sr[u]));
+                let o = &mut yt[(c0 + u) * TILE..(c0 + u + 1) * TILE];
+                // SAFETY: 16 floats of yt.
+                unsafe { _mm512_storeu_ps(o.as_mut_ptr(), v) };
+            }
+            c0 += rows;
         }
     }
 
@@ -461,7 +688,7 @@ pub(crate) mod x86 {
         // unsigned, and the 127·X_b this adds is subtracted per block.
         // SAFETY: AVX-512 VBMI2 (contract); reads popcount(km) bytes at *vp, the
         // quad's values (contract); masked-off lanes are not read.
-        let wv = unsafe { _mm512_mask_expandloadu_epi8(fill, km, (*vp).cast()) };
+        let wv = unsafe { expand_bytes(fill, km, _mm512_loadu_si512((*vp).cast())) };
         // SAFETY: stays within (or one past) the tile's values.
         *vp = unsafe { vp.add(km.count_ones() as usize) };
         for u in 0..NB {
@@ -474,6 +701,31 @@ pub(crate) mod x86 {
                 r[u] = _mm512_dpbusd_epi32(r[u], wv, xb);
             }
         }
+    }
+
+    /// `vpexpandb dst{k}, src` in its register form: the bytes of `src` in order to
+    /// the set lanes of `k`, `fill`'s bytes elsewhere. Inline asm because LLVM folds
+    /// a load + `_mm512_mask_expand_epi8` into the memory form, which measured 1.7x
+    /// slower per quad in the kernel's loop on Zen 4 (the load is a plain 64-byte
+    /// `vmovdqu64`, so the caller must own 64 readable bytes there).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VBMI2.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
+    unsafe fn expand_bytes(fill: __m512i, k: __mmask64, src: __m512i) -> __m512i {
+        let mut dst = fill;
+        // SAFETY: VBMI2 (contract); registers only.
+        unsafe {
+            std::arch::asm!(
+                "vpexpandb {d}{{{k}}}, {s}",
+                d = inout(zmm_reg) dst,
+                k = in(kreg) k,
+                s = in(zmm_reg) src,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        dst
     }
 
     /// For each 8-lane mask byte: a `pshufb` index that moves the k-th value
@@ -510,6 +762,11 @@ pub(crate) mod x86 {
     /// and the arguments meet the contract there.
     #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
     pub(super) unsafe fn tile_avx2(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
+        if qx.batch >= ROWS_MIN {
+            // SAFETY: this function's contract.
+            unsafe { tile512_rows(l, t, qx, yt) };
+            return;
+        }
         let mut b0 = 0;
         while b0 < qx.batch {
             // SAFETY: this function's contract, and b0 + NB <= batch for the NB chosen.
@@ -688,6 +945,45 @@ mod tests {
     /// integer sums combined in a fixed order), for batch sizes that exercise every
     /// pass width, tail tiles, several groups and the bias.
     #[test]
+    fn quantize_is_the_same_at_every_level() {
+        let mut seed = 5;
+        for n in [1usize, 7, 64, 65, 100, 200] {
+            let p = Params {
+                salient: 0.1,
+                salient_bits: 8,
+                count_bits: None,
+                group_size: None,
+                select_tensor: false,
+                shift: true,
+                scale: ScaleType::F16,
+            };
+            let t = compress(&rand_vec(3 * n, &mut seed), 3, n, None, &p).unwrap();
+            let l = layout::build(&t.view()).unwrap();
+            let batch = 6;
+            let mut x = rand_vec(batch * n, &mut seed);
+            // Row 1: ties (k + 0.5 after scaling by 127 / amax) and zeros; row 2 all
+            // zero; rows 3-5: a NaN, an infinity, a subnormal.
+            for (j, v) in x[n..2 * n].iter_mut().enumerate() {
+                *v = ((j % 7) as f32 - 3.0) * 0.5;
+            }
+            x[n] = 127.0 / 2.0;
+            x[2 * n..3 * n].fill(0.0);
+            x[3 * n + n / 2] = f32::NAN;
+            x[4 * n] = f32::NEG_INFINITY;
+            x[5 * n + n - 1] = 1e-40;
+            let want = quantize_at(Level::Scalar, &x, batch, n, &l);
+            for lvl in simd::available() {
+                let got = quantize_at(lvl, &x, batch, n, &l);
+                assert_eq!(got.xq, want.xq, "{lvl:?} n={n}");
+                assert_eq!(got.xsum, want.xsum, "{lvl:?} n={n}");
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got.d), bits(&want.d), "{lvl:?} n={n}");
+                assert_eq!(bits(&got.tsum), bits(&want.tsum), "{lvl:?} n={n}");
+            }
+        }
+    }
+
+    #[test]
     fn every_level_matches_scalar_bit_for_bit() {
         let mut seed = 11;
         for (m, n, gs, vb) in [(37, 200, None, 8), (16, 128, Some(64), 4), (5, 64, None, 8), (40, 384, Some(128), 8)] {
@@ -704,7 +1000,8 @@ mod tests {
             let t = compress(&w, m, n, None, &p).unwrap();
             let l = layout::build(&t.view()).unwrap();
             let bias = rand_vec(m, &mut seed);
-            for batch in [1usize, 2, 3, 4, 5, 9] {
+            // 16.. run the batched kernel; 33 and 70 span several of its row chunks.
+            for batch in [1usize, 2, 3, 4, 5, 9, 16, 33, 70] {
                 let x = rand_vec(batch * n, &mut seed);
                 for b in [None, Some(&bias[..])] {
                     let mut want = vec![0f32; batch * m];
