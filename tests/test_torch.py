@@ -99,6 +99,54 @@ def test_batch_is_one_kernel_call_zero_copy(monkeypatch, activations):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_fast_path_matches_the_checked_path_and_steps_aside(activations):
+    """After the first direct call, plain float32 CPU inference takes forward's fast
+    path: same bits as the checked path, and every state change that the checked path
+    would see (bias object, bias values, activations, force_dense, autograd, dtype,
+    layout, new weights) either shows through or sends the call back to it."""
+    _, layer = make_layer(activations=activations)
+    x = torch.randn(2, 3, 64)
+
+    def checked(inp):
+        return layer._forward(inp)
+
+    with torch.no_grad():
+        first = layer(x)
+        assert layer._fast is not None
+        for inp in (x, x[0, 0], x.reshape(6, 64), x[:, :0]):
+            np.testing.assert_array_equal(layer(inp).numpy(), checked(inp).numpy())
+        assert layer(x).shape == first.shape == (2, 3, 48)
+        layer.bias.add_(1.0)  # in place: the cached view shows it
+        y = layer(x)
+        np.testing.assert_array_equal(y.numpy(), checked(x).numpy())
+        torch.testing.assert_close(y, first + 1.0)
+        layer.bias = nn.Parameter(torch.zeros(48))  # a new object: checked path again
+        np.testing.assert_array_equal(layer(x).numpy(), checked(x).numpy())
+        other = "float32" if activations == "int8" else "int8"
+        layer.activations = other
+        assert layer._fast is None
+        np.testing.assert_array_equal(layer(x).numpy(), checked(x).numpy())
+        layer.activations = activations
+        layer.force_dense = True
+        torch.testing.assert_close(layer(x), dense_ref(layer, x), rtol=1e-5, atol=1e-5)
+        layer.force_dense = False
+        # non-contiguous and float64 inputs take the checked path
+        xt = torch.randn(64, 5).t()
+        np.testing.assert_array_equal(layer(xt).numpy(), checked(xt.contiguous()).numpy())
+        assert layer(x.double()).dtype == torch.float64
+    # autograd: the op (with its backward), not the fast path
+    xg = x.clone().requires_grad_(True)
+    layer(xg).sum().backward()
+    assert xg.grad is not None and layer.bias.grad is not None
+    # new weights (load_state_dict) drop the plan
+    _, other_layer = make_layer(seed=1, activations=activations)
+    layer.load_state_dict(other_layer.state_dict())
+    assert layer._fast is None
+    with torch.no_grad():
+        np.testing.assert_array_equal(layer(x).numpy(), other_layer(x).numpy())
+
+
 def test_pb_view_is_zero_copy_and_matches_buffers():
     _, layer = make_layer()
     t = layer.pb
