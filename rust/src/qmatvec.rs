@@ -762,9 +762,9 @@ pub(crate) mod x86 {
     /// and the arguments meet the contract there.
     #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
     pub(super) unsafe fn tile_avx2(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
-        if qx.batch >= ROWS_MIN {
+        if qx.batch >= ROWS_MIN_AVX2 {
             // SAFETY: this function's contract.
-            unsafe { tile512_rows(l, t, qx, yt) };
+            unsafe { tile256_rows(l, t, qx, yt) };
             return;
         }
         let mut b0 = 0;
@@ -835,6 +835,122 @@ pub(crate) mod x86 {
                 let pr = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xb[u], q));
                 out[u] = _mm256_add_epi32(out[u], _mm256_madd_epi16(pr, ones16));
             }
+        }
+    }
+
+    /// Batch size from which [`tile256_rows`] runs.
+    const ROWS_MIN_AVX2: usize = 4;
+
+    /// Batched AVX2 tile kernel, the counterpart of [`tile512_rows`]: each block's
+    /// sign bytes, residual codes and their absolute values are decoded once per
+    /// pass into an L1 buffer (3 KiB), then every batch row of the pass streams
+    /// over it (`pmaddubsw` for the sign part, |q|·sign(x, q) for the residual).
+    ///
+    /// # Safety
+    /// As `tile_avx2`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
+    unsafe fn tile256_rows(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
+        let quads = l.quads();
+        let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
+        let (sw, mw) = (&l.signs[t * quads..(t + 1) * quads], &l.masks[t * quads..(t + 1) * quads]);
+        let mu = &l.mu[t * ng * TILE..(t + 1) * ng * TILE];
+        let alpha = &l.alpha[t * ng * TILE..(t + 1) * ng * TILE];
+        let shuf = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let bitsel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let one8 = _mm256_set1_epi8(1);
+        let ones16 = _mm256_set1_epi16(1);
+        let z = _mm256_setzero_si256();
+        let zf = _mm256_setzero_ps();
+        // Per quad and half (8 rows): sign bytes 0/1, codes q, |q|.
+        let mut wbuf = [[z; 3]; 2 * QUADS_PER_BLOCK];
+        let mut ss = [[zf; 2]; ROWS_CHUNK];
+        let mut sr = [[zf; 2]; ROWS_CHUNK];
+        let mut y = [[zf; 2]; ROWS_CHUNK];
+        let mut c0 = 0;
+        while c0 < qx.batch {
+            let rows = (qx.batch - c0).min(ROWS_CHUNK);
+            // SAFETY: the tile's first value; expand32 keeps vp inside the tile's
+            // values plus VALUE_PAD (module bounds).
+            let mut vp = unsafe { l.values.as_ptr().add(l.value_offsets[t]) };
+            ss[..rows].fill([zf; 2]);
+            sr[..rows].fill([zf; 2]);
+            y[..rows].fill([zf; 2]);
+            let mut gb = 0;
+            for kb in 0..blocks {
+                for j in 0..QUADS_PER_BLOCK {
+                    let k = kb * QUADS_PER_BLOCK + j;
+                    let (ws, wm) = (sw[k], mw[k]);
+                    for h in 0..2 {
+                        let bits = _mm256_set1_epi32((ws >> (32 * h)) as u32 as i32);
+                        let sel = _mm256_and_si256(_mm256_shuffle_epi8(bits, shuf), bitsel);
+                        // SAFETY: vp is at this half-word's values (module bounds).
+                        let q = unsafe { expand32((wm >> (32 * h)) as u32, &mut vp) };
+                        wbuf[2 * j + h] = [_mm256_min_epu8(sel, one8), q, _mm256_abs_epi8(q)];
+                    }
+                }
+                let last = gb + 1 == bpg || kb + 1 == blocks;
+                let g = kb / bpg;
+                for u in 0..rows {
+                    let b = c0 + u;
+                    let xr = &qx.xq[b * qx.stride + kb * BLOCK..b * qx.stride + (kb + 1) * BLOCK];
+                    let mut p16 = [z; 2]; // Σ bit·x as int16 pairs (< 2^15 per block)
+                    let mut r32 = [z; 2];
+                    for j in 0..QUADS_PER_BLOCK {
+                        let x4 = i32::from_le_bytes([
+                            xr[4 * j] as u8,
+                            xr[4 * j + 1] as u8,
+                            xr[4 * j + 2] as u8,
+                            xr[4 * j + 3] as u8,
+                        ]);
+                        let xb = _mm256_set1_epi32(x4);
+                        for h in 0..2 {
+                            let [b01, q, aq] = wbuf[2 * j + h];
+                            p16[h] = _mm256_add_epi16(p16[h], _mm256_maddubs_epi16(b01, xb));
+                            // |q| * sign(x, q): no int16 saturation since |q|, |x| <= 127.
+                            let pr = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xb, q));
+                            r32[h] = _mm256_add_epi32(r32[h], _mm256_madd_epi16(pr, ones16));
+                        }
+                    }
+                    let bi = b * blocks + kb;
+                    let (xs, d) = (qx.xsum[bi], _mm256_set1_ps(qx.d[bi]));
+                    for h in 0..2 {
+                        // Same f32 order as tile256.
+                        let pp = _mm256_madd_epi16(p16[h], ones16);
+                        let sv = _mm256_sub_epi32(_mm256_set1_epi32(xs), _mm256_slli_epi32::<1>(pp));
+                        ss[u][h] = _mm256_add_ps(ss[u][h], _mm256_mul_ps(d, _mm256_cvtepi32_ps(sv)));
+                        sr[u][h] = _mm256_add_ps(sr[u][h], _mm256_mul_ps(d, _mm256_cvtepi32_ps(r32[h])));
+                    }
+                    if last {
+                        let tg = _mm256_set1_ps(qx.tsum[b * ng + g]);
+                        for h in 0..2 {
+                            let o = g * TILE + 8 * h;
+                            // SAFETY: scales [o, o + 8) of the tile's group g.
+                            let (muv, alv) = unsafe {
+                                (_mm256_loadu_ps(mu[o..o + 8].as_ptr()), _mm256_loadu_ps(alpha[o..o + 8].as_ptr()))
+                            };
+                            let part = _mm256_add_ps(_mm256_mul_ps(muv, tg), _mm256_mul_ps(alv, ss[u][h]));
+                            y[u][h] = _mm256_add_ps(y[u][h], part);
+                            ss[u][h] = zf;
+                        }
+                    }
+                }
+                gb = if last { 0 } else { gb + 1 };
+            }
+            for h in 0..2 {
+                let o = t * TILE + 8 * h;
+                // SAFETY: sigmas [o, o + 8) of the tile.
+                let sg = unsafe { _mm256_loadu_ps(l.sigma[o..o + 8].as_ptr()) };
+                for u in 0..rows {
+                    let v = _mm256_add_ps(y[u][h], _mm256_mul_ps(sg, sr[u][h]));
+                    let dst = &mut yt[(c0 + u) * TILE + 8 * h..(c0 + u) * TILE + 8 * h + 8];
+                    // SAFETY: 8 floats of yt.
+                    unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), v) };
+                }
+            }
+            c0 += rows;
         }
     }
 
