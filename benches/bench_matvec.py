@@ -214,8 +214,8 @@ class Cycler:
 
 
 def run_rounds(peers: dict, *, hot: bool, rounds: int, budget_s: float, min_n: int) -> dict[str, Stat]:
-    """Interleaved sampling, one sample per peer per round (hot: a warm-up call
-    plus HOT_INNER samples). A peer stops once it has >= min_n samples (1 for the
+    """Interleaved sampling, one sample per peer per round, after an untimed call
+    (hot: that warm-up call plus HOT_INNER samples). A peer stops once it has >= min_n samples (1 for the
     slow peer) and has spent budget_s, so slow peers do not blow the run time.
     peers: name -> (cold cycler, hot fn)."""
     samples: dict[str, list[float]] = {k: [] for k in peers}
@@ -229,6 +229,13 @@ def run_rounds(peers: dict, *, hot: bool, rounds: int, budget_s: float, min_n: i
                 if len(samples[name]) >= need and spent[name] >= budget_s:
                     continue
                 if not hot:
+                    # An untimed call first (on another cold copy): a model's layers run
+                    # back to back, so each peer is timed with its own threads awake, and
+                    # not while the previous peer's idle threads still spin (pbcodec's
+                    # team polls 200 µs, OpenBLAS per OPENBLAS_THREAD_TIMEOUT).
+                    t0 = time.perf_counter()
+                    cold_fn()
+                    spent[name] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     cold_fn()
                     dt = time.perf_counter() - t0

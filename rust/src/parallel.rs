@@ -5,7 +5,9 @@
 //! Python package turns into a warning at import. Kernels split work so that
 //! every output element is computed by one thread in a fixed order, which
 //! makes results identical for any thread count.
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use rayon::ThreadPool;
 
@@ -73,8 +75,256 @@ pub fn pool() -> Arc<ThreadPool> {
 pub fn set_num_threads(n: usize) -> crate::Result<()> {
     let p = build(check_threads(n)?)?;
     *POOL.write().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    *TEAM.lock().unwrap_or_else(|e| e.into_inner()) = None; // rebuilt at the new size
     Ok(())
 }
+
+/// In a child process after `fork()`: the worker threads of the parent's pool and
+/// team do not exist there, so a call handed to them would wait forever. Forget
+/// both (their memory is the parent's copy; nothing to free) so that the next
+/// call starts new ones. The Python package runs this from `os.register_at_fork`.
+/// A lock held by a parent thread at the fork cannot be taken: then that object
+/// stays, and only a rayon call could still hang (the team falls back to the caller).
+pub fn forget_threads_after_fork() {
+    if let Ok(mut p) = POOL.try_write() {
+        std::mem::forget(p.take());
+    }
+    if let Ok(mut t) = TEAM.try_lock() {
+        std::mem::forget(t.take());
+    }
+}
+
+// ------------------------------------------------------------------ the team
+
+/// How long an idle team worker keeps polling for the next job before it
+/// sleeps. Waking a sleeping thread costs 25-50 µs on these VMs (an empty
+/// 2-thread rayon `install` measured 17 µs back to back and 47-64 µs after a
+/// pause), as much as a whole in-cache GEMV; layers called one after another
+/// find the worker still awake. `PBCODEC_SPIN_US` overrides it (0: sleep at once).
+pub const SPIN_US_DEFAULT: u64 = 200;
+
+static TEAM: std::sync::Mutex<Option<Arc<TeamHandle>>> = std::sync::Mutex::new(None);
+
+/// One parallel call: chunk indices handed out by `next`, run by `f`.
+struct Job {
+    /// Lifetime-erased `&(dyn Fn(usize) + Sync)`: valid while the job is published
+    /// (see [`Team::run`], which unpublishes it and waits for every worker first).
+    f: *const (dyn Fn(usize) + Sync + 'static),
+    n: usize,
+    next: AtomicUsize,
+    panicked: AtomicBool,
+}
+
+/// The calling thread plus `threads - 1` workers for short kernels (the layout
+/// GEMVs): the caller takes chunks too and waits by spinning, and idle workers
+/// poll for [`SPIN_US_DEFAULT`] before parking, so a call costs ~1 µs of
+/// coordination instead of two or three thread wake-ups.
+struct Team {
+    /// The published job, or null.
+    slot: AtomicPtr<Job>,
+    /// Bumped at each publication, so workers see a new job.
+    epoch: AtomicU64,
+    /// Workers between "about to read `slot`" and "done with its job".
+    users: AtomicUsize,
+    /// Workers parked or about to park.
+    sleeping: AtomicUsize,
+    shutdown: AtomicBool,
+    /// One call at a time; a concurrent (or nested) call runs on its own thread.
+    busy: std::sync::Mutex<()>,
+    /// The workers, to unpark them (set once they are started).
+    workers: std::sync::OnceLock<Vec<std::thread::Thread>>,
+    spin: Duration,
+}
+
+/// The owner of a team: dropping the last handle (a resize, or exit) stops its
+/// workers, which hold the `Team` itself.
+struct TeamHandle(Arc<Team>);
+
+impl Drop for TeamHandle {
+    fn drop(&mut self) {
+        self.0.shutdown.store(true, Ordering::SeqCst);
+        self.0.unpark_all();
+    }
+}
+
+// SAFETY: `Job::f` is only dereferenced while its `run` call keeps the closure
+// alive (the protocol in `Team::run`); the closure itself is Sync.
+unsafe impl Send for Job {}
+// SAFETY: as above.
+unsafe impl Sync for Job {}
+
+impl Team {
+    /// A team of the caller and `threads - 1` workers (fewer if threads cannot be started).
+    fn start(threads: usize) -> TeamHandle {
+        let spin = std::env::var("PBCODEC_SPIN_US").ok().and_then(|s| s.trim().parse::<u64>().ok());
+        let team = Arc::new(Team {
+            slot: AtomicPtr::new(std::ptr::null_mut()),
+            epoch: AtomicU64::new(0),
+            users: AtomicUsize::new(0),
+            sleeping: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            busy: std::sync::Mutex::new(()),
+            workers: std::sync::OnceLock::new(),
+            spin: Duration::from_micros(spin.unwrap_or(SPIN_US_DEFAULT)),
+        });
+        let mut handles = Vec::new();
+        for i in 1..threads {
+            let t = team.clone();
+            match std::thread::Builder::new().name(format!("pbcodec-team-{i}")).spawn(move || t.work()) {
+                Ok(h) => handles.push(h.thread().clone()),
+                Err(_) => break, // fewer workers: the caller takes the remaining chunks
+            }
+        }
+        let _ = team.workers.set(handles);
+        TeamHandle(team)
+    }
+
+    fn unpark_all(&self) {
+        self.workers.get().into_iter().flatten().for_each(|w| w.unpark());
+    }
+
+    /// A worker's life: poll, help with each new job, park after `spin` idle.
+    fn work(&self) {
+        let mut seen = self.epoch.load(Ordering::SeqCst);
+        let mut idle_since = Instant::now();
+        let mut polls = 0u32;
+        while !self.shutdown.load(Ordering::Acquire) {
+            let e = self.epoch.load(Ordering::SeqCst);
+            if e != seen {
+                seen = e;
+                self.help();
+                idle_since = Instant::now();
+                continue;
+            }
+            polls = polls.wrapping_add(1);
+            if !polls.is_multiple_of(64) || idle_since.elapsed() < self.spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Announce, re-check, park: a publisher either sees `sleeping` and
+            // unparks, or this thread sees its new epoch (both SeqCst).
+            self.sleeping.fetch_add(1, Ordering::SeqCst);
+            if self.epoch.load(Ordering::SeqCst) == seen && !self.shutdown.load(Ordering::SeqCst) {
+                std::thread::park();
+            }
+            self.sleeping.fetch_sub(1, Ordering::SeqCst);
+            idle_since = Instant::now();
+        }
+    }
+
+    /// Take chunks of the published job, if there still is one.
+    fn help(&self) {
+        self.users.fetch_add(1, Ordering::SeqCst);
+        let p = self.slot.load(Ordering::SeqCst);
+        if !p.is_null() {
+            // SAFETY: a non-null slot read after incrementing `users` stays valid
+            // until this thread decrements `users` (`run` unpublishes, then waits
+            // for users == 0 before its job and closure go away).
+            let job = unsafe { &*p };
+            loop {
+                let i = job.next.fetch_add(1, Ordering::Relaxed);
+                if i >= job.n {
+                    break;
+                }
+                // SAFETY: as above, the closure outlives this call.
+                let f = unsafe { &*job.f };
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(i))).is_err() {
+                    job.panicked.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        self.users.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// `f(i)` for every `i < n`, on the caller and the workers; returns when all are done.
+    fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        // Another call holding the team: run alone. (A panic in an earlier call
+        // poisoned the lock; the team's state is consistent after every call.)
+        let _busy = match self.busy.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return (0..n).for_each(f),
+        };
+        // SAFETY: only the lifetime is erased; the pointer is unpublished and every
+        // worker is done with it (Unpublish below) before `f` can go away.
+        let f_static: &(dyn Fn(usize) + Sync + 'static) = unsafe { std::mem::transmute(f) };
+        let job = Job { f: f_static, n, next: AtomicUsize::new(0), panicked: AtomicBool::new(false) };
+        /// Unpublish the job and wait for the workers, also when `f` panics here.
+        struct Unpublish<'a>(&'a Team);
+        impl Drop for Unpublish<'_> {
+            fn drop(&mut self) {
+                self.0.slot.store(std::ptr::null_mut(), Ordering::SeqCst);
+                while self.0.users.load(Ordering::SeqCst) != 0 {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        self.slot.store(&job as *const Job as *mut Job, Ordering::SeqCst);
+        let guard = Unpublish(self);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) > 0 {
+            self.unpark_all();
+        }
+        loop {
+            let i = job.next.fetch_add(1, Ordering::Relaxed);
+            if i >= n {
+                break;
+            }
+            f(i);
+        }
+        drop(guard);
+        if job.panicked.load(Ordering::SeqCst) {
+            panic!("a pbcodec worker thread panicked");
+        }
+    }
+}
+
+fn team() -> Arc<TeamHandle> {
+    let mut t = TEAM.lock().unwrap_or_else(|e| e.into_inner());
+    t.get_or_insert_with(|| Arc::new(Team::start(num_threads()))).clone()
+}
+
+/// Split `data` into chunks of `chunk` elements (the last may be shorter) and run
+/// `f(index, chunk)` for each on the calling thread and the team's workers (see
+/// [`SPIN_US_DEFAULT`]): for short kernels, where a rayon call's thread wake-ups
+/// would cost as much as the work. Which thread runs which chunk varies; a
+/// kernel whose chunks write disjoint outputs gives the same result anyway.
+pub fn team_chunks_mut<T: Send>(data: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let chunk = chunk.max(1);
+    let len = data.len();
+    let n = len.div_ceil(chunk);
+    let base = SendPtr(data.as_mut_ptr());
+    let g = move |i: usize| {
+        let start = i * chunk;
+        let end = (start + chunk).min(len);
+        // SAFETY: i < n, so [start, end) lies in `data`, and each index is handed out
+        // once, so the chunks are disjoint; `data` is borrowed mutably for this call.
+        let s = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+        f(i, s)
+    };
+    if n <= 1 || num_threads() == 1 {
+        return (0..n).for_each(g);
+    }
+    team().0.run(n, &g);
+}
+
+/// A raw pointer that may cross threads (the chunks it is split into are disjoint).
+struct SendPtr<T>(*mut T);
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+// SAFETY: used only by `team_chunks_mut`, whose chunks are disjoint and `T: Send`.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 /// Threads of the pool (building it on first use).
 pub fn num_threads() -> usize {
@@ -84,6 +334,80 @@ pub fn num_threads() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `run` over a private team: every index exactly once, whatever the threads.
+    fn run_counts(team: &Team, n: usize) -> Vec<usize> {
+        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        team.run(n, &|i| {
+            hits[i].fetch_add(1, Ordering::Relaxed);
+        });
+        hits.iter().map(|h| h.load(Ordering::Relaxed)).collect()
+    }
+
+    #[test]
+    fn team_runs_every_chunk_once() {
+        for threads in [1, 2, 3, 5] {
+            let h = Team::start(threads);
+            for n in [0, 1, 2, 7, 64, 1000] {
+                for _ in 0..20 {
+                    assert_eq!(run_counts(&h.0, n), vec![1; n], "threads {threads} n {n}");
+                }
+            }
+            // after the workers have gone to sleep
+            std::thread::sleep(Duration::from_millis(2));
+            assert_eq!(run_counts(&h.0, 100), vec![1; 100]);
+        }
+    }
+
+    #[test]
+    fn team_concurrent_and_nested_calls_and_panics() {
+        let h = Arc::new(Team::start(3));
+        // Several callers at once: one holds the team, the others run alone.
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                let h = h.clone();
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        assert_eq!(run_counts(&h.0, 37), vec![1; 37]);
+                    }
+                });
+            }
+        });
+        // A nested call runs on the calling thread.
+        let outer: Vec<AtomicUsize> = (0..8).map(|_| AtomicUsize::new(0)).collect();
+        h.0.run(8, &|i| {
+            assert_eq!(run_counts(&h.0, 5), vec![1; 5]);
+            outer[i].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(outer.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+        // A panic in any chunk reaches the caller, and the team keeps working.
+        for bad in [0, 13, 63] {
+            let r = std::panic::catch_unwind(|| h.0.run(64, &|i| assert!(i != bad, "chunk {i}")));
+            assert!(r.is_err());
+            assert_eq!(run_counts(&h.0, 64), vec![1; 64]);
+        }
+        // ... and still shares the work (not just the caller alone).
+        let shared = (0..20).any(|_| {
+            let ids = std::sync::Mutex::new(std::collections::HashSet::new());
+            h.0.run(16, &|_| {
+                ids.lock().unwrap().insert(std::thread::current().id());
+                std::thread::sleep(Duration::from_micros(300));
+            });
+            ids.into_inner().unwrap().len() > 1
+        });
+        assert!(shared, "no worker took a chunk");
+    }
+
+    #[test]
+    fn team_chunks_cover_the_slice() {
+        let mut v = vec![0u32; 1001];
+        team_chunks_mut(&mut v, 10, |c, s| {
+            for (k, x) in s.iter_mut().enumerate() {
+                *x += (c * 10 + k) as u32 + 1;
+            }
+        });
+        assert!(v.iter().enumerate().all(|(i, &x)| x == i as u32 + 1));
+    }
 
     #[test]
     fn one_check_for_every_source() {

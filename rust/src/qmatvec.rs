@@ -19,8 +19,6 @@
 //! register) follows the 1-2-bit CPU kernels of llama.cpp/ik_llama and
 //! bitnet.cpp; the salient residual as a per-tile bitmask plus values expanded
 //! with `vpexpandb` is this project's own.
-use rayon::prelude::*;
-
 use crate::error::invalid;
 use crate::layout::{Layout, BLOCK, QUADS_PER_BLOCK, TILE};
 use crate::simd::{self, Level};
@@ -241,10 +239,10 @@ pub(crate) fn run_tiles(
     if work < (1 << 20) || threads == 1 {
         run((0, &mut yt[..]));
     } else {
+        // Several chunks per thread, handed out dynamically (a late thread takes
+        // fewer); the caller works too (parallel::team_chunks_mut).
         let tiles_per_task = (l.tiles / (threads * 8)).max(1);
-        parallel::pool().install(|| {
-            yt.par_chunks_mut(tiles_per_task * per_tile).enumerate().for_each(|(c, ys)| run((c * tiles_per_task, ys)))
-        });
+        parallel::team_chunks_mut(&mut yt, tiles_per_task * per_tile, |c, ys| run((c * tiles_per_task, ys)));
     }
     for t in 0..l.tiles {
         for b in 0..batch {
