@@ -183,12 +183,18 @@ def _torch_int8(dense: list[np.ndarray], threads: int):
     import warnings
 
     torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)  # inference, as for every other peer
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for w in dense:
-            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            # quantize_dynamic swaps a model's children, never the model itself: a bare
+            # Linear would stay float32 (the demo once timed exactly that), so wrap it.
+            lin = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
             with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(w))
-            out.append(torch.ao.quantization.quantize_dynamic(lin, {torch.nn.Linear}, dtype=torch.qint8))
+                lin[0].weight.copy_(torch.from_numpy(w))
+            q = torch.ao.quantization.quantize_dynamic(lin, {torch.nn.Linear}, dtype=torch.qint8)
+            if "quantized" not in type(q[0]).__module__:
+                raise RuntimeError(f"torch did not quantize the Linear layer: got {type(q[0])}")
+            out.append(q)
     return out
