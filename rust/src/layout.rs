@@ -82,6 +82,18 @@ impl Layout {
             + 4 * (self.mu.len() + self.alpha.len() + self.sigma.len())
     }
 
+    /// Tile `t`'s sign words, mask words (`quads()` each) and its mu and alpha
+    /// (`n_groups x 16` each).
+    pub fn tile(&self, t: usize) -> (&[u64], &[u64], &[f32], &[f32]) {
+        let (q, s) = (self.quads(), self.n_groups * TILE);
+        (
+            &self.signs[t * q..(t + 1) * q],
+            &self.masks[t * q..(t + 1) * q],
+            &self.mu[t * s..(t + 1) * s],
+            &self.alpha[t * s..(t + 1) * s],
+        )
+    }
+
     /// Whether the int8 kernels can run on this tensor: each group must be a
     /// whole number of activation blocks (or the row one group).
     pub fn int8_supported(&self) -> bool {

@@ -463,11 +463,8 @@ pub(crate) mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2,popcnt")]
     unsafe fn tile512_rows(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
-        let quads = l.quads();
         let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
-        let (sw, mw) = (&l.signs[t * quads..(t + 1) * quads], &l.masks[t * quads..(t + 1) * quads]);
-        let mu = &l.mu[t * ng * TILE..(t + 1) * ng * TILE];
-        let alpha = &l.alpha[t * ng * TILE..(t + 1) * ng * TILE];
+        let (sw, mw, mu, alpha) = l.tile(t);
         let ones = _mm512_set1_epi8(1);
         let fill = _mm512_set1_epi8(127);
         let z = _mm512_setzero_si512();
@@ -849,11 +846,8 @@ pub(crate) mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
     unsafe fn tile256_rows(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
-        let quads = l.quads();
         let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
-        let (sw, mw) = (&l.signs[t * quads..(t + 1) * quads], &l.masks[t * quads..(t + 1) * quads]);
-        let mu = &l.mu[t * ng * TILE..(t + 1) * ng * TILE];
-        let alpha = &l.alpha[t * ng * TILE..(t + 1) * ng * TILE];
+        let (sw, mw, mu, alpha) = l.tile(t);
         let shuf = _mm256_setr_epi8(
             0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
         );
@@ -1055,23 +1049,25 @@ mod tests {
     use crate::pb::{compress, Params, ScaleType};
     use crate::testutil::rand_vec;
 
-    /// Every level's int8 kernel gives the scalar kernel's bits (§6.4: exact
-    /// integer sums combined in a fixed order), for batch sizes that exercise every
-    /// pass width, tail tiles, several groups and the bias.
+    fn params(salient: f64, salient_bits: u32, group_size: Option<usize>) -> Params {
+        Params {
+            salient,
+            salient_bits,
+            count_bits: None,
+            group_size,
+            select_tensor: false,
+            shift: true,
+            scale: ScaleType::F16,
+        }
+    }
+
+    /// The activation quantizer gives the same codes, scales and sums at every
+    /// level, ties, zeros, non-finite and subnormal values included.
     #[test]
     fn quantize_is_the_same_at_every_level() {
         let mut seed = 5;
         for n in [1usize, 7, 64, 65, 100, 200] {
-            let p = Params {
-                salient: 0.1,
-                salient_bits: 8,
-                count_bits: None,
-                group_size: None,
-                select_tensor: false,
-                shift: true,
-                scale: ScaleType::F16,
-            };
-            let t = compress(&rand_vec(3 * n, &mut seed), 3, n, None, &p).unwrap();
+            let t = compress(&rand_vec(3 * n, &mut seed), 3, n, None, &params(0.1, 8, None)).unwrap();
             let l = layout::build(&t.view()).unwrap();
             let batch = 6;
             let mut x = rand_vec(batch * n, &mut seed);
@@ -1097,21 +1093,15 @@ mod tests {
         }
     }
 
+    /// Every level's int8 kernel gives the scalar kernel's bits (§6.4: exact
+    /// integer sums combined in a fixed order), for batch sizes that exercise every
+    /// pass width and both batched kernels, tail tiles, several groups and the bias.
     #[test]
     fn every_level_matches_scalar_bit_for_bit() {
         let mut seed = 11;
         for (m, n, gs, vb) in [(37, 200, None, 8), (16, 128, Some(64), 4), (5, 64, None, 8), (40, 384, Some(128), 8)] {
             let w = rand_vec(m * n, &mut seed);
-            let p = Params {
-                salient: 0.12,
-                salient_bits: vb,
-                count_bits: None,
-                group_size: gs,
-                select_tensor: false,
-                shift: true,
-                scale: ScaleType::F16,
-            };
-            let t = compress(&w, m, n, None, &p).unwrap();
+            let t = compress(&w, m, n, None, &params(0.12, vb, gs)).unwrap();
             let l = layout::build(&t.view()).unwrap();
             let bias = rand_vec(m, &mut seed);
             // 16.. run the batched kernel; 33 and 70 span several of its row chunks.
