@@ -123,6 +123,14 @@ def test_fast_path_matches_the_checked_path_and_steps_aside(activations):
         torch.testing.assert_close(y, first + 1.0)
         layer.bias = nn.Parameter(torch.zeros(48))  # a new object: checked path again
         np.testing.assert_array_equal(layer(x).numpy(), checked(x).numpy())
+        layer(x)
+        layer.bias.data = torch.full((48,), 100.0)  # same object, new storage
+        np.testing.assert_array_equal(layer(x).numpy(), checked(x).numpy())
+        layer(x)
+        layer.bias.data = torch.full((48,), 3.0, dtype=torch.float64)  # same object, new dtype
+        np.testing.assert_array_equal(layer(x).numpy(), checked(x).numpy())
+        layer.bias = nn.Parameter(torch.zeros(48))
+        layer(x)
         other = "float32" if activations == "int8" else "int8"
         layer.activations = other
         assert layer._fast is None
@@ -145,6 +153,26 @@ def test_fast_path_matches_the_checked_path_and_steps_aside(activations):
     assert layer._fast is None
     with torch.no_grad():
         np.testing.assert_array_equal(layer(x).numpy(), other_layer(x).numpy())
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_fast_path_bias_reparametrized_and_zero_inputs():
+    """A bias moved out of _parameters (pruning, parametrizations) and a layer with
+    no inputs take the checked path instead of failing in the fast one."""
+    import torch.nn.utils.prune
+
+    _, layer = make_layer(activations="int8")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        layer(x)
+        assert layer._fast is not None
+        torch.nn.utils.prune.identity(layer, "bias")
+        np.testing.assert_array_equal(layer(x).numpy(), layer._forward(x).numpy())
+    lin0 = nn.Linear(0, 5)
+    layer0 = pbt.PBLinear.from_linear(lin0, activations="float32")
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(layer0(torch.randn(4, 0)), lin0.bias.expand(4, 5))
 
 
 def test_pb_view_is_zero_copy_and_matches_buffers():

@@ -28,7 +28,6 @@ the level, and :func:`set_simd_level` changes it at run time.
 
 from __future__ import annotations
 
-import os as _os
 import warnings
 
 from . import _core
@@ -106,11 +105,6 @@ def get_num_threads() -> int:
     """Current number of worker threads."""
     return int(_core.get_num_threads())
 
-
-# A forked child has none of the parent's worker threads: start new ones there
-# (without this, a multi-threaded call in a multiprocessing 'fork' worker hangs).
-if hasattr(_os, "register_at_fork"):
-    _os.register_at_fork(after_in_child=_core.forget_threads_after_fork)
 
 _env_error = _core.env_threads_error()
 if _env_error is not None:

@@ -35,37 +35,37 @@ pub const QUADS_PER_BLOCK: usize = BLOCK / 4;
 /// past a tile's last value.
 pub const VALUE_PAD: usize = 64;
 
-/// A PBTensor rearranged for the integer kernels (see the module docs).
+/// A PBTensor rearranged for the integer kernels (see the module docs). Only
+/// [`build`] makes one: the kernels rely on its invariants (consistent offsets,
+/// [`VALUE_PAD`] readable bytes after the values), so the fields are crate-private.
 #[derive(Debug, Clone)]
 pub struct Layout {
     /// Rows of the source tensor.
-    pub m: usize,
+    pub(crate) m: usize,
     /// Columns of the source tensor.
-    pub n: usize,
+    pub(crate) n: usize,
     /// Columns per (mu, alpha) group.
-    pub group_size: usize,
+    pub(crate) group_size: usize,
     /// Groups per row.
-    pub n_groups: usize,
+    pub(crate) n_groups: usize,
     /// Tiles of [`TILE`] rows: `ceil(m / 16)`.
-    pub tiles: usize,
+    pub(crate) tiles: usize,
     /// Blocks of [`BLOCK`] columns: `ceil(n / 64)`.
-    pub blocks: usize,
+    pub(crate) blocks: usize,
     /// `tiles x quads` words, bit `4r + c` = sign bit (1: -alpha) of row `16t + r`, column `4k + c`.
-    pub signs: Vec<u64>,
+    pub(crate) signs: Vec<u64>,
     /// `tiles x quads` words, same bit order: 1 where the residual code is nonzero.
-    pub masks: Vec<u64>,
+    pub(crate) masks: Vec<u64>,
     /// Nonzero residual codes as `q + 127`, tile after tile, [`VALUE_PAD`] zeros at the end.
-    pub values: Vec<u8>,
+    pub(crate) values: Vec<u8>,
     /// `tiles + 1` offsets of each tile's values.
-    pub value_offsets: Vec<usize>,
+    pub(crate) value_offsets: Vec<usize>,
     /// Group means, `tiles x n_groups x 16` (zero for padding rows).
-    pub mu: Vec<f32>,
+    pub(crate) mu: Vec<f32>,
     /// Group scales, `tiles x n_groups x 16` (zero for padding rows).
-    pub alpha: Vec<f32>,
+    pub(crate) alpha: Vec<f32>,
     /// Residual scales, `tiles x 16`.
-    pub sigma: Vec<f32>,
-    /// Salient bits of the source tensor (4 or 8), for reporting.
-    pub value_bits: u32,
+    pub(crate) sigma: Vec<f32>,
 }
 
 impl Layout {
@@ -219,6 +219,5 @@ pub fn build(t: &PbRef) -> Result<Layout> {
         mu,
         alpha,
         sigma,
-        value_bits: t.res.value_bits,
     })
 }

@@ -491,12 +491,6 @@ fn set_num_threads(py: Python<'_>, n: usize) -> PyResult<()> {
     parallel::set_num_threads(n).py(py)
 }
 
-/// Forget the parent's worker threads in a forked child (`os.register_at_fork`).
-#[pyfunction]
-fn forget_threads_after_fork() {
-    parallel::forget_threads_after_fork()
-}
-
 /// Why `PBCODEC_NUM_THREADS` is ignored, or None when it is unset or valid.
 #[pyfunction]
 fn env_threads_error() -> Option<String> {
@@ -587,7 +581,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(pb_validate, m)?,
         wrap_pyfunction!(pb_from_bytes, m)?,
         wrap_pyfunction!(set_num_threads, m)?,
-        wrap_pyfunction!(forget_threads_after_fork, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
         wrap_pyfunction!(env_threads_error, m)?,
         wrap_pyfunction!(json_table, m)?,

@@ -341,8 +341,9 @@ pub(crate) mod x86 {
     // layout from `layout::build` and a QuantX from `quantize` (see `TileFn`):
     // - sign and mask words [t quads, (t + 1) quads) exist, and a quad index k < quads;
     // - the tile's values start at value_offsets[t], and vp advances by the popcount
-    //   of each mask word read, so it never passes value_offsets[t + 1]; after that
-    //   come VALUE_PAD (64) readable zero bytes;
+    //   of each mask word read, so it never passes value_offsets[t + 1]; after the
+    //   last tile's values come VALUE_PAD (64) readable zero bytes, so a 64-byte load
+    //   at any vp stays inside `values` (only `layout::build` makes a Layout);
     // - xq row b < batch has stride = quads * 4 bytes: bytes [4k, 4k + 4) exist;
     // - d, xsum hold batch x blocks entries, tsum batch x n_groups;
     // - mu, alpha hold tiles x n_groups x 16 floats, sigma tiles x 16;
@@ -381,8 +382,9 @@ pub(crate) mod x86 {
         let mut amax = _mm512_setzero_ps();
         let mut bad: __mmask16 = 0;
         for (i, vi) in v.iter_mut().enumerate() {
-            // SAFETY: masked load of the block's floats [16 i, min(len, 16 i + 16)).
-            *vi = unsafe { _mm512_maskz_loadu_ps(lane_mask(i), x.as_ptr().add(16 * i)) };
+            // SAFETY: masked load of the block's floats [16 i, min(len, 16 i + 16)); with
+            // an empty mask (a short block) nothing is read at the wrapped pointer.
+            *vi = unsafe { _mm512_maskz_loadu_ps(lane_mask(i), x.as_ptr().wrapping_add(16 * i)) };
             let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(*vi), absm));
             // Not less than +inf, or unordered (NaN): not finite.
             bad |= _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(a, inf);
@@ -406,8 +408,9 @@ pub(crate) mod x86 {
             let c = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
             // Lanes past len hold 0/d = 0.
             sum = _mm512_add_epi32(sum, c);
-            // SAFETY: masked store of codes [16 i, min(len, 16 i + 16)) of out.
-            unsafe { _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().add(16 * i).cast(), lane_mask(i), c) };
+            // SAFETY: masked store of codes [16 i, min(len, 16 i + 16)) of out; nothing is
+            // written with an empty mask.
+            unsafe { _mm512_mask_cvtepi32_storeu_epi8(out.as_mut_ptr().wrapping_add(16 * i).cast(), lane_mask(i), c) };
         }
         (d, _mm512_reduce_add_epi32(sum))
     }
@@ -681,8 +684,9 @@ pub(crate) mod x86 {
         let wb = unsafe { _mm512_maskz_mov_epi8(ks, ones) };
         // q + 127 in the salient lanes, 127 (q = 0) elsewhere: every lane is
         // unsigned, and the 127·X_b this adds is subtracted per block.
-        // SAFETY: AVX-512 VBMI2 (contract); reads popcount(km) bytes at *vp, the
-        // quad's values (contract); masked-off lanes are not read.
+        // SAFETY: AVX-512 VBMI2 (contract); a plain 64-byte load at *vp, which is at
+        // or before the end of the layout's values, followed by VALUE_PAD = 64 readable
+        // bytes (contract); only popcount(km) of the bytes are used.
         let wv = unsafe { expand_bytes(fill, km, _mm512_loadu_si512((*vp).cast())) };
         // SAFETY: stays within (or one past) the tile's values.
         *vp = unsafe { vp.add(km.count_ones() as usize) };

@@ -513,30 +513,32 @@ class PBLinear(nn.Module):
 
     # -- compute -------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        f = self._fast
-        if (
-            f is not None
-            and type(x) is Tensor  # not a subclass (Parameter, FakeTensor under compile)
-            and x.is_cpu
-            and x.dtype is torch.float32
-            and x.dim() >= 1
-            and x.shape[-1] == f[1]
-            and x.is_contiguous()
-            and not self.force_dense
-            and self._parameters["bias"] is f[3]
-            and not (torch.is_grad_enabled() and (x.requires_grad or (f[3] is not None and f[3].requires_grad)))
-            and not torch._C._get_tracing_state()
-            and not torch.compiler.is_compiling()
-        ):
-            # Plain CPU float32 inference: the kernel call and little else (the slow
-            # path's checks cost ~5 µs, as much as a MiniLM-sized layer's kernel).
-            rows = x.numel() // f[1]
-            if rows < f[6]:
-                xn = x.numpy()
-                y = np.empty((rows, f[0]), np.float32)
-                f[4](f[5], xn if xn.ndim == 2 else xn.reshape(rows, f[1]), rows, y, f[2])
-                y = torch.from_numpy(y)
-                return y if x.dim() == 2 else y.view(*x.shape[:-1], f[0])
+        # Checked first, so that torch.compile folds the fast path away without
+        # tracing (or guarding on) anything in it.
+        if not torch.compiler.is_compiling() and not torch._C._get_tracing_state():
+            f = self._fast
+            if (
+                f is not None
+                and type(x) is Tensor  # not a subclass (e.g. Parameter)
+                and x.is_cpu
+                and x.dtype is torch.float32
+                and x.dim() >= 1
+                and x.shape[-1] == f[1]
+                and x.is_contiguous()
+                and not self.force_dense
+                and self._parameters.get("bias") is f[3]
+                and (f[3] is None or (f[3].data_ptr() == f[7] and f[3].dtype is torch.float32))
+                and not (torch.is_grad_enabled() and (x.requires_grad or (f[3] is not None and f[3].requires_grad)))
+            ):
+                # Plain CPU float32 inference: the kernel call and little else (the
+                # checked path costs ~5 µs more, as much as a MiniLM-sized kernel).
+                rows = x.numel() // f[1]
+                if rows < f[6]:
+                    xn = x.numpy()
+                    y = np.empty((rows, f[0]), np.float32)
+                    f[4](f[5], xn if xn.ndim == 2 else xn.reshape(rows, f[1]), rows, y, f[2])
+                    y = torch.from_numpy(y)
+                    return y if x.dim() == 2 else y.view(*x.shape[:-1], f[0])
         return self._forward(x)
 
     def _forward(self, x: Tensor) -> Tensor:
@@ -561,18 +563,23 @@ class PBLinear(nn.Module):
 
     def _fast_plan(self, t: PBTensor, bn: Any, int8: bool) -> tuple | None:
         """What :meth:`forward`'s fast path needs, for a layer whose direct path ran:
-        (m, n, bias array, bias object, kernel, layout, row limit); None where the
-        bias is not a cached float32 view (it would go stale) or float32 mode runs
-        another kernel. Dropped by ``_invalidate`` and the ``activations`` setter."""
+        (m, n, bias array, bias object, kernel, layout, row limit, bias data pointer);
+        None where the bias is not a cached float32 view (it would go stale), the layer
+        has no inputs, or float32 mode runs another kernel. Dropped by ``_invalidate``
+        and the ``activations`` setter; the fast path also re-checks the bias object,
+        its storage and dtype (``bias.data = ...`` keeps the object)."""
         b = self.bias
         if b is not None and (self._bias_np is None or self._bias_np[3] is not bn):
             return None
         m, n = self._meta[:2]
+        if n == 0:
+            return None
+        ptr = None if b is None else b.data_ptr()
         lay = t._exec_layout()
         if int8:
-            return (m, n, bn, b, _core.pb_matvec_int8, lay, sys.maxsize)
+            return (m, n, bn, b, _core.pb_matvec_int8, lay, sys.maxsize, ptr)
         if lay.f32_supported:  # below DENSE_ROWS rows, as linear_forward decides
-            return (m, n, bn, b, _core.pb_matvec_layout_f32, lay, DENSE_ROWS)
+            return (m, n, bn, b, _core.pb_matvec_layout_f32, lay, DENSE_ROWS, ptr)
         return None
 
     def _op_tensors(self) -> tuple[Tensor, ...]:
