@@ -51,6 +51,22 @@ def test_invalid_thread_variable_is_ignored_with_a_warning(value):
     assert 1 <= n <= min(os.cpu_count() or 1, 1024) and seconds < 60  # no 20000-thread pool
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "1000001", "2.5"])
+def test_invalid_spin_variable_is_ignored_with_a_warning(value):
+    code = (
+        "import warnings\nwith warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n    import pbcodec\n"
+        "print('|'.join(str(x.message) for x in w))"
+    )
+    env = dict(os.environ, PBCODEC_SPIN_US=value)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"PBCODEC_SPIN_US={value!r}" in r.stdout.replace('"', "'") and "microseconds" in r.stdout
+    env["PBCODEC_SPIN_US"] = "0"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == ""
+
+
 def test_valid_thread_variable_is_used_silently():
     assert run_threads("3")[0] == 3 and run_threads("3")[2] == ""
     assert run_threads(" 2 ")[0] == 2

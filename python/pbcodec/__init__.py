@@ -106,7 +106,7 @@ def get_num_threads() -> int:
     return int(_core.get_num_threads())
 
 
-_env_error = _core.env_threads_error()
-if _env_error is not None:
-    warnings.warn(_env_error, RuntimeWarning, stacklevel=2)
+for _env_error in (_core.env_threads_error(), _core.env_spin_error()):
+    if _env_error is not None:
+        warnings.warn(_env_error, RuntimeWarning, stacklevel=2)
 del _env_error

@@ -113,6 +113,30 @@ pub fn set_num_threads(n: usize) -> crate::Result<()> {
 /// find the worker still awake. `PBCODEC_SPIN_US` overrides it (0: sleep at once).
 pub const SPIN_US_DEFAULT: u64 = 200;
 
+/// Longest accepted `PBCODEC_SPIN_US` (1 s): beyond it an idle worker would
+/// hold a core for no gain.
+pub const MAX_SPIN_US: u64 = 1_000_000;
+
+/// `PBCODEC_SPIN_US`, validated: `Ok(None)` when unset or empty, `Err` with the
+/// reason when it is not an integer in 0..=[`MAX_SPIN_US`] (then the default is
+/// used; the Python package warns at import, as for `PBCODEC_NUM_THREADS`).
+pub fn env_spin_us() -> crate::Result<Option<u64>> {
+    let s = match std::env::var("PBCODEC_SPIN_US") {
+        Ok(s) if !s.trim().is_empty() => s,
+        Ok(_) | Err(std::env::VarError::NotPresent) => return Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return crate::error::invalid("PBCODEC_SPIN_US is not valid Unicode; it is ignored")
+        }
+    };
+    match s.trim().parse::<u64>() {
+        Ok(v) if v <= MAX_SPIN_US => Ok(Some(v)),
+        _ => crate::error::invalid(format!(
+            "PBCODEC_SPIN_US={s:?} is ignored: it must be an int in 0..{MAX_SPIN_US} (microseconds); \
+             using {SPIN_US_DEFAULT}"
+        )),
+    }
+}
+
 static TEAM: std::sync::Mutex<Option<(u32, Arc<TeamHandle>)>> = std::sync::Mutex::new(None);
 
 /// One parallel call: chunk indices handed out by `next`, run by `f`.
@@ -166,7 +190,7 @@ unsafe impl Sync for Job {}
 impl Team {
     /// A team of the caller and `threads - 1` workers (fewer if threads cannot be started).
     fn start(threads: usize) -> TeamHandle {
-        let spin = std::env::var("PBCODEC_SPIN_US").ok().and_then(|s| s.trim().parse::<u64>().ok());
+        let spin = env_spin_us().ok().flatten();
         let team = Arc::new(Team {
             slot: AtomicPtr::new(std::ptr::null_mut()),
             epoch: AtomicU64::new(0),

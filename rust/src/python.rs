@@ -491,6 +491,12 @@ fn set_num_threads(py: Python<'_>, n: usize) -> PyResult<()> {
     parallel::set_num_threads(n).py(py)
 }
 
+/// Why `PBCODEC_SPIN_US` is ignored, or None when it is unset or valid.
+#[pyfunction]
+fn env_spin_error() -> Option<String> {
+    parallel::env_spin_us().err().map(|e| e.to_string())
+}
+
 /// Why `PBCODEC_NUM_THREADS` is ignored, or None when it is unset or valid.
 #[pyfunction]
 fn env_threads_error() -> Option<String> {
@@ -583,6 +589,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         wrap_pyfunction!(set_num_threads, m)?,
         wrap_pyfunction!(get_num_threads, m)?,
         wrap_pyfunction!(env_threads_error, m)?,
+        wrap_pyfunction!(env_spin_error, m)?,
         wrap_pyfunction!(json_table, m)?,
     ] {
         m.add_function(f)?;
