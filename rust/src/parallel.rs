@@ -28,18 +28,26 @@ pub fn check_threads(n: usize) -> crate::Result<usize> {
 /// `PBCODEC_NUM_THREADS`, validated: `Ok(None)` when unset or empty, `Err` with the
 /// reason when it is not an integer in 1..=[`MAX_THREADS`].
 pub fn env_threads() -> crate::Result<Option<usize>> {
-    let s = match std::env::var("PBCODEC_NUM_THREADS") {
-        Ok(s) if !s.trim().is_empty() => s,
-        Ok(_) | Err(std::env::VarError::NotPresent) => return Ok(None),
-        Err(std::env::VarError::NotUnicode(_)) => {
-            return crate::error::invalid("PBCODEC_NUM_THREADS is not valid Unicode; it is ignored")
-        }
+    let Some(s) = env_value("PBCODEC_NUM_THREADS")? else {
+        return Ok(None);
     };
     match s.trim().parse::<usize>().map_err(|_| ()).and_then(|n| check_threads(n).map_err(|_| ())) {
         Ok(n) => Ok(Some(n)),
         Err(()) => crate::error::invalid(format!(
             "PBCODEC_NUM_THREADS={s:?} is ignored: it must be an int in 1..{MAX_THREADS}; using all cores"
         )),
+    }
+}
+
+/// An environment variable's value: `Ok(None)` when unset or blank, `Err` when
+/// it is not valid Unicode.
+fn env_value(name: &str) -> crate::Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(s) if !s.trim().is_empty() => Ok(Some(s)),
+        Ok(_) | Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            crate::error::invalid(format!("{name} is not valid Unicode; it is ignored"))
+        }
     }
 }
 
@@ -121,12 +129,8 @@ pub const MAX_SPIN_US: u64 = 1_000_000;
 /// reason when it is not an integer in 0..=[`MAX_SPIN_US`] (then the default is
 /// used; the Python package warns at import, as for `PBCODEC_NUM_THREADS`).
 pub fn env_spin_us() -> crate::Result<Option<u64>> {
-    let s = match std::env::var("PBCODEC_SPIN_US") {
-        Ok(s) if !s.trim().is_empty() => s,
-        Ok(_) | Err(std::env::VarError::NotPresent) => return Ok(None),
-        Err(std::env::VarError::NotUnicode(_)) => {
-            return crate::error::invalid("PBCODEC_SPIN_US is not valid Unicode; it is ignored")
-        }
+    let Some(s) = env_value("PBCODEC_SPIN_US")? else {
+        return Ok(None);
     };
     match s.trim().parse::<u64>() {
         Ok(v) if v <= MAX_SPIN_US => Ok(Some(v)),
