@@ -26,6 +26,7 @@ Medians; ratios are peer time / pbcodec time from the same measurement.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -46,6 +47,11 @@ try:
     from threadpoolctl import threadpool_limits
 except ImportError:  # pragma: no cover
     threadpool_limits = None
+
+
+#: Environment variables that cap the peers' instruction sets (read when numpy and
+#: torch load): OpenBLAS, ATen, oneDNN, MKL.
+PEER_ISA_VARS = ("OPENBLAS_CORETYPE", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def clock_ghz() -> float:
@@ -370,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
     kind = cpu_kind()
     zen4 = kind.startswith("AVX-512")
     print(f"CPU: {cpu_name()}, {kind}; pbcodec SIMD level {pbcodec.simd_level()}, {args.threads} threads")
+    # Peers limited to an ISA (for an AVX2 column on an AVX-512 machine, see the README).
+    limits = [f"{k}={os.environ[k]}" for k in PEER_ISA_VARS if os.environ.get(k)]
+    if limits:
+        print("peers limited by " + " ".join(limits))
     b0, s0, t0 = cpu_ticks()
     w0 = time.perf_counter()
     checks = Checks()
