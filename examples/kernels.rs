@@ -6,7 +6,7 @@
 //! Prints the median time and weights per cycle at a nominal 2.6 GHz (x batch).
 use std::time::Instant;
 
-use pbcodec::pb::{compress, Params, ScaleType};
+use pbcodec::pb::{compress, Params};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -19,15 +19,7 @@ fn main() {
         ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     };
     let w: Vec<f32> = (0..m * n).map(|_| r()).collect();
-    let p = Params {
-        salient: 0.1,
-        salient_bits: 8,
-        count_bits: None,
-        group_size: None,
-        select_tensor: false,
-        shift: true,
-        scale: ScaleType::F16,
-    };
+    let p = Params::default(); // 10 % salient, 8-bit
     let t = compress(&w, m, n, None, &p).unwrap();
     let l = pbcodec::layout::build(&t.view()).unwrap();
     let x: Vec<f32> = (0..n * batch).map(|_| r()).collect();

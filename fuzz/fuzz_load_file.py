@@ -14,29 +14,15 @@ rejecting or reading differently what the core accepted.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 import atheris
 import numpy as np
+from _instrument import not_instrumented
 
-
-def _not_instrumented() -> list[str]:
-    """The pure-Python reference (the oracle, not the target) and the torch integration:
-    every module of theirs by name, since atheris excludes exact module names only. The
-    files are listed without importing pbcodec, which must be imported instrumented."""
-    root = Path(importlib.util.find_spec("pbcodec").submodule_search_locations[0])
-    return [
-        f"pbcodec.{pkg}" + ("" if p.stem == "__init__" else f".{p.stem}")
-        for pkg in ("reference", "torch")
-        for p in sorted((root / pkg).glob("*.py"))
-    ]
-
-
-with atheris.instrument_imports(include=["pbcodec"], exclude=_not_instrumented()):
+with atheris.instrument_imports(include=["pbcodec"], exclude=not_instrumented()):
     import pbcodec
     from pbcodec import reference as ref
 

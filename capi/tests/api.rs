@@ -32,15 +32,7 @@ fn f32_ref(core: &pb::PbTensor, x: &[f32], batch: usize, want: &mut [f32]) {
 }
 
 fn sample(m: usize, n: usize, scale: ScaleType, group: Option<usize>, bits: u32) -> pb::PbTensor {
-    let p = Params {
-        salient: 0.1,
-        salient_bits: bits,
-        count_bits: None,
-        group_size: group,
-        select_tensor: false,
-        shift: true,
-        scale,
-    };
+    let p = Params { salient_bits: bits, group_size: group, scale, ..Params::default() };
     pb::compress(&gaussian(m, n, 7), m, n, None, &p).unwrap()
 }
 

@@ -152,15 +152,7 @@ mod tests {
             })
             .collect();
         for gs in [None, Some(8), Some(64), Some(7), Some(1)] {
-            let p = Params {
-                salient: 0.1,
-                salient_bits: 8,
-                count_bits: None,
-                group_size: gs,
-                select_tensor: false,
-                shift: true,
-                scale: ScaleType::F32,
-            };
+            let p = Params { group_size: gs, scale: ScaleType::F32, ..Params::default() };
             let t = compress(&w, m, n, None, &p).unwrap();
             let mut want = vec![0f32; m * n];
             decompress_at(&t.view(), Level::Scalar, &mut want).unwrap();

@@ -399,15 +399,8 @@ mod tests {
         for (m, n, gs, vb) in [(37, 203, None, 8), (16, 128, Some(4), 4), (5, 64, Some(32), 8), (40, 384, Some(12), 8)]
         {
             let w = rand_vec(m * n, &mut seed);
-            let p = Params {
-                salient: 0.12,
-                salient_bits: vb,
-                count_bits: None,
-                group_size: gs,
-                select_tensor: false,
-                shift: true,
-                scale: ScaleType::F32,
-            };
+            let p =
+                Params { salient: 0.12, salient_bits: vb, group_size: gs, scale: ScaleType::F32, ..Params::default() };
             let t = compress(&w, m, n, None, &p).unwrap();
             let mut wh = vec![0f32; m * n];
             t.view().decompress(&mut wh).unwrap();

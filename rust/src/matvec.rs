@@ -803,15 +803,7 @@ mod tests {
     #[test]
     fn big_batch_and_many_rows() {
         let mut seed = 9;
-        let p = Params {
-            salient: 0.1,
-            salient_bits: 8,
-            count_bits: None,
-            group_size: None,
-            select_tensor: false,
-            shift: true,
-            scale: ScaleType::F32,
-        };
+        let p = Params { scale: ScaleType::F32, ..Params::default() };
         check(70, 300, &p, 70, &mut seed);
     }
 
@@ -819,15 +811,7 @@ mod tests {
     fn corrupted_stream_is_an_error_not_a_crash() {
         let mut seed = 1;
         let w = rand_vec(4 * 64, &mut seed);
-        let p = Params {
-            salient: 0.2,
-            salient_bits: 8,
-            count_bits: Some(4),
-            group_size: None,
-            select_tensor: false,
-            shift: true,
-            scale: ScaleType::F16,
-        };
+        let p = Params { salient: 0.2, count_bits: Some(4), ..Params::default() };
         let t = compress(&w, 4, 64, None, &p).unwrap();
         let x = vec![1f32; 64];
         for lvl in simd::available() {

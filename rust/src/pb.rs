@@ -85,6 +85,22 @@ pub struct Params {
     pub scale: ScaleType,
 }
 
+impl Default for Params {
+    /// The defaults of `pbcodec.compress`: 10 % salient, 8-bit codes, automatic
+    /// count bits, one group per row, row-wise selection, mean shift, float16 scales.
+    fn default() -> Self {
+        Params {
+            salient: 0.1,
+            salient_bits: 8,
+            count_bits: None,
+            group_size: None,
+            select_tensor: false,
+            shift: true,
+            scale: ScaleType::F16,
+        }
+    }
+}
+
 /// A compressed matrix. Scales are kept as f32 holding exact float16/float32 values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PbTensor {
@@ -582,18 +598,6 @@ mod tests {
             .collect()
     }
 
-    fn params() -> Params {
-        Params {
-            salient: 0.1,
-            salient_bits: 8,
-            count_bits: None,
-            group_size: None,
-            select_tensor: false,
-            shift: true,
-            scale: ScaleType::F16,
-        }
-    }
-
     #[test]
     fn compress_round_trip_and_accuracy() {
         let (m, n) = (16, 200);
@@ -601,7 +605,7 @@ mod tests {
         for (gs, tensor, scale) in
             [(None, false, ScaleType::F16), (Some(64), true, ScaleType::F32), (Some(7), false, ScaleType::F16)]
         {
-            let p = Params { group_size: gs, select_tensor: tensor, scale, ..params() };
+            let p = Params { group_size: gs, select_tensor: tensor, scale, ..Params::default() };
             let t = compress(&w, m, n, None, &p).unwrap();
             assert!(t.residual.num_values() as usize <= m * n / 10 + m);
             let b = to_bytes(&t.view()).unwrap();
@@ -623,7 +627,7 @@ mod tests {
     #[test]
     fn error_kinds() {
         let w = gaussian(3, 40, 4);
-        let b = to_bytes(&compress(&w, 3, 40, None, &params()).unwrap().view()).unwrap();
+        let b = to_bytes(&compress(&w, 3, 40, None, &Params::default()).unwrap().view()).unwrap();
         let with_crc = |mut v: Vec<u8>| {
             let n = v.len() - 4;
             let c = crc32c(&v[..n]);
@@ -661,7 +665,7 @@ mod tests {
         let (m, n) = (4, 100);
         let mut w = gaussian(m, n, 2);
         w[17] = 40.0; // a huge outlier must be salient and reconstructed well
-        let t = compress(&w, m, n, None, &params()).unwrap();
+        let t = compress(&w, m, n, None, &Params::default()).unwrap();
         let mut wh = vec![0f32; m * n];
         t.view().decompress(&mut wh).unwrap();
         assert!((wh[17] - 40.0).abs() < 0.5, "{}", wh[17]);
@@ -671,7 +675,7 @@ mod tests {
     fn float16_underflow_is_refused_like_overflow() {
         let w: Vec<f32> = gaussian(4, 64, 3).iter().map(|v| v * 1e-8).collect();
         for scale in [ScaleType::F16, ScaleType::F32] {
-            let p = Params { scale, ..params() };
+            let p = Params { scale, ..Params::default() };
             let r = compress(&w, 4, 64, None, &p);
             match scale {
                 ScaleType::F16 => {
@@ -681,11 +685,13 @@ mod tests {
             }
         }
         let big: Vec<f32> = gaussian(4, 64, 3).iter().map(|v| v * 1e6).collect();
-        assert!(matches!(compress(&big, 4, 64, None, &params()), Err(Error::Scale(m)) if m.contains("overflows")));
+        assert!(
+            matches!(compress(&big, 4, 64, None, &Params::default()), Err(Error::Scale(m)) if m.contains("overflows"))
+        );
         // A zero row is not an underflow (its scales are exactly 0), nor is a row that keeps
         // a nonzero scale while one rounds to 0 (group size 1: alpha is mu's rounding error).
-        assert!(compress(&[0.0; 64], 1, 64, None, &params()).is_ok());
-        let one = Params { group_size: Some(1), salient: 0.0, ..params() };
+        assert!(compress(&[0.0; 64], 1, 64, None, &Params::default()).is_ok());
+        let one = Params { group_size: Some(1), salient: 0.0, ..Params::default() };
         let w: Vec<f32> = (0..64).map(|j| 1e-6 * (1.0 + j as f32 / 64.0)).collect();
         let t = compress(&w, 1, 64, None, &one).unwrap();
         let lost = (0..64).filter(|&j| t.alpha[j] == 0.0 && w[j] as f64 != t.mu[j] as f64).count();

@@ -1137,15 +1137,7 @@ mod tests {
     use crate::testutil::rand_vec;
 
     fn params(salient: f64, salient_bits: u32, group_size: Option<usize>) -> Params {
-        Params {
-            salient,
-            salient_bits,
-            count_bits: None,
-            group_size,
-            select_tensor: false,
-            shift: true,
-            scale: ScaleType::F16,
-        }
+        Params { salient, salient_bits, group_size, ..Params::default() }
     }
 
     /// The activation quantizer gives the same codes, scales and sums at every
@@ -1212,15 +1204,7 @@ mod tests {
     fn wrong_sizes_are_errors() {
         let mut seed = 2;
         let w = rand_vec(20 * 64, &mut seed);
-        let p = Params {
-            salient: 0.1,
-            salient_bits: 8,
-            count_bits: None,
-            group_size: None,
-            select_tensor: false,
-            shift: true,
-            scale: ScaleType::F32,
-        };
+        let p = Params { scale: ScaleType::F32, ..Params::default() };
         let l = layout::build(&compress(&w, 20, 64, None, &p).unwrap().view()).unwrap();
         let x = vec![1f32; 64];
         let mut y = vec![0f32; 20];

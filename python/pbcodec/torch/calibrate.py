@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..gptq import compress_gptq
 from ..pb import compress
-from .convert import _linear_slots, _swap, default_filter
+from .convert import _layer_importance, _linear_slots, _swap, default_filter
 from .module import PBLinear
 from .report import CompressionReport, layer_row
 
@@ -217,11 +217,7 @@ def calibrate_model(
         kw = dict(kwargs)
         if group_size is not None:
             kw["group_size"] = min(int(group_size), lin.in_features) if lin.in_features else group_size
-        imp = (
-            importance(name, lin)
-            if callable(importance)
-            else (importance.get(name) if importance is not None else None)
-        )
+        imp = _layer_importance(importance, name, lin)
         if imp is not None:
             kw["importance"] = imp
         settings[name] = layer_kwargs(

@@ -62,6 +62,15 @@ def _linear_slots(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear
     return out
 
 
+def _layer_importance(importance: Any, name: str, lin: nn.Linear) -> Any:
+    """One layer's column importance from the ``importance`` argument of
+    compress_model/calibrate_model: a callable ``(name, layer)``, a mapping by
+    layer name, or None."""
+    if callable(importance):
+        return importance(name, lin)
+    return importance.get(name) if importance is not None else None
+
+
 def _swap(slots, new: dict[int, nn.Module]) -> None:
     for _, parent, key, child in slots:
         if id(child) in new:
@@ -272,11 +281,7 @@ def compress_model(
         kw = dict(kwargs)
         if group_size is not None:
             kw["group_size"] = group_size
-        imp = (
-            importance(name, lin)
-            if callable(importance)
-            else (importance.get(name) if importance is not None else None)
-        )
+        imp = _layer_importance(importance, name, lin)
         if imp is not None:
             kw["importance"] = imp
         kw = layer_kwargs(
