@@ -381,6 +381,8 @@ class PBTensor:
             # The in-memory execution layout (0 until built; see build_layout()).
             "layout_bytes": 0 if self._layout is None else int(self._layout.nbytes),
             "layout_bpw": 0.0 if self._layout is None else 8 * int(self._layout.nbytes) / mn,
+            # Its residual forms (§6.5): "expand" (AVX-512, float32 mode), "sparse" (AVX2, portable).
+            "layout_forms": () if self._layout is None else tuple(self._layout.forms),
         }
 
     def __eq__(self, other: object) -> bool:

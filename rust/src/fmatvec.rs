@@ -15,7 +15,7 @@
 //! Summation order is fixed per level and independent of the thread count;
 //! different levels agree to float rounding (~1e-6 relative).
 use crate::error::invalid;
-use crate::layout::{Layout, TILE};
+use crate::layout::{Form, Layout, TILE};
 use crate::simd::{self, Level};
 use crate::Result;
 
@@ -108,6 +108,7 @@ fn matvec_f32_at(
         return Ok(());
     }
     let p = prepare(l, x, batch);
+    l.ensure(Form::Expand); // before the workers start (they would wait for it)
     let kernel = table(level);
     crate::qmatvec::run_tiles(l, batch, bias, out, |t, y| {
         // SAFETY: `kernel` comes from `table`; `l` is a layout (supported, checked
@@ -127,11 +128,12 @@ fn tile_scalar(l: &Layout, t: usize, p: &Prep, yt: &mut [f32]) {
     let quads = p.quads;
     let ng = l.n_groups;
     let sw = &l.signs[t * quads..(t + 1) * quads];
-    let mw = &l.masks[t * quads..(t + 1) * quads];
+    let ex = l.expand();
+    let mw = &ex.masks[t * quads..(t + 1) * quads];
     for b in 0..p.batch {
         let tab = &p.tables[b * quads * 16..(b + 1) * quads * 16];
         let xq = &p.xp[b * quads * 4..(b + 1) * quads * 4];
-        let mut vi = l.value_offsets[t];
+        let mut vi = ex.value_offsets[t];
         let mut y = [0f32; TILE];
         let mut r = [0f32; TILE];
         for g in 0..ng {
@@ -145,7 +147,7 @@ fn tile_scalar(l: &Layout, t: usize, p: &Prep, yt: &mut [f32]) {
                 while bits != 0 {
                     let lane = bits.trailing_zeros() as usize;
                     bits &= bits - 1;
-                    r[lane / 4] += (l.values[vi] as i32 - 127) as f32 * xq[4 * k + lane % 4];
+                    r[lane / 4] += (ex.values[vi] as i32 - 127) as f32 * xq[4 * k + lane % 4];
                     vi += 1;
                 }
             }
@@ -220,8 +222,9 @@ mod x86 {
         let quads = p.quads;
         let ng = l.n_groups;
         let sw = &l.signs[t * quads..(t + 1) * quads];
-        let mw = &l.masks[t * quads..(t + 1) * quads];
-        let mut vp = l.values[l.value_offsets[t]..].as_ptr().cast::<i8>();
+        let ex = l.expand();
+        let mw = &ex.masks[t * quads..(t + 1) * quads];
+        let mut vp = ex.values[ex.value_offsets[t]..].as_ptr().cast::<i8>();
         // Byte 0 of each dword r gets bits 4r..4r+7 of the sign word: the low
         // 4 bits (row r's nibble) index the table (vpermps reads 4 bits).
         let ctrl = _mm512_set_epi8(
@@ -312,12 +315,13 @@ mod x86 {
         let quads = p.quads;
         let ng = l.n_groups;
         let sw = &l.signs[t * quads..(t + 1) * quads];
-        let mw = &l.masks[t * quads..(t + 1) * quads];
+        let ex = l.expand();
+        let mw = &ex.masks[t * quads..(t + 1) * quads];
         let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
         for b in 0..p.batch {
             let tab = p.tables[b * quads * 16..].as_ptr();
             let xq = p.xp[b * quads * 4..].as_ptr();
-            let mut vp = l.values[l.value_offsets[t]..].as_ptr();
+            let mut vp = ex.values[ex.value_offsets[t]..].as_ptr();
             let mut y = [_mm256_setzero_ps(); 2];
             // Residual: chunk c holds rows 2c, 2c+1 (lanes 4r'+c' of 8).
             let mut racc = [_mm256_setzero_ps(); 8];

@@ -387,6 +387,11 @@ impl PyLayout {
     fn nbytes(&self) -> usize {
         self.inner.nbytes()
     }
+    /// The residual forms built so far (docs/format.md §6.5): "expand", "sparse".
+    #[getter]
+    fn forms(&self) -> Vec<&'static str> {
+        self.inner.forms()
+    }
     /// Whether the int8 activation mode can run on it.
     #[getter]
     fn int8_supported(&self) -> bool {

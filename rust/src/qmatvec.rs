@@ -20,7 +20,7 @@
 //! bitnet.cpp; the salient residual as a per-tile bitmask plus values expanded
 //! with `vpexpandb` is this project's own.
 use crate::error::invalid;
-use crate::layout::{Layout, BLOCK, QUADS_PER_BLOCK, TILE};
+use crate::layout::{self, Form, Layout, BLOCK, QUADS_PER_BLOCK, TILE};
 use crate::simd::{self, Level};
 use crate::{parallel, Result};
 
@@ -40,6 +40,10 @@ pub struct QuantX {
     pub xsum: Vec<i32>,
     /// `batch x n_groups`: T_g = Σ_{b∈g} d_b·X_b, in block order.
     pub tsum: Vec<f32>,
+    /// Scalar level only (else empty): `batch x quads x 16` sums of xq over every
+    /// subset of each quad's 4 columns (T-MAC's tables), built once per call
+    /// instead of once per tile.
+    pub luts: Vec<i16>,
 }
 
 /// Quantize `batch x n` activations per block of 64 columns (§6.4), with the
@@ -57,7 +61,16 @@ fn quantize_at(level: Level, x: &[f32], batch: usize, n: usize, l: &Layout) -> Q
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => unsafe { x86::quantize_avx2(x, batch, n, l) },
-        _ => quantize_generic(x, batch, n, l, quantize_block),
+        _ => {
+            let mut q = quantize_generic(x, batch, n, l, quantize_block);
+            q.luts = vec![0; 4 * q.xq.len()];
+            for (lut, x4) in q.luts.chunks_exact_mut(16).zip(q.xq.chunks_exact(4)) {
+                for i in 1..16usize {
+                    lut[i] = lut[i & (i - 1)] + i16::from(x4[i.trailing_zeros() as usize]);
+                }
+            }
+            q
+        }
     }
 }
 
@@ -83,6 +96,7 @@ fn quantize_generic(
         d: vec![0.0; batch * blocks],
         xsum: vec![0; batch * blocks],
         tsum: vec![0.0; batch * ng],
+        luts: Vec::new(),
     };
     for b in 0..batch {
         let xr = &x[b * n..(b + 1) * n];
@@ -188,6 +202,7 @@ fn matvec_int8_at(
         return Ok(());
     }
     let qx = quantize_at(level, x, batch, n, l);
+    l.ensure(Form::for_int8(level)); // before the workers start (they would wait for it)
     let kernel = table(level);
     run_tiles(l, batch, bias, out, |t, y| {
         // SAFETY: `kernel` comes from `table`; `l` is a layout (built by layout::build,
@@ -269,6 +284,40 @@ fn group_ends(kb: usize, bpg: usize, blocks: usize) -> bool {
 
 // ------------------------------------------------------------------ scalar
 
+/// Column of each [`layout::col_byte`] (the scalar kernel's decoder).
+static COL_OF: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = layout::col_of(b as u8) as u8;
+        b += 1;
+    }
+    t
+};
+
+/// The residual sums R of one block's 16 rows from its sparse record at `*at`
+/// (advanced past it); `xb` is the block's 64 int8 activations. A pair's two
+/// codes of a row are summed before the one addition to that row's sum.
+#[inline(always)]
+fn sparse_rows(b: &[u8], at: &mut usize, xb: &[i8]) -> [i32; TILE] {
+    let pairs = b[*at] as usize;
+    let head = &b[*at..*at + 1 + TILE + pairs];
+    let mut acc = [0i32; TILE]; // by sorted position
+    let mut p = *at + head.len();
+    for &nj in &head[1 + TILE..] {
+        let n2 = 2 * nj as usize;
+        let (cols, codes) = b[p..p + 2 * n2].split_at(n2);
+        for (a, (c, q)) in acc.iter_mut().zip(cols.chunks_exact(2).zip(codes.chunks_exact(2))) {
+            let x0 = i32::from(xb[usize::from(COL_OF[usize::from(c[0])])]);
+            let x1 = i32::from(xb[usize::from(COL_OF[usize::from(c[1])])]);
+            *a += i32::from(q[0] as i8) * x0 + i32::from(q[1] as i8) * x1;
+        }
+        p += 2 * n2;
+    }
+    *at = p;
+    std::array::from_fn(|r| acc[usize::from(head[1 + r]) % TILE])
+}
+
 /// Portable kernel: the sign part by a 16-entry table per quad (the sums of
 /// xq over each subset of the quad's 4 columns, T-MAC style), the residual by
 /// walking the mask's set bits. Integer sums are exact, so the result equals
@@ -280,35 +329,25 @@ fn tile_scalar(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
     let quads = l.quads();
     let (ng, bpg) = (l.n_groups, l.blocks_per_group());
     let sw = &l.signs[t * quads..(t + 1) * quads];
-    let mw = &l.masks[t * quads..(t + 1) * quads];
+    let sp = l.sparse();
     let mu = &l.mu[t * ng * TILE..(t + 1) * ng * TILE];
     let alpha = &l.alpha[t * ng * TILE..(t + 1) * ng * TILE];
     let sigma = &l.sigma[t * TILE..(t + 1) * TILE];
     for b in 0..qx.batch {
         let xq = &qx.xq[b * qx.stride..(b + 1) * qx.stride];
-        let mut vi = l.value_offsets[t];
+        let luts = &qx.luts[b * 4 * qx.stride..(b + 1) * 4 * qx.stride];
+        let mut at = sp.offsets[t];
         let mut y = [0f32; TILE];
         let mut ss = [0f32; TILE];
         let mut sr = [0f32; TILE];
         for kb in 0..l.blocks {
             let mut p = [0i32; TILE];
-            let mut r = [0i32; TILE];
+            let r = sparse_rows(&sp.bytes, &mut at, &xq[kb * BLOCK..(kb + 1) * BLOCK]);
             for k in kb * QUADS_PER_BLOCK..(kb + 1) * QUADS_PER_BLOCK {
-                let x4 = [xq[4 * k] as i32, xq[4 * k + 1] as i32, xq[4 * k + 2] as i32, xq[4 * k + 3] as i32];
-                let mut lut = [0i32; 16];
-                for i in 1..16usize {
-                    lut[i] = lut[i & (i - 1)] + x4[i.trailing_zeros() as usize];
-                }
+                let lut: &[i16; 16] = luts[16 * k..16 * k + 16].try_into().expect("16 entries");
                 let w = sw[k];
                 for (rr, pv) in p.iter_mut().enumerate() {
-                    *pv += lut[((w >> (4 * rr)) & 15) as usize];
-                }
-                let mut bits = mw[k];
-                while bits != 0 {
-                    let lane = bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    r[lane / 4] += (l.values[vi] as i32 - 127) * x4[lane % 4];
-                    vi += 1;
+                    *pv += i32::from(lut[((w >> (4 * rr)) & 15) as usize]);
                 }
             }
             let (d, xs) = (qx.d[b * qx.blocks + kb], qx.xsum[b * qx.blocks + kb]);
@@ -344,7 +383,8 @@ const ROWS_MIN_SCALAR: usize = 4;
 /// the bits are the same.
 fn tile_scalar_rows(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
     let (ng, bpg) = (l.n_groups, l.blocks_per_group());
-    let (sw, mw, mu, alpha) = l.tile(t);
+    let (sw, mu, alpha) = l.tile(t);
+    let sp = l.sparse();
     let sigma = &l.sigma[t * TILE..(t + 1) * TILE];
     let batch = qx.batch;
     // [column pair][2 row + column in pair]
@@ -353,12 +393,17 @@ fn tile_scalar_rows(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
     let mut ss = vec![[0f32; TILE]; batch];
     let mut sr = vec![[0f32; TILE]; batch];
     let mut y = vec![[0f32; TILE]; batch];
-    let mut vi = l.value_offsets[t];
+    let mut at = sp.offsets[t];
     for kb in 0..l.blocks {
         codes.iter_mut().for_each(|c| c.fill(0));
+        layout::for_each_code(&sp.bytes, &mut at, |r, c, v| {
+            if v != 0 {
+                codes[c / 2][2 * r + c % 2] = i16::from(v);
+            }
+        });
         for j in 0..QUADS_PER_BLOCK {
             let k = kb * QUADS_PER_BLOCK + j;
-            let (w, mut bits) = (sw[k], mw[k]);
+            let w = sw[k];
             // Row r's 4 sign bits are bits 4r..4r+4: columns 4j..4j+4, pairs 2j, 2j+1.
             let [lo, hi] = &mut sbits[2 * j..2 * j + 2] else { unreachable!() };
             for r in 0..TILE {
@@ -367,13 +412,6 @@ fn tile_scalar_rows(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
                 lo[2 * r + 1] = (nib >> 1) & 1;
                 hi[2 * r] = (nib >> 2) & 1;
                 hi[2 * r + 1] = (nib >> 3) & 1;
-            }
-            while bits != 0 {
-                let lane = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let (r, c) = (lane / 4, 4 * j + lane % 4);
-                codes[c / 2][2 * r + c % 2] = i16::from(l.values[vi]) - 127;
-                vi += 1;
             }
         }
         let last = group_ends(kb, bpg, l.blocks);
@@ -550,7 +588,9 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2,popcnt")]
     unsafe fn tile512_rows(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
         let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
-        let (sw, mw, mu, alpha) = l.tile(t);
+        let (sw, mu, alpha) = l.tile(t);
+        let ex = l.expand();
+        let mw = &ex.masks[t * l.quads()..(t + 1) * l.quads()];
         let ones = _mm512_set1_epi8(1);
         let fill = _mm512_set1_epi8(127);
         let z = _mm512_setzero_si512();
@@ -563,7 +603,7 @@ pub(crate) mod x86 {
         let mut c0 = 0;
         while c0 < qx.batch {
             let rows = (qx.batch - c0).min(ROWS_CHUNK);
-            let mut vp = l.value_offsets[t];
+            let mut vp = ex.value_offsets[t];
             ss[..rows].fill(zf);
             sr[..rows].fill(zf);
             y[..rows].fill(zf);
@@ -576,7 +616,7 @@ pub(crate) mod x86 {
                     // stays inside the values and their VALUE_PAD (module bounds).
                     unsafe {
                         wb[j] = _mm512_maskz_mov_epi8(sw[k], ones);
-                        wv[j] = expand_bytes(fill, km, _mm512_loadu_si512(l.values[vp..vp + 64].as_ptr().cast()));
+                        wv[j] = expand_bytes(fill, km, _mm512_loadu_si512(ex.values[vp..vp + 64].as_ptr().cast()));
                     }
                     vp += km.count_ones() as usize;
                 }
@@ -664,9 +704,10 @@ pub(crate) mod x86 {
         let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
         // The tile's sign and mask words, scales and first value, and xq rows b0..
         // (bounds-checked once per tile; the loops below index from these).
-        let (sw, mw) = (l.signs[t * quads..].as_ptr(), l.masks[t * quads..].as_ptr());
+        let ex = l.expand();
+        let (sw, mw) = (l.signs[t * quads..].as_ptr(), ex.masks[t * quads..].as_ptr());
         let (mu, alpha) = (l.mu[t * ng * TILE..].as_ptr(), l.alpha[t * ng * TILE..].as_ptr());
-        let mut vp = l.values[l.value_offsets[t]..].as_ptr();
+        let mut vp = ex.values[ex.value_offsets[t]..].as_ptr();
         let xp: [*const i8; NB] = std::array::from_fn(|u| qx.xq[(b0 + u) * qx.stride..].as_ptr());
         let ones = _mm512_set1_epi8(1);
         let fill = _mm512_set1_epi8(127);
@@ -899,24 +940,133 @@ pub(crate) mod x86 {
         }
     }
 
-    /// Residual of 32 lanes (8 rows x 4 columns) whose mask is `m`: Σ q·x per
-    /// row as 8 i32, values read from `*vp` (advanced past them).
+    /// Bytes `[0xFF; 32]` then `[0; 32]`: a load at `32 - k` keeps the first `k` bytes.
+    static KEEP: [u8; 64] = {
+        let mut a = [0u8; 64];
+        let mut i = 0;
+        while i < 32 {
+            a[i] = 0xFF;
+            i += 1;
+        }
+        a
+    };
+
+    /// One pair of a sparse record, decoded for [`pair_dot`]: column bytes, the
+    /// same with bit 7 flipped, the blend selector (bit 6 moved to bit 7), codes
+    /// (0 past the pair's lanes) and their absolute values.
+    type Pair = [__m256i; 5];
+
+    /// Decode the pair whose `n_j` is `nj` at `*d` (advanced past it).
     ///
     /// # Safety
-    /// As `expand32` (also `#[inline(always)]`).
+    /// AVX2; `*d` is at the pair's column bytes in a sparse stream (32-byte loads
+    /// at its columns and codes stay inside the stream's `SPARSE_PAD`).
     #[inline(always)]
-    unsafe fn resid32<const NB: usize>(m: u32, vp: &mut *const u8, xb: &[__m256i; NB], out: &mut [__m256i; NB]) {
-        // SAFETY: this function's contract.
-        let q = unsafe { expand32(m, vp) };
+    unsafe fn load_pair(nj: u8, d: &mut *const u8) -> Pair {
+        let n2 = 2 * nj as usize;
+        // SAFETY: the contract; n2 <= 32, so KEEP[32 - n2..][..32] is in bounds.
+        unsafe {
+            let cols = _mm256_loadu_si256((*d).cast());
+            let keep = _mm256_loadu_si256(KEEP.as_ptr().add(32 - n2).cast());
+            let q = _mm256_and_si256(_mm256_loadu_si256((*d).add(n2).cast()), keep);
+            *d = (*d).add(2 * n2);
+            let ix = _mm256_xor_si256(cols, _mm256_set1_epi8(0x80u8 as i8));
+            [cols, ix, _mm256_slli_epi16::<1>(cols), q, _mm256_abs_epi8(q)]
+        }
+    }
+
+    /// The four 16-column tables of a block's 64 activations at `x`, each in both
+    /// 128-bit halves (`pshufb` looks up within a half).
+    ///
+    /// # Safety
+    /// AVX2; 64 readable bytes at `x`.
+    #[inline(always)]
+    unsafe fn block_tables(x: *const i8) -> [__m256i; 4] {
+        // SAFETY: the contract.
+        unsafe {
+            [
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(x.cast())),
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(x.add(16).cast())),
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(x.add(32).cast())),
+                _mm256_broadcastsi128_si256(_mm_loadu_si128(x.add(48).cast())),
+            ]
+        }
+    }
+
+    /// Add a pair's products to the even- and odd-position sums: the activations
+    /// at the lanes' columns by four `pshufb` (two per 32 columns, each zeroing
+    /// the lanes of the other table through bit 7) and a blend on column bit 5,
+    /// then |q|·sign(x, q) with `pmaddubsw` (a row's two codes summed, one int16
+    /// per sorted position, |sum| <= 2·127·127) and two `pmaddwd` that split the
+    /// even and odd positions into i32.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn pair_dot(tab: &[__m256i; 4], p: &Pair, ae: &mut __m256i, ao: &mut __m256i) {
+        let [cols, ix, sel, q, aq] = *p;
         // SAFETY: AVX2 (contract); registers only.
         unsafe {
-            let aq = _mm256_abs_epi8(q);
-            let ones16 = _mm256_set1_epi16(1);
-            for u in 0..NB {
-                // |q| * sign(x, q): no int16 saturation since |q|, |x| <= 127.
-                let pr = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xb[u], q));
-                out[u] = _mm256_add_epi32(out[u], _mm256_madd_epi16(pr, ones16));
-            }
+            let lo = _mm256_or_si256(_mm256_shuffle_epi8(tab[0], cols), _mm256_shuffle_epi8(tab[1], ix));
+            let hi = _mm256_or_si256(_mm256_shuffle_epi8(tab[2], cols), _mm256_shuffle_epi8(tab[3], ix));
+            let xv = _mm256_blendv_epi8(lo, hi, sel);
+            let pr = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv, q));
+            *ae = _mm256_add_epi32(*ae, _mm256_madd_epi16(pr, _mm256_set1_epi32(1)));
+            *ao = _mm256_add_epi32(*ao, _mm256_madd_epi16(pr, _mm256_set1_epi32(1 << 16)));
+        }
+    }
+
+    /// `vpermd` indices and blend selectors that put a record's sorted positions
+    /// back in row order: for rows 0-7 and 8-15, position `pos[r]` is lane
+    /// `pos[r] / 2` of the even (`pos[r]` even) or odd sums.
+    ///
+    /// # Safety
+    /// AVX2; 16 readable bytes at `pos`.
+    #[inline(always)]
+    unsafe fn unsort_index(pos: *const u8) -> [(__m256i, __m256); 2] {
+        // SAFETY: the contract.
+        unsafe {
+            let p0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(pos.cast()));
+            let p1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(pos.add(8).cast()));
+            [
+                (_mm256_srli_epi32::<1>(p0), _mm256_castsi256_ps(_mm256_slli_epi32::<31>(p0))),
+                (_mm256_srli_epi32::<1>(p1), _mm256_castsi256_ps(_mm256_slli_epi32::<31>(p1))),
+            ]
+        }
+    }
+
+    /// The residual sums R of rows 0-7 and 8-15 from the even and odd position sums.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn unsort(ix: &[(__m256i, __m256); 2], ae: __m256i, ao: __m256i) -> [__m256i; 2] {
+        // SAFETY: AVX2 (contract); registers only.
+        unsafe {
+            let pick = |(i, s): (__m256i, __m256)| {
+                let e = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(ae, i));
+                let o = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(ao, i));
+                _mm256_castps_si256(_mm256_blendv_ps(e, o, s))
+            };
+            [pick(ix[0]), pick(ix[1])]
+        }
+    }
+
+    /// Sign bytes 0/1 of 8 rows x 4 columns (lane 4r + c) from 32 sign bits.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[inline(always)]
+    unsafe fn sign_bytes(bits: u32) -> __m256i {
+        // SAFETY: AVX2 (contract); registers only.
+        unsafe {
+            // Byte L gets byte L/8 of the 32 sign bits; bit L%8 selects it.
+            let shuf = _mm256_setr_epi8(
+                0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+            );
+            let bitsel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let sel = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), shuf), bitsel);
+            _mm256_min_epu8(sel, _mm256_set1_epi8(1))
         }
     }
 
@@ -924,9 +1074,9 @@ pub(crate) mod x86 {
     const ROWS_MIN_AVX2: usize = 4;
 
     /// Batched AVX2 tile kernel, the counterpart of [`tile512_rows`]: each block's
-    /// sign bytes, residual codes and their absolute values are decoded once per
-    /// pass into an L1 buffer (3 KiB), then every batch row of the pass streams
-    /// over it (`pmaddubsw` for the sign part, |q|·sign(x, q) for the residual).
+    /// sign bytes and sparse residual pairs are decoded once per pass into an L1
+    /// buffer (up to 6 KiB), then every batch row of the pass streams over it
+    /// (`pmaddubsw` for the sign part, [`pair_dot`] for the residual).
     ///
     /// # Safety
     /// As `tile_avx2`.
@@ -934,49 +1084,53 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx2,fma,bmi2,popcnt")]
     unsafe fn tile256_rows(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
         let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
-        let (sw, mw, mu, alpha) = l.tile(t);
-        let shuf = _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-        );
-        let bitsel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let one8 = _mm256_set1_epi8(1);
+        let (sw, mu, alpha) = l.tile(t);
+        let sp = l.sparse();
         let ones16 = _mm256_set1_epi16(1);
         let z = _mm256_setzero_si256();
         let zf = _mm256_setzero_ps();
-        // Per quad and half (8 rows): sign bytes 0/1, codes q, |q|.
-        let mut wbuf = [[z; 3]; 2 * QUADS_PER_BLOCK];
+        // Per quad and half (8 rows): sign bytes 0/1; per pair of the block's record.
+        let mut sbuf = [z; 2 * QUADS_PER_BLOCK];
+        let mut pbuf = [[z; 5]; BLOCK / 2];
         let mut ss = [[zf; 2]; ROWS_CHUNK];
         let mut sr = [[zf; 2]; ROWS_CHUNK];
         let mut y = [[zf; 2]; ROWS_CHUNK];
         let mut c0 = 0;
         while c0 < qx.batch {
             let rows = (qx.batch - c0).min(ROWS_CHUNK);
-            // SAFETY: the tile's first value; expand32 keeps vp inside the tile's
-            // values plus VALUE_PAD (module bounds).
-            let mut vp = unsafe { l.values.as_ptr().add(l.value_offsets[t]) };
+            // SAFETY: the tile's first record (module bounds).
+            let mut rec = unsafe { sp.bytes.as_ptr().add(sp.offsets[t]) };
             ss[..rows].fill([zf; 2]);
             sr[..rows].fill([zf; 2]);
             y[..rows].fill([zf; 2]);
             let mut gb = 0;
             for kb in 0..blocks {
                 for j in 0..QUADS_PER_BLOCK {
-                    let k = kb * QUADS_PER_BLOCK + j;
-                    let (ws, wm) = (sw[k], mw[k]);
+                    let ws = sw[kb * QUADS_PER_BLOCK + j];
                     for h in 0..2 {
-                        let bits = _mm256_set1_epi32((ws >> (32 * h)) as u32 as i32);
-                        let sel = _mm256_and_si256(_mm256_shuffle_epi8(bits, shuf), bitsel);
-                        // SAFETY: vp is at this half-word's values (module bounds).
-                        let q = unsafe { expand32((wm >> (32 * h)) as u32, &mut vp) };
-                        wbuf[2 * j + h] = [_mm256_min_epu8(sel, one8), q, _mm256_abs_epi8(q)];
+                        // SAFETY: AVX2 (contract).
+                        sbuf[2 * j + h] = unsafe { sign_bytes((ws >> (32 * h)) as u32) };
                     }
                 }
+                // SAFETY: rec is at block kb's record (module bounds); load_pair
+                // advances it past each pair, so it ends at the next record.
+                let (np, ix) = unsafe {
+                    let np = *rec as usize;
+                    let ix = unsort_index(rec.add(1));
+                    let ns = rec.add(1 + TILE);
+                    let mut d = ns.add(np);
+                    for (j, pb) in pbuf[..np].iter_mut().enumerate() {
+                        *pb = load_pair(*ns.add(j), &mut d);
+                    }
+                    rec = d;
+                    (np, ix)
+                };
                 let last = gb + 1 == bpg || kb + 1 == blocks;
                 let g = kb / bpg;
                 for u in 0..rows {
                     let b = c0 + u;
                     let xr = &qx.xq[b * qx.stride + kb * BLOCK..b * qx.stride + (kb + 1) * BLOCK];
                     let mut p16 = [z; 2]; // Σ bit·x as int16 pairs (< 2^15 per block)
-                    let mut r32 = [z; 2];
                     for j in 0..QUADS_PER_BLOCK {
                         let x4 = i32::from_le_bytes([
                             xr[4 * j] as u8,
@@ -986,13 +1140,18 @@ pub(crate) mod x86 {
                         ]);
                         let xb = _mm256_set1_epi32(x4);
                         for h in 0..2 {
-                            let [b01, q, aq] = wbuf[2 * j + h];
-                            p16[h] = _mm256_add_epi16(p16[h], _mm256_maddubs_epi16(b01, xb));
-                            // |q| * sign(x, q): no int16 saturation since |q|, |x| <= 127.
-                            let pr = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xb, q));
-                            r32[h] = _mm256_add_epi32(r32[h], _mm256_madd_epi16(pr, ones16));
+                            p16[h] = _mm256_add_epi16(p16[h], _mm256_maddubs_epi16(sbuf[2 * j + h], xb));
                         }
                     }
+                    let (mut ae, mut ao) = (z, z);
+                    // SAFETY: xr holds the block's 64 codes.
+                    let tab = unsafe { block_tables(xr.as_ptr()) };
+                    for p in &pbuf[..np] {
+                        // SAFETY: AVX2 (contract).
+                        unsafe { pair_dot(&tab, p, &mut ae, &mut ao) };
+                    }
+                    // SAFETY: AVX2 (contract).
+                    let r32 = unsafe { unsort(&ix, ae, ao) };
                     let bi = b * blocks + kb;
                     let (xs, d) = (qx.xsum[bi], _mm256_set1_ps(qx.d[bi]));
                     for h in 0..2 {
@@ -1042,17 +1201,12 @@ pub(crate) mod x86 {
     unsafe fn tile256<const NB: usize>(l: &Layout, t: usize, qx: &QuantX, b0: usize, yt: &mut [f32]) {
         let quads = l.quads();
         let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
-        // The tile's sign and mask words and first value, and xq rows b0..
+        // The tile's sign words and first sparse record, and xq rows b0..
         // (bounds-checked once per tile; the loops below index from these).
-        let (sw, mw) = (l.signs[t * quads..].as_ptr(), l.masks[t * quads..].as_ptr());
-        let mut vp = l.values[l.value_offsets[t]..].as_ptr();
+        let sw = l.signs[t * quads..].as_ptr();
+        let sp = l.sparse();
+        let mut rec = sp.bytes[sp.offsets[t]..].as_ptr();
         let xp: [*const i8; NB] = std::array::from_fn(|u| qx.xq[(b0 + u) * qx.stride..].as_ptr());
-        // Byte L of a half gets byte L/8 of the 32 sign bits; bit L%8 selects it.
-        let shuf = _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-        );
-        let bitsel = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let one8 = _mm256_set1_epi8(1);
         let ones16 = _mm256_set1_epi16(1);
         let z = _mm256_setzero_si256();
         // Float state per batch row and half: y, Σ d·S of the group, Σ d·R.
@@ -1062,27 +1216,48 @@ pub(crate) mod x86 {
         let mut gb = 0;
         for kb in 0..blocks {
             let mut p16 = [[z; 2]; NB]; // Σ bit·x as int16 pairs (< 2^15 per block)
-            let mut r32 = [[z; 2]; NB];
+                                        // The residual: each pair of the block's record is decoded once and
+                                        // dotted with every batch row's activations.
+            let mut ae = [z; NB];
+            let mut ao = [z; NB];
+            // SAFETY: rec is at block kb's record (module bounds; load_pair advances it
+            // past each pair, so it ends at the next record); 64 bytes of each xq row
+            // at the block.
+            let r32 = unsafe {
+                let np = *rec as usize;
+                let ix = unsort_index(rec.add(1));
+                let ns = rec.add(1 + TILE);
+                let mut d = ns.add(np);
+                let mut tab = [[z; 4]; NB];
+                for u in 0..NB {
+                    tab[u] = block_tables(xp[u].add(kb * BLOCK));
+                }
+                for j in 0..np {
+                    let p = load_pair(*ns.add(j), &mut d);
+                    for u in 0..NB {
+                        pair_dot(&tab[u], &p, &mut ae[u], &mut ao[u]);
+                    }
+                }
+                rec = d;
+                let mut r = [[z; 2]; NB];
+                for u in 0..NB {
+                    r[u] = unsort(&ix, ae[u], ao[u]);
+                }
+                r
+            };
             for k in kb * QUADS_PER_BLOCK..(kb + 1) * QUADS_PER_BLOCK {
                 // SAFETY: quad k < quads (block kb < blocks).
-                let (ws, wm) = unsafe { (*sw.add(k), *mw.add(k)) };
+                let ws = unsafe { *sw.add(k) };
                 let mut xb = [z; NB];
                 for u in 0..NB {
                     // SAFETY: bytes [4k, 4k + 4) of xq row b0 + u (module bounds).
                     xb[u] = _mm256_set1_epi32(unsafe { xp[u].add(4 * k).cast::<i32>().read_unaligned() });
                 }
                 for h in 0..2 {
-                    let bits = _mm256_set1_epi32((ws >> (32 * h)) as u32 as i32);
-                    let sel = _mm256_and_si256(_mm256_shuffle_epi8(bits, shuf), bitsel);
-                    let b01 = _mm256_min_epu8(sel, one8);
-                    for u in 0..NB {
-                        p16[u][h] = _mm256_add_epi16(p16[u][h], _mm256_maddubs_epi16(b01, xb[u]));
-                    }
-                    let mut rr = [z; NB];
-                    // SAFETY: vp is at this half-word's values (module bounds).
-                    unsafe { resid32::<NB>((wm >> (32 * h)) as u32, &mut vp, &xb, &mut rr) };
-                    for u in 0..NB {
-                        r32[u][h] = _mm256_add_epi32(r32[u][h], rr[u]);
+                    // SAFETY: AVX2 (contract).
+                    let b01 = unsafe { sign_bytes((ws >> (32 * h)) as u32) };
+                    for (pu, xu) in p16.iter_mut().zip(&xb) {
+                        pu[h] = _mm256_add_epi16(pu[h], _mm256_maddubs_epi16(b01, *xu));
                     }
                 }
             }
@@ -1178,9 +1353,18 @@ mod tests {
     #[test]
     fn every_level_matches_scalar_bit_for_bit() {
         let mut seed = 11;
-        for (m, n, gs, vb) in [(37, 200, None, 8), (16, 128, Some(64), 4), (5, 64, None, 8), (40, 384, Some(128), 8)] {
+        let cases = [
+            (37, 200, None, 8, 0.12),
+            (16, 128, Some(64), 4, 0.12),
+            (5, 64, None, 8, 0.12),
+            (40, 384, Some(128), 8, 0.12),
+            (18, 130, None, 8, 1.0), // every code salient: 32 pairs per block
+            (17, 70, None, 8, 0.0),  // none
+            (21, 300, None, 8, 0.5),
+        ];
+        for (m, n, gs, vb, salient) in cases {
             let w = rand_vec(m * n, &mut seed);
-            let t = compress(&w, m, n, None, &params(0.12, vb, gs)).unwrap();
+            let t = compress(&w, m, n, None, &params(salient, vb, gs)).unwrap();
             let l = layout::build(&t.view()).unwrap();
             let bias = rand_vec(m, &mut seed);
             // 16.. run the batched kernel; 33 and 70 span several of its row chunks.
