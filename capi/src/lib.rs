@@ -66,7 +66,7 @@ pub enum PbcodecActivation {
     /// int8 activations quantized per block of 64 columns, exact integer dot
     /// products (docs/format.md §6.4): bit-identical to Python's
     /// `PBTensor.matvec(x, activations="int8")`. The first call builds the
-    /// tensor's execution layout (§6.5, ~2.8 bits/weight), kept until the tensor
+    /// tensor's execution layout (§6.5, ~2.9 bits/weight), kept until the tensor
     /// is freed. `PBCODEC_STATUS_INVALID_ARGUMENT` if the group size is not a
     /// multiple of 64 (or one group per row).
     Int8 = 1,

@@ -108,7 +108,8 @@ class PBTensor:
     def build_layout(self) -> PBTensor:
         """Build the in-memory execution layout now (docs/format.md §6.5) instead of on
         the first ``matvec``; returns ``self``. Its size is
-        ``stats()["layout_bytes"]`` (about 2.8 bits/weight at 10 % salient). ValueError
+        ``stats()["layout_bytes"]`` (about 2.8 bits/weight at 10 % salient on AVX-512, 2.9 with
+        the sparse residual form of the AVX2 and portable kernels). ValueError
         if the int8 mode cannot run this tensor (group size not a multiple of 64)."""
         if not self._exec_layout().int8_supported:
             object.__setattr__(self, "_layout", None)

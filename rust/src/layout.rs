@@ -20,7 +20,7 @@
 //!     a `vpexpandb` with 127 in the empty lanes then gives `q + 127` in every
 //!     lane (a merge-masked expand measured 1.8x faster on Zen 4 than a
 //!     zero-masked one followed by an add). 1 bit/weight + 1 byte per code.
-//!   - [`Sparse`] (the AVX2 and portable int8 kernels, see [`encode_sparse_tile`]):
+//!   - [`Sparse`] (the AVX2 and portable int8 kernels, see `encode_sparse_tile`):
 //!     per (tile, block) the codes as (column, value) byte pairs with the rows
 //!     sorted by count, so that 32 byte lanes hold two codes of each of 16 rows
 //!     with no gaps. AVX2 has no byte expand; a `pshufb` table per 8 mask bits
@@ -91,7 +91,7 @@ pub struct Expand {
     pub(crate) value_offsets: Vec<usize>,
 }
 
-/// The residual as sorted (column, code) pairs per block ([`encode_sparse_tile`]).
+/// The residual as sorted (column, code) pairs per block (`encode_sparse_tile`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sparse {
     /// The records of every (tile, block), tile after tile, [`SPARSE_PAD`] zeros at the end.

@@ -18,7 +18,9 @@
 //! rows interleaved, byte dot products with a sign-bit expansion from a mask
 //! register) follows the 1-2-bit CPU kernels of llama.cpp/ik_llama and
 //! bitnet.cpp; the salient residual as a per-tile bitmask plus values expanded
-//! with `vpexpandb` is this project's own.
+//! with `vpexpandb` (AVX-512), or as per-block (column, code) pairs with rows
+//! sorted by count and looked up with `pshufb` (AVX2, portable), is this
+//! project's own.
 use crate::error::invalid;
 use crate::layout::{self, Form, Layout, BLOCK, QUADS_PER_BLOCK, TILE};
 use crate::simd::{self, Level};
@@ -319,8 +321,8 @@ fn sparse_rows(b: &[u8], at: &mut usize, xb: &[i8]) -> [i32; TILE] {
 }
 
 /// Portable kernel: the sign part by a 16-entry table per quad (the sums of
-/// xq over each subset of the quad's 4 columns, T-MAC style), the residual by
-/// walking the mask's set bits. Integer sums are exact, so the result equals
+/// xq over each subset of the quad's 4 columns, T-MAC style, built once per
+/// call in `QuantX::luts`), the residual from the sparse form ([`sparse_rows`]). Integer sums are exact, so the result equals
 /// the SIMD kernels' bit for bit. Safe (bounds-checked); coerced to [`TileFn`].
 fn tile_scalar(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
     if qx.batch >= ROWS_MIN_SCALAR {
@@ -375,7 +377,7 @@ const ROWS_MIN_SCALAR: usize = 4;
 
 /// Batched portable kernel: each 64-column block of the tile is decoded once into
 /// 16-bit weights interleaved by column pairs (sign bits as 0/1, residual codes
-/// q), then every batch row accumulates 16 row sums per pair of columns, a loop
+/// q scattered from the sparse form), then every batch row accumulates 16 row sums per pair of columns, a loop
 /// the compiler vectorizes (`pmaddwd` on baseline x86-64; widening multiply-adds
 /// on NEON). Measured on Zen 4 at the scalar level, 1024x4096: 1.14x faster than
 /// per-row passes at batch 4, 1.43x at 16, 1.55x at 64. The integer sums equal
@@ -877,8 +879,8 @@ pub(crate) mod x86 {
     /// AVX2 tile kernel (also used on AVX-512 CPUs without VNNI), batch rows in
     /// passes of up to 2: the tile as two halves of 8 rows. Sign bits become bytes
     /// 0/1 with `pshufb`+`pand`+`pminub` and meet the activations in `pmaddubsw`
-    /// (int16 sums, widened once per block); residual codes are expanded from the
-    /// mask with a `pshufb` index per 8 lanes and multiplied as |q|·sign(x, q).
+    /// (int16 sums, widened once per block); the residual comes from the sparse
+    /// form, one [`pair_dot`] per pair of codes per row.
     ///
     /// # Safety
     /// The AVX2 entry of [`super::TileFn`]: the CPU has AVX2, FMA, BMI2 and POPCNT,
