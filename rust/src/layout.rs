@@ -14,29 +14,29 @@
 //! - mu/alpha per (tile, group, row) and sigma per (tile, row) as f32;
 //! - the residual codes in one of two forms, each built when a kernel first
 //!   needs it (from the other form if that one exists):
-//!   - [`Expand`] (the AVX-512 kernels and the float32-mode kernels): per (tile,
-//!     quad) a `u64` salient mask in the sign words' bit order, and the nonzero
-//!     codes of each tile in (quad, lane) order, stored as `q + 127` (0..=254):
-//!     a `vpexpandb` with 127 in the empty lanes then gives `q + 127` in every
-//!     lane (a merge-masked expand measured 1.8x faster on Zen 4 than a
-//!     zero-masked one followed by an add). 1 bit/weight + 1 byte per code.
-//!   - [`Sparse`] (the AVX2 and portable int8 kernels, see `encode_sparse_tile`):
-//!     per (tile, block) the codes as (column, value) byte pairs with the rows
-//!     sorted by count, so that 32 byte lanes hold two codes of each of 16 rows
-//!     with no gaps. AVX2 has no byte expand; a `pshufb` table per 8 mask bits
-//!     costs ~1 instruction per weight, while this form costs ~1.5 per *code*
-//!     (3.9 -> 11 weights/cycle at batch 1, one Zen 4 core at the AVX2 level).
-//!     ~2 bytes per code + 17 bytes per 1024 weights.
+//!   - [`Sparse`] (every int8 kernel, see `encode_sparse_tile`): per (tile,
+//!     block) the codes as (column, value) byte pairs with the rows sorted by
+//!     count, so that 32 byte lanes hold two codes of each of 16 rows with no
+//!     gaps, looked up by column with `pshufb` (AVX2) or `vpermb` (AVX-512).
+//!     ~2 bytes per code + 17 bytes per 1024 weights. It replaced a salient
+//!     mask expanded per quad (the expand form below): on AVX2, whose `pshufb`
+//!     index per 8 mask bits cost ~1 instruction per weight, batch 1 went from
+//!     3.9 to 11 weights/cycle (one Zen 4 core at the AVX2 level); on AVX-512,
+//!     where `vpexpandb` takes ~3 cycles per 64 weights, from 14 to 19 in cache.
+//!   - [`Expand`] (the float32-mode kernels): per (tile, quad) a `u64` salient
+//!     mask in the sign words' bit order, and the nonzero codes of each tile in
+//!     (quad, lane) order, stored as `q + 127` (0..=254): an expand with 127 in
+//!     the empty lanes then gives `q + 127` in every lane. 1 bit/weight + 1 byte
+//!     per code.
 //!
-//! Size at 10 % salient, 8-bit codes: 2.8 bits/weight with the expand form,
-//! 2.9 with the sparse form; `Layout::nbytes` reports what is built.
+//! Size at 10 % salient, 8-bit codes: 2.9 bits/weight with the sparse form,
+//! 2.8 with the expand form; `Layout::nbytes` reports what is built.
 use rayon::prelude::*;
 
 use crate::error::{corrupt, invalid};
 use crate::pb::{n_groups, PbRef};
 use std::sync::OnceLock;
 
-use crate::simd::{self, Level};
 use crate::{parallel, rle, Result};
 
 /// Rows per tile: the 16 dword lanes of a 512-bit register.
@@ -103,19 +103,19 @@ pub struct Sparse {
 /// Which residual form a kernel reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {
-    /// [`Expand`].
+    /// [`Expand`]: the float32-mode kernels.
     Expand,
-    /// [`Sparse`].
+    /// [`Sparse`]: the int8 kernels.
     Sparse,
 }
 
 impl Form {
-    /// The form the int8 kernel of `level` reads (what [`build`] makes first).
-    pub fn for_int8(level: Level) -> Form {
-        if simd::runnable(level) == Level::Avx512 && simd::has_vnni() {
-            Form::Expand
-        } else {
-            Form::Sparse
+    /// The form named `name` ("expand" or "sparse").
+    pub fn parse(name: &str) -> Option<Form> {
+        match name {
+            "expand" => Some(Form::Expand),
+            "sparse" => Some(Form::Sparse),
+            _ => None,
         }
     }
 }
@@ -211,18 +211,18 @@ impl Layout {
 /// pair's column bytes and at its codes, up to 32 bytes past the record.
 pub const SPARSE_PAD: usize = 64;
 
-/// The column byte of the sparse form for column `c` (0..64) of a block: bits
-/// 0-3 are `c mod 16`, bit 7 is bit 4 of `c` and bit 6 is bit 5, so that
-/// `pshufb` (which reads bits 0-3, and zeroes lanes with bit 7) can look `c` up
-/// in four 16-byte tables with two lookups per half.
+/// The column byte of the sparse form for column `c` (0..64) of a block: `c`
+/// itself in bits 0-5 (what `vpermb` reads) plus a copy of bit 4 in bit 7, so
+/// that `pshufb` (which reads bits 0-3, and zeroes lanes with bit 7) can look
+/// `c` up in four 16-byte tables with two lookups per 32 columns.
 pub(crate) const fn col_byte(c: usize) -> u8 {
-    ((c & 15) | ((c >> 4) & 1) << 7 | ((c >> 5) & 1) << 6) as u8
+    ((c & 63) | ((c >> 4) & 1) << 7) as u8
 }
 
 /// The column (0..64) that [`col_byte`] encoded as `b`.
 #[inline(always)]
 pub(crate) const fn col_of(b: u8) -> usize {
-    (b & 15) as usize | ((b >> 7) as usize & 1) << 4 | ((b >> 6) as usize & 1) << 5
+    (b & 63) as usize
 }
 
 /// Append the sparse records of one tile: `q` is its `TILE x np` residual codes
@@ -399,9 +399,9 @@ fn assemble(tiles: Vec<TileCodes>, form: Form) -> (Option<Expand>, Option<Sparse
 }
 
 /// Build the layout of `t` (validating the residual streams as it decodes
-/// them), with the residual in the form the int8 kernel of `simd::level()` reads.
+/// them), with the residual in the form the int8 kernels read (sparse).
 pub fn build(t: &PbRef) -> Result<Layout> {
-    build_with(t, Form::for_int8(simd::level()))
+    build_with(t, Form::Sparse)
 }
 
 /// [`build`] with the residual first encoded in `form`.

@@ -17,10 +17,9 @@
 //! The technique (int8 activations per block, weights repacked at load with
 //! rows interleaved, byte dot products with a sign-bit expansion from a mask
 //! register) follows the 1-2-bit CPU kernels of llama.cpp/ik_llama and
-//! bitnet.cpp; the salient residual as a per-tile bitmask plus values expanded
-//! with `vpexpandb` (AVX-512), or as per-block (column, code) pairs with rows
-//! sorted by count and looked up with `pshufb` (AVX2, portable), is this
-//! project's own.
+//! bitnet.cpp; the salient residual as per-block (column, code) pairs with rows
+//! sorted by count, looked up with `vpermb` (AVX-512) or `pshufb` (AVX2), is
+//! this project's own.
 use crate::error::invalid;
 use crate::layout::{self, Form, Layout, BLOCK, QUADS_PER_BLOCK, TILE};
 use crate::simd::{self, Level};
@@ -204,7 +203,7 @@ fn matvec_int8_at(
         return Ok(());
     }
     let qx = quantize_at(level, x, batch, n, l);
-    l.ensure(Form::for_int8(level)); // before the workers start (they would wait for it)
+    l.ensure(Form::Sparse); // before the workers start (they would wait for it)
     let kernel = table(level);
     run_tiles(l, batch, bias, out, |t, y| {
         // SAFETY: `kernel` comes from `table`; `l` is a layout (built by layout::build,
@@ -286,17 +285,6 @@ fn group_ends(kb: usize, bpg: usize, blocks: usize) -> bool {
 
 // ------------------------------------------------------------------ scalar
 
-/// Column of each [`layout::col_byte`] (the scalar kernel's decoder).
-static COL_OF: [u8; 256] = {
-    let mut t = [0u8; 256];
-    let mut b = 0;
-    while b < 256 {
-        t[b] = layout::col_of(b as u8) as u8;
-        b += 1;
-    }
-    t
-};
-
 /// The residual sums R of one block's 16 rows from its sparse record at `*at`
 /// (advanced past it); `xb` is the block's 64 int8 activations. A pair's two
 /// codes of a row are summed before the one addition to that row's sum.
@@ -310,8 +298,8 @@ fn sparse_rows(b: &[u8], at: &mut usize, xb: &[i8]) -> [i32; TILE] {
         let n2 = 2 * nj as usize;
         let (cols, codes) = b[p..p + 2 * n2].split_at(n2);
         for (a, (c, q)) in acc.iter_mut().zip(cols.chunks_exact(2).zip(codes.chunks_exact(2))) {
-            let x0 = i32::from(xb[usize::from(COL_OF[usize::from(c[0])])]);
-            let x1 = i32::from(xb[usize::from(COL_OF[usize::from(c[1])])]);
+            let x0 = i32::from(xb[layout::col_of(c[0])]);
+            let x1 = i32::from(xb[layout::col_of(c[1])]);
             *a += i32::from(q[0] as i8) * x0 + i32::from(q[1] as i8) * x1;
         }
         p += 2 * n2;
@@ -552,7 +540,7 @@ pub(crate) mod x86 {
     /// # Safety
     /// The AVX-512 entry of [`super::TileFn`]: the CPU has AVX-512 F/BW/VL/VNNI/VBMI2
     /// and POPCNT, and the arguments meet the contract there.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2,popcnt")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,popcnt")]
     pub(super) unsafe fn tile_avx512(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
         if qx.batch >= ROWS_MIN {
             // SAFETY: this function's contract.
@@ -579,106 +567,224 @@ pub(crate) mod x86 {
     /// Batch rows per pass of [`tile512_rows`] (its per-row state lives on the stack).
     const ROWS_CHUNK: usize = 32;
 
-    /// Batched tile kernel: each block of the tile is decoded once per pass (16
-    /// quads of sign bytes and residual bytes, 2 KiB in L1), then every batch row
-    /// of the pass streams over it with two `vpdpbusd` per quad. No register
-    /// pressure grows with the batch, unlike holding NB rows' accumulators.
+    /// Two pairs of a sparse record for the AVX-512 kernels (pair j in the low
+    /// 256 bits, pair j + 1 in the high): column bytes, codes (0 past each pair's
+    /// lanes), their absolute values, and the mask of negative codes.
+    type Pairs512 = (__m512i, __m512i, __m512i, __mmask64);
+
+    /// Decode pairs with `n_j = n0` and `n_{j+1} = n1` (0: none) at `*d`
+    /// (advanced past them). Codes are read with masked loads, so the lanes past a
+    /// pair are zero without a mask table.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL; `*d` is at pair j's column bytes in a sparse stream (the
+    /// 32-byte column loads stay inside the stream's `SPARSE_PAD`).
+    #[inline(always)]
+    unsafe fn load_pairs512(n0: u8, n1: u8, d: &mut *const u8) -> Pairs512 {
+        let (a, b) = (2 * n0 as usize, 2 * n1 as usize);
+        let (k0, k1) = (((1u64 << a) - 1) as u32, ((1u64 << b) - 1) as u32);
+        // SAFETY: the contract; masked loads touch only their pair's codes.
+        unsafe {
+            let c0 = _mm256_loadu_si256((*d).cast());
+            let q0 = _mm256_maskz_loadu_epi8(k0, (*d).add(a).cast());
+            let d1 = (*d).add(2 * a);
+            let c1 = _mm256_loadu_si256(d1.cast());
+            let q1 = _mm256_maskz_loadu_epi8(k1, d1.add(b).cast());
+            *d = d1.add(2 * b);
+            let cols = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(c0), c1);
+            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1);
+            (cols, q, _mm512_abs_epi8(q), _mm512_movepi8_mask(q))
+        }
+    }
+
+    /// Add two pairs' products to the even- and odd-position sums: the block's
+    /// activations `xz` at the lanes' columns by one `vpermb`, negated where the
+    /// code is negative, times |q| with `pmaddubsw` (a row's two codes summed, one
+    /// int16 per sorted position and pair), and two `pmaddwd` that split the even
+    /// and odd positions into i32 (low 8 lanes: pair j, high 8: pair j + 1).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VBMI.
+    #[inline(always)]
+    unsafe fn pairs512_dot(xz: __m512i, p: &Pairs512, ae: &mut __m512i, ao: &mut __m512i) {
+        // SAFETY: the contract; registers only.
+        unsafe {
+            let xv = _mm512_permutexvar_epi8(p.0, xz);
+            let sx = _mm512_mask_sub_epi8(xv, p.3, _mm512_setzero_si512(), xv);
+            let pr = _mm512_maddubs_epi16(p.2, sx);
+            *ae = _mm512_add_epi32(*ae, _mm512_madd_epi16(pr, _mm512_set1_epi32(1)));
+            *ao = _mm512_add_epi32(*ao, _mm512_madd_epi16(pr, _mm512_set1_epi32(1 << 16)));
+        }
+    }
+
+    /// `vpermt2d` indices that put a record's sorted positions back in row order:
+    /// row r reads lane `pos[r] / 2` of the even sums, or of the odd sums (index
+    /// bit 4) when `pos[r]` is odd.
+    ///
+    /// # Safety
+    /// AVX-512 F; 16 readable bytes at `pos`.
+    #[inline(always)]
+    unsafe fn unsort512_index(pos: *const u8) -> __m512i {
+        // SAFETY: the contract.
+        unsafe {
+            let p = _mm512_cvtepu8_epi32(_mm_loadu_si128(pos.cast()));
+            let odd = _mm512_slli_epi32::<4>(_mm512_and_si512(p, _mm512_set1_epi32(1)));
+            _mm512_or_si512(_mm512_srli_epi32::<1>(p), odd)
+        }
+    }
+
+    /// The residual sums R of the tile's 16 rows from the even and odd sums of
+    /// [`pairs512_dot`] (the two pairs' halves added first).
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[inline(always)]
+    unsafe fn unsort512(ix: __m512i, ae: __m512i, ao: __m512i) -> __m512i {
+        // SAFETY: the contract; registers only.
+        unsafe {
+            let e = _mm512_add_epi32(ae, _mm512_shuffle_i64x2::<0x4E>(ae, ae));
+            let o = _mm512_add_epi32(ao, _mm512_shuffle_i64x2::<0x4E>(ao, ao));
+            _mm512_permutex2var_epi32(e, ix, o)
+        }
+    }
+
+    /// The residual sums R (16 rows) of one block for NB batch rows, from its
+    /// sparse record at `*rec` (advanced past it); `xb[u]` is the block's 64 int8
+    /// activations of row u.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VBMI; `*rec` is a record of a sparse stream; 64 readable
+    /// bytes at each `xb[u]`.
+    #[inline(always)]
+    unsafe fn sparse_block512<const NB: usize>(rec: &mut *const u8, xb: &[*const i8; NB]) -> [__m512i; NB] {
+        // SAFETY: the contract (record layout; load_pairs512 advances d past each
+        // pair, so it ends at the next record).
+        unsafe {
+            let p = *rec;
+            let np = *p as usize;
+            let ix = unsort512_index(p.add(1));
+            let ns = p.add(1 + TILE);
+            let mut d = ns.add(np);
+            let z = _mm512_setzero_si512();
+            let mut xz = [z; NB];
+            for u in 0..NB {
+                xz[u] = _mm512_loadu_si512(xb[u].cast());
+            }
+            let (mut ae, mut ao) = ([z; NB], [z; NB]);
+            let mut j = 0;
+            while j < np {
+                let n1 = if j + 1 < np { *ns.add(j + 1) } else { 0 };
+                let pr = load_pairs512(*ns.add(j), n1, &mut d);
+                for u in 0..NB {
+                    pairs512_dot(xz[u], &pr, &mut ae[u], &mut ao[u]);
+                }
+                j += 2;
+            }
+            *rec = d;
+            let mut r = [z; NB];
+            for u in 0..NB {
+                r[u] = unsort512(ix, ae[u], ao[u]);
+            }
+            r
+        }
+    }
+
+    /// Batched AVX-512 kernel on the sparse residual form, the counterpart of
+    /// [`tile256_rows`]: each block's sign bytes and pairs are decoded once per pass
+    /// (up to 1 KiB + 4 KiB in L1), then every batch row of the pass streams over
+    /// them: two `vpdpbusd` per two quads for the sign part, [`pairs512_dot`] per
+    /// two pairs for the residual.
     ///
     /// # Safety
     /// As `tile_avx512`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2,popcnt")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,popcnt")]
     unsafe fn tile512_rows(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
         let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
         let (sw, mu, alpha) = l.tile(t);
-        let ex = l.expand();
-        let mw = &ex.masks[t * l.quads()..(t + 1) * l.quads()];
+        let sp = l.sparse();
         let ones = _mm512_set1_epi8(1);
-        let fill = _mm512_set1_epi8(127);
         let z = _mm512_setzero_si512();
         let zf = _mm512_setzero_ps();
         let mut wb = [z; QUADS_PER_BLOCK];
-        let mut wv = [z; QUADS_PER_BLOCK];
+        let mut pb: [Pairs512; BLOCK / 4] = [(z, z, z, 0); BLOCK / 4];
         let mut ss = [zf; ROWS_CHUNK];
         let mut sr = [zf; ROWS_CHUNK];
         let mut y = [zf; ROWS_CHUNK];
         let mut c0 = 0;
         while c0 < qx.batch {
             let rows = (qx.batch - c0).min(ROWS_CHUNK);
-            let mut vp = ex.value_offsets[t];
+            // SAFETY: the tile's first record (module bounds).
+            let mut rec = unsafe { sp.bytes.as_ptr().add(sp.offsets[t]) };
             ss[..rows].fill(zf);
             sr[..rows].fill(zf);
             y[..rows].fill(zf);
             let mut gb = 0;
             for kb in 0..blocks {
-                for j in 0..QUADS_PER_BLOCK {
-                    let k = kb * QUADS_PER_BLOCK + j;
-                    let km = mw[k];
-                    // SAFETY: AVX-512 BW/VBMI2 (contract); the 64-byte load at value vp
-                    // stays inside the values and their VALUE_PAD (module bounds).
-                    unsafe {
-                        wb[j] = _mm512_maskz_mov_epi8(sw[k], ones);
-                        wv[j] = expand_bytes(fill, km, _mm512_loadu_si512(ex.values[vp..vp + 64].as_ptr().cast()));
-                    }
-                    vp += km.count_ones() as usize;
+                for (j, w) in wb.iter_mut().enumerate() {
+                    *w = _mm512_maskz_mov_epi8(sw[kb * QUADS_PER_BLOCK + j], ones);
                 }
+                // SAFETY: rec is at block kb's record (module bounds); load_pairs512
+                // advances d past each pair, so it ends at the next record.
+                let (npp, ix) = unsafe {
+                    let np = *rec as usize;
+                    let ix = unsort512_index(rec.add(1));
+                    let ns = rec.add(1 + TILE);
+                    let mut d = ns.add(np);
+                    let npp = np.div_ceil(2);
+                    for (i, p) in pb[..npp].iter_mut().enumerate() {
+                        let n1 = if 2 * i + 1 < np { *ns.add(2 * i + 1) } else { 0 };
+                        *p = load_pairs512(*ns.add(2 * i), n1, &mut d);
+                    }
+                    rec = d;
+                    (npp, ix)
+                };
                 let last = gb + 1 == bpg || kb + 1 == blocks;
                 let g = kb / bpg;
                 // SAFETY: AVX-512 F; the tile's 16 scales of group g.
                 let (muv, alv) =
                     unsafe { (_mm512_loadu_ps(mu[g * TILE..].as_ptr()), _mm512_loadu_ps(alpha[g * TILE..].as_ptr())) };
-                let mut u = 0;
-                while u < rows {
-                    // Two rows at a time when possible: 8 independent dot chains.
-                    let two = u + 1 < rows;
-                    let (b, b2) = (c0 + u, c0 + u + usize::from(two));
+                for u in 0..rows {
+                    let b = c0 + u;
                     let xr = &qx.xq[b * qx.stride + kb * BLOCK..b * qx.stride + (kb + 1) * BLOCK];
-                    let xr2 = &qx.xq[b2 * qx.stride + kb * BLOCK..b2 * qx.stride + (kb + 1) * BLOCK];
-                    let mut acc = [[z; 4]; 2];
+                    let (mut p0, mut p1) = (z, z);
                     for j in (0..QUADS_PER_BLOCK).step_by(2) {
-                        for (h, xr) in [xr, xr2].into_iter().enumerate() {
-                            if h == 1 && !two {
-                                break;
-                            }
-                            let x0 = i32::from_le_bytes([
-                                xr[4 * j] as u8,
-                                xr[4 * j + 1] as u8,
-                                xr[4 * j + 2] as u8,
-                                xr[4 * j + 3] as u8,
-                            ]);
-                            let x1 = i32::from_le_bytes([
-                                xr[4 * j + 4] as u8,
-                                xr[4 * j + 5] as u8,
-                                xr[4 * j + 6] as u8,
-                                xr[4 * j + 7] as u8,
-                            ]);
-                            let (x0, x1) = (_mm512_set1_epi32(x0), _mm512_set1_epi32(x1));
-                            let a = &mut acc[h];
-                            a[0] = _mm512_dpbusd_epi32(a[0], wb[j], x0);
-                            a[1] = _mm512_dpbusd_epi32(a[1], wv[j], x0);
-                            a[2] = _mm512_dpbusd_epi32(a[2], wb[j + 1], x1);
-                            a[3] = _mm512_dpbusd_epi32(a[3], wv[j + 1], x1);
-                        }
+                        let x0 = i32::from_le_bytes([
+                            xr[4 * j] as u8,
+                            xr[4 * j + 1] as u8,
+                            xr[4 * j + 2] as u8,
+                            xr[4 * j + 3] as u8,
+                        ]);
+                        let x1 = i32::from_le_bytes([
+                            xr[4 * j + 4] as u8,
+                            xr[4 * j + 5] as u8,
+                            xr[4 * j + 6] as u8,
+                            xr[4 * j + 7] as u8,
+                        ]);
+                        p0 = _mm512_dpbusd_epi32(p0, wb[j], _mm512_set1_epi32(x0));
+                        p1 = _mm512_dpbusd_epi32(p1, wb[j + 1], _mm512_set1_epi32(x1));
                     }
-                    for (h, a) in acc.iter().enumerate().take(1 + usize::from(two)) {
-                        let (b, u) = (c0 + u + h, u + h);
-                        let bi = b * blocks + kb;
-                        let (xs, d) = (qx.xsum[bi], _mm512_set1_ps(qx.d[bi]));
-                        let pp = _mm512_add_epi32(a[0], a[2]);
-                        let rr = _mm512_add_epi32(a[1], a[3]);
-                        // S = X - 2P; R = R' - 127 X, as in tile512 (same f32 order).
-                        let sv = _mm512_sub_epi32(_mm512_set1_epi32(xs), _mm512_slli_epi32::<1>(pp));
-                        let rv = _mm512_sub_epi32(rr, _mm512_set1_epi32(127 * xs));
-                        ss[u] = _mm512_add_ps(ss[u], _mm512_mul_ps(d, _mm512_cvtepi32_ps(sv)));
-                        sr[u] = _mm512_add_ps(sr[u], _mm512_mul_ps(d, _mm512_cvtepi32_ps(rv)));
-                        if last {
-                            let tg = _mm512_set1_ps(qx.tsum[b * ng + g]);
-                            let part = _mm512_add_ps(_mm512_mul_ps(muv, tg), _mm512_mul_ps(alv, ss[u]));
-                            y[u] = _mm512_add_ps(y[u], part);
-                            ss[u] = zf;
+                    // SAFETY: AVX-512 (contract); xr holds the block's 64 codes.
+                    let rv = unsafe {
+                        let xz = _mm512_loadu_si512(xr.as_ptr().cast());
+                        let (mut ae, mut ao) = (z, z);
+                        for p in &pb[..npp] {
+                            pairs512_dot(xz, p, &mut ae, &mut ao);
                         }
+                        unsort512(ix, ae, ao)
+                    };
+                    let bi = b * blocks + kb;
+                    let (xs, d) = (qx.xsum[bi], _mm512_set1_ps(qx.d[bi]));
+                    // S = X - 2P, as in tile512 (same f32 order).
+                    let sv = _mm512_sub_epi32(_mm512_set1_epi32(xs), _mm512_slli_epi32::<1>(_mm512_add_epi32(p0, p1)));
+                    ss[u] = _mm512_add_ps(ss[u], _mm512_mul_ps(d, _mm512_cvtepi32_ps(sv)));
+                    sr[u] = _mm512_add_ps(sr[u], _mm512_mul_ps(d, _mm512_cvtepi32_ps(rv)));
+                    if last {
+                        let tg = _mm512_set1_ps(qx.tsum[b * ng + g]);
+                        let part = _mm512_add_ps(_mm512_mul_ps(muv, tg), _mm512_mul_ps(alv, ss[u]));
+                        y[u] = _mm512_add_ps(y[u], part);
+                        ss[u] = zf;
                     }
-                    u += 1 + usize::from(two);
                 }
                 gb = if last { 0 } else { gb + 1 };
             }
@@ -694,70 +800,68 @@ pub(crate) mod x86 {
         }
     }
 
-    /// NB batch rows; ACC independent accumulator sets per row (alternate quads),
-    /// so the dot-product chains overlap when NB is small.
+    /// NB batch rows of the AVX-512 kernel on the sparse residual form: the sign
+    /// part as in [`tile512`], the residual by [`sparse_block512`].
     ///
     /// # Safety
     /// As `tile_avx512`, with `b0 + NB <= batch`.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi2,popcnt")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,popcnt")]
     unsafe fn tile512<const NB: usize, const ACC: usize>(l: &Layout, t: usize, qx: &QuantX, b0: usize, yt: &mut [f32]) {
         let quads = l.quads();
         let (ng, bpg, blocks) = (l.n_groups, l.blocks_per_group(), l.blocks);
-        // The tile's sign and mask words, scales and first value, and xq rows b0..
+        // The tile's sign words, scales and first record, and xq rows b0..
         // (bounds-checked once per tile; the loops below index from these).
-        let ex = l.expand();
-        let (sw, mw) = (l.signs[t * quads..].as_ptr(), ex.masks[t * quads..].as_ptr());
+        let sp = l.sparse();
+        let sw = l.signs[t * quads..].as_ptr();
         let (mu, alpha) = (l.mu[t * ng * TILE..].as_ptr(), l.alpha[t * ng * TILE..].as_ptr());
-        let mut vp = ex.values[ex.value_offsets[t]..].as_ptr();
+        let mut rec = sp.bytes[sp.offsets[t]..].as_ptr();
         let xp: [*const i8; NB] = std::array::from_fn(|u| qx.xq[(b0 + u) * qx.stride..].as_ptr());
         let ones = _mm512_set1_epi8(1);
-        let fill = _mm512_set1_epi8(127);
         let z = _mm512_setzero_si512();
         let mut y = [_mm512_setzero_ps(); NB];
         let mut ss = [_mm512_setzero_ps(); NB];
         let mut sr = [_mm512_setzero_ps(); NB];
         let mut gb = 0; // blocks of the current group done (no division per block)
         for kb in 0..blocks {
-            // Two accumulator sets (even and odd quads) when ACC == 2; constant
-            // indices only, so they stay in registers.
+            let mut xb = xp;
+            for u in 0..NB {
+                // SAFETY: block kb of xq row b0 + u (module bounds).
+                xb[u] = unsafe { xp[u].add(kb * BLOCK) };
+            }
+            // SAFETY: rec is at block kb's record; 64 bytes at each xb[u].
+            let r = unsafe { sparse_block512::<NB>(&mut rec, &xb) };
             let mut p0 = [z; NB];
-            let mut r0 = [z; NB];
             let mut p1 = [z; NB];
-            let mut r1 = [z; NB];
             let mut k = kb * QUADS_PER_BLOCK;
             for _ in 0..QUADS_PER_BLOCK / 2 {
-                // SAFETY: quads k, k + 1 < quads (block kb < blocks); vp and xp as in
-                // the module's bounds (quad512's contract).
+                // SAFETY: quads k, k + 1 < quads (block kb < blocks); bytes [4k, 4k + 8)
+                // of each xq row (module bounds).
                 unsafe {
-                    let (s0, m0) = (*sw.add(k), *mw.add(k));
-                    quad512::<NB>(s0, m0, &mut vp, ones, fill, &xp, k, &mut p0, &mut r0);
-                    let (s1, m1) = (*sw.add(k + 1), *mw.add(k + 1));
-                    if ACC == 2 {
-                        quad512::<NB>(s1, m1, &mut vp, ones, fill, &xp, k + 1, &mut p1, &mut r1);
-                    } else {
-                        quad512::<NB>(s1, m1, &mut vp, ones, fill, &xp, k + 1, &mut p0, &mut r0);
+                    let (w0, w1) =
+                        (_mm512_maskz_mov_epi8(*sw.add(k), ones), _mm512_maskz_mov_epi8(*sw.add(k + 1), ones));
+                    for u in 0..NB {
+                        let x0 = _mm512_set1_epi32(xp[u].add(4 * k).cast::<i32>().read_unaligned());
+                        let x1 = _mm512_set1_epi32(xp[u].add(4 * k + 4).cast::<i32>().read_unaligned());
+                        p0[u] = _mm512_dpbusd_epi32(p0[u], w0, x0);
+                        if ACC == 2 {
+                            p1[u] = _mm512_dpbusd_epi32(p1[u], w1, x1);
+                        } else {
+                            p0[u] = _mm512_dpbusd_epi32(p0[u], w1, x1);
+                        }
                     }
                 }
                 k += 2;
             }
-            let p = [p0, p1];
-            let r = [r0, r1];
             for u in 0..NB {
                 let bi = (b0 + u) * blocks + kb;
                 // SAFETY: bi < batch x blocks (module bounds).
                 let (xs, d) = unsafe { (*qx.xsum.get_unchecked(bi), *qx.d.get_unchecked(bi)) };
                 let d = _mm512_set1_ps(d);
-                let (mut pp, mut rr) = (p[0][u], r[0][u]);
-                if ACC == 2 {
-                    pp = _mm512_add_epi32(pp, p[1][u]);
-                    rr = _mm512_add_epi32(rr, r[1][u]);
-                }
-                // S = X - 2P; R = R' - 127 X (the empty lanes held 127).
+                let pp = if ACC == 2 { _mm512_add_epi32(p0[u], p1[u]) } else { p0[u] };
                 let s = _mm512_sub_epi32(_mm512_set1_epi32(xs), _mm512_slli_epi32::<1>(pp));
-                let rv = _mm512_sub_epi32(rr, _mm512_set1_epi32(127 * xs));
                 ss[u] = _mm512_add_ps(ss[u], _mm512_mul_ps(d, _mm512_cvtepi32_ps(s)));
-                sr[u] = _mm512_add_ps(sr[u], _mm512_mul_ps(d, _mm512_cvtepi32_ps(rv)));
+                sr[u] = _mm512_add_ps(sr[u], _mm512_mul_ps(d, _mm512_cvtepi32_ps(r[u])));
             }
             gb += 1;
             if gb == bpg || kb + 1 == blocks {
@@ -781,76 +885,6 @@ pub(crate) mod x86 {
             // SAFETY: floats [(b0 + u) 16, (b0 + u + 1) 16) of yt, b0 + u < batch.
             unsafe { _mm512_storeu_ps(yt.as_mut_ptr().add((b0 + u) * TILE), v) };
         }
-    }
-
-    /// One quad (4 columns x 16 rows) for NB batch rows: sign bits -> bytes 0/1,
-    /// residual codes -> q+127 bytes (127 in empty lanes), two `vpdpbusd` per row.
-    ///
-    /// `#[inline(always)]` rather than `#[target_feature]`: inlined before the
-    /// optimizer sees `tile512`, as measured fastest (no spills in the quad loop).
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VL/VNNI (every caller is such a `#[target_feature]`
-    /// function); `*vp` points at the quad's first residual value inside the tile's
-    /// values (see the module's bounds), and `xp[u]` at an xq row holding quad k.
-    #[allow(clippy::too_many_arguments)] // the kernel's registers, passed to one caller
-    #[inline(always)]
-    unsafe fn quad512<const NB: usize>(
-        ks: __mmask64,
-        km: __mmask64,
-        vp: &mut *const u8,
-        ones: __m512i,
-        fill: __m512i,
-        xp: &[*const i8; NB],
-        k: usize,
-        p: &mut [__m512i; NB],
-        r: &mut [__m512i; NB],
-    ) {
-        // SAFETY: AVX-512 BW (contract); registers only.
-        let wb = unsafe { _mm512_maskz_mov_epi8(ks, ones) };
-        // q + 127 in the salient lanes, 127 (q = 0) elsewhere: every lane is
-        // unsigned, and the 127·X_b this adds is subtracted per block.
-        // SAFETY: AVX-512 VBMI2 (contract); a plain 64-byte load at *vp, which is at
-        // or before the end of the layout's values, followed by VALUE_PAD = 64 readable
-        // bytes (contract); only popcount(km) of the bytes are used.
-        let wv = unsafe { expand_bytes(fill, km, _mm512_loadu_si512((*vp).cast())) };
-        // SAFETY: stays within (or one past) the tile's values.
-        *vp = unsafe { vp.add(km.count_ones() as usize) };
-        for u in 0..NB {
-            // SAFETY: bytes [4k, 4k + 4) of xq row b0 + u (contract).
-            let x4 = unsafe { xp[u].add(4 * k).cast::<i32>().read_unaligned() };
-            // SAFETY: AVX-512 F/VNNI (contract); registers only.
-            unsafe {
-                let xb = _mm512_set1_epi32(x4);
-                p[u] = _mm512_dpbusd_epi32(p[u], wb, xb);
-                r[u] = _mm512_dpbusd_epi32(r[u], wv, xb);
-            }
-        }
-    }
-
-    /// `vpexpandb dst{k}, src` in its register form: the bytes of `src` in order to
-    /// the set lanes of `k`, `fill`'s bytes elsewhere. Inline asm because LLVM folds
-    /// a load + `_mm512_mask_expand_epi8` into the memory form, which measured 1.7x
-    /// slower per quad in the kernel's loop on Zen 4 (the load is a plain 64-byte
-    /// `vmovdqu64`, so the caller must own 64 readable bytes there).
-    ///
-    /// # Safety
-    /// The CPU has AVX-512 F/BW/VBMI2.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
-    unsafe fn expand_bytes(fill: __m512i, k: __mmask64, src: __m512i) -> __m512i {
-        let mut dst = fill;
-        // SAFETY: VBMI2 (contract); registers only.
-        unsafe {
-            std::arch::asm!(
-                "vpexpandb {d}{{{k}}}, {s}",
-                d = inout(zmm_reg) dst,
-                k = in(kreg) k,
-                s = in(zmm_reg) src,
-                options(pure, nomem, nostack, preserves_flags)
-            );
-        }
-        dst
     }
 
     /// For each 8-lane mask byte: a `pshufb` index that moves the k-th value
@@ -954,7 +988,7 @@ pub(crate) mod x86 {
     };
 
     /// One pair of a sparse record, decoded for [`pair_dot`]: column bytes, the
-    /// same with bit 7 flipped, the blend selector (bit 6 moved to bit 7), codes
+    /// same with bit 7 flipped, the blend selector (bit 5 moved to bit 7), codes
     /// (0 past the pair's lanes) and their absolute values.
     type Pair = [__m256i; 5];
 
@@ -973,7 +1007,7 @@ pub(crate) mod x86 {
             let q = _mm256_and_si256(_mm256_loadu_si256((*d).add(n2).cast()), keep);
             *d = (*d).add(2 * n2);
             let ix = _mm256_xor_si256(cols, _mm256_set1_epi8(0x80u8 as i8));
-            [cols, ix, _mm256_slli_epi16::<1>(cols), q, _mm256_abs_epi8(q)]
+            [cols, ix, _mm256_slli_epi16::<2>(cols), q, _mm256_abs_epi8(q)]
         }
     }
 
