@@ -403,34 +403,27 @@ def test_reassigned_part_drops_layout_and_is_validated():
 # ---------------------------------------------------- execution layout
 
 
-def documented_layout_bytes(t, forms):
+def documented_layout_bytes(t):
     """§6.5 contents: per (16-row tile, 4-column quad) a sign word (8 bytes; columns
     padded to whole blocks of 64), mu, alpha (per group) and sigma as float32 per tile
-    row, and the residual in each of `forms`: "expand", a mask word per (tile, quad)
-    plus one byte per stored code; "sparse", per (tile, block) a record of
-    17 + P bytes of header plus 4 bytes per pair of a row's codes
-    (P = ceil(max_r count_r / 2))."""
+    row, and per (tile, block) a residual record of 17 + P bytes of header plus 4 bytes
+    per pair of a row's codes (P = ceil(max_r count_r / 2))."""
     m, n = t.shape
     tiles = -(-m // 16)
     blocks = -(-n // BLOCK)
     quads = blocks * (BLOCK // 4)
     n_groups = t.mu.shape[1]
-    size = tiles * quads * 8 + tiles * 16 * (2 * n_groups + 1) * 4
-    if "expand" in forms:
-        size += tiles * quads * 8 + t.residual.num_values
-    if "sparse" in forms:
-        codes = ref.rle_decode(twin(t).residual) if m and n else np.zeros((m, n), np.int8)
-        nz = np.zeros((tiles * 16, blocks * BLOCK), bool)
-        nz[:m, :n] = codes != 0
-        counts = nz.reshape(tiles, 16, blocks, BLOCK).sum(axis=3)  # tiles x 16 x blocks
-        pairs = -(-counts // 2)
-        size += int((17 + pairs.max(axis=1)).sum()) + 4 * int(pairs.sum())
-    return size
+    codes = ref.rle_decode(twin(t).residual) if m and n else np.zeros((m, n), np.int8)
+    nz = np.zeros((tiles * 16, blocks * BLOCK), bool)
+    nz[:m, :n] = codes != 0
+    counts = nz.reshape(tiles, 16, blocks, BLOCK).sum(axis=3)  # tiles x 16 x blocks
+    pairs = -(-counts // 2)
+    records = int((17 + pairs.max(axis=1, initial=0)).sum()) + 4 * int(pairs.sum())
+    return tiles * quads * 8 + tiles * 16 * (2 * n_groups + 1) * 4 + records
 
 
 @pytest.mark.parametrize("m, n, gs", [(5, 200, None), (16, 64, None), (17, 64, 64), (100, 640, 128), (3, 0, None)])
 def test_layout_lifecycle(simd, m, n, gs):
-    # The level decides the form built first (sparse below AVX-512 with VNNI).
     rng = np.random.default_rng(m + n)
     t = pbcodec.compress(weights(rng, m, n, "heavy"), group_size=gs)
     x = rng.standard_normal((3, n)).astype(np.float32)
@@ -441,9 +434,7 @@ def test_layout_lifecycle(simd, m, n, gs):
     assert t.stats()["layout_bytes"] == 0
     assert t.build_layout() is t
     size = t.stats()["layout_bytes"]
-    forms = t.stats()["layout_forms"]
-    assert len(forms) == 1, forms
-    doc = documented_layout_bytes(t, forms)
+    doc = documented_layout_bytes(t)
     # The documented contents plus a small index (per-tile offsets, header).
     assert doc <= size <= doc + 128 + 16 * -(-m // 16), (size, doc)
     assert t.build_layout().stats()["layout_bytes"] == size  # built once
@@ -459,15 +450,12 @@ def test_layout_lifecycle(simd, m, n, gs):
     assert pbcodec.PBTensor.from_bytes(t.to_bytes()) == t
 
 
-def test_layout_size_at_ten_percent_salient(simd):
-    """§6.5: about 2.8 bits/weight (expand form) or 2.9 (sparse form) at 10 % salient
-    with 8-bit codes, within the 3.0 budget either way."""
+def test_layout_size_at_ten_percent_salient():
+    """§6.5: about 2.9 bits/weight at 10 % salient with 8-bit codes (budget 3.0)."""
     t = pbcodec.compress(weights(np.random.default_rng(7), 384, 1536, "heavy"), salient=0.1)
     bpw = t.build_layout().stats()["layout_bpw"]
     assert 2.7 <= bpw <= 3.0, bpw
-    forms = t.stats()["layout_forms"]
-    assert len(forms) == 1, forms
-    assert t.stats()["layout_bytes"] == pytest.approx(documented_layout_bytes(t, forms), rel=0.01)
+    assert t.stats()["layout_bytes"] == pytest.approx(documented_layout_bytes(t), rel=0.01)
 
 
 @pytest.mark.parametrize("m, n, gs, batch", [(301, 520, 128, 70), (1000, 200, None, 16)])

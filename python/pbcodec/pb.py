@@ -97,21 +97,18 @@ class PBTensor:
         object.__setattr__(self, "_layout", None)
         object.__setattr__(self, name, value)
 
-    def _exec_layout(self, form: str = "sparse") -> Any:
-        """The execution layout (built on first use, kept until :meth:`release_layout`).
-        ``form``: the residual form to build first ("sparse" for the int8 kernels,
-        "expand" for the float32 ones); the core adds the other one when needed."""
+    def _exec_layout(self) -> Any:
+        """The execution layout (built on first use, kept until :meth:`release_layout`)."""
         lay = self._layout
         if lay is None:
-            lay = _core.pb_layout(*self._parts(), form)
+            lay = _core.pb_layout(*self._parts())
             object.__setattr__(self, "_layout", lay)
         return lay
 
     def build_layout(self) -> PBTensor:
         """Build the in-memory execution layout now (docs/format.md §6.5) instead of on
         the first ``matvec``; returns ``self``. Its size is
-        ``stats()["layout_bytes"]`` (about 2.9 bits/weight at 10 % salient; 4.7 once float32-mode
-        calls have added their residual form). ValueError
+        ``stats()["layout_bytes"]`` (about 2.9 bits/weight at 10 % salient). ValueError
         if the int8 mode cannot run this tensor (group size not a multiple of 64)."""
         if not self._exec_layout().int8_supported:
             object.__setattr__(self, "_layout", None)
@@ -257,7 +254,7 @@ class PBTensor:
             return
         if activations != "float32":
             raise ValueError(f"activations must be 'float32' or 'int8', got {activations!r}")
-        lay = self._exec_layout("expand") if build_layout else self._layout
+        lay = self._exec_layout() if build_layout else self._layout
         if lay is not None and lay.f32_supported:
             _core.pb_matvec_layout_f32(lay, x, batch, res, bias)
         else:  # no layout, or group boundaries inside 4-column quads: the row-wise kernel
@@ -384,8 +381,6 @@ class PBTensor:
             # The in-memory execution layout (0 until built; see build_layout()).
             "layout_bytes": 0 if self._layout is None else int(self._layout.nbytes),
             "layout_bpw": 0.0 if self._layout is None else 8 * int(self._layout.nbytes) / mn,
-            # Its residual forms (§6.5): "sparse" (int8 kernels), "expand" (float32-mode kernels).
-            "layout_forms": () if self._layout is None else tuple(self._layout.forms),
         }
 
     def __eq__(self, other: object) -> bool:

@@ -15,7 +15,7 @@
 //! Summation order is fixed per level and independent of the thread count;
 //! different levels agree to float rounding (~1e-6 relative).
 use crate::error::invalid;
-use crate::layout::{Form, Layout, TILE};
+use crate::layout::{Layout, BLOCK, TILE};
 use crate::simd::{self, Level};
 use crate::Result;
 
@@ -108,7 +108,6 @@ fn matvec_f32_at(
         return Ok(());
     }
     let p = prepare(l, x, batch);
-    l.ensure(Form::Expand); // before the workers start (they would wait for it)
     let kernel = table(level);
     crate::qmatvec::run_tiles(l, batch, bias, out, |t, y| {
         // SAFETY: `kernel` comes from `table`; `l` is a layout (supported, checked
@@ -122,33 +121,31 @@ fn matvec_f32_at(
 // ------------------------------------------------------------------ scalar
 
 /// Portable kernel: one table lookup per row and quad for the sign part, the
-/// residual by walking the mask's set bits. Safe (bounds-checked); coerced to
-/// [`TileFn`].
+/// residual from the sparse form, block by block. Safe (bounds-checked);
+/// coerced to [`TileFn`].
 fn tile_scalar(l: &Layout, t: usize, p: &Prep, yt: &mut [f32]) {
     let quads = p.quads;
     let ng = l.n_groups;
     let sw = &l.signs[t * quads..(t + 1) * quads];
-    let ex = l.expand();
-    let mw = &ex.masks[t * quads..(t + 1) * quads];
+    let sp = l.sparse();
     for b in 0..p.batch {
         let tab = &p.tables[b * quads * 16..(b + 1) * quads * 16];
         let xq = &p.xp[b * quads * 4..(b + 1) * quads * 4];
-        let mut vi = ex.value_offsets[t];
         let mut y = [0f32; TILE];
         let mut r = [0f32; TILE];
+        let mut at = sp.offsets[t];
+        for xb in xq.chunks_exact(BLOCK) {
+            let rb: [f32; TILE] = crate::qmatvec::sparse_rows(&sp.bytes, &mut at, xb);
+            for (ri, v) in r.iter_mut().zip(rb) {
+                *ri += v;
+            }
+        }
         for g in 0..ng {
             let mut pp = [0f32; TILE];
             for k in g * p.qpg..((g + 1) * p.qpg).min(quads) {
                 let w = sw[k];
                 for (rr, pv) in pp.iter_mut().enumerate() {
                     *pv += tab[16 * k + ((w >> (4 * rr)) & 15) as usize];
-                }
-                let mut bits = mw[k];
-                while bits != 0 {
-                    let lane = bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    r[lane / 4] += (ex.values[vi] as i32 - 127) as f32 * xq[4 * k + lane % 4];
-                    vi += 1;
                 }
             }
             let xg = p.xg[b * ng + g];
@@ -170,7 +167,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Prep;
-    use crate::layout::{Layout, TILE};
+    use crate::layout::{Layout, BLOCK, TILE};
 
     // Bounds used by the SAFETY comments, for tile t < tiles of a layout from
     // `layout::build` and a Prep from `prepare` (see `TileFn`):
@@ -212,6 +209,70 @@ mod x86 {
         unsafe { _mm512_loadu_ps(v.as_ptr()) }
     }
 
+    /// The residual sums Σ q·x (f32) of one block's 16 rows for NB batch rows,
+    /// from its sparse record at `*rec` (advanced past it); `xb[u]` points at the
+    /// block's 64 floats of row u. Each 16 codes of a pair look their activations
+    /// up by column with two `vpermt2ps` (32 floats each) and a blend on column
+    /// bit 5, and meet their codes in one FMA (lanes 2i, 2i + 1: the row at sorted
+    /// position 8h + i); at the end adjacent lanes are added and the positions put
+    /// back in row order.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL; `*rec` is a record of a sparse stream (its `SPARSE_PAD`
+    /// covers the 32-byte column loads); 64 readable floats at each `xb[u]`.
+    #[inline(always)]
+    unsafe fn sparse_block512<const NB: usize>(rec: &mut *const u8, xb: &[*const f32; NB]) -> [__m512; NB] {
+        // SAFETY: the contract; masked loads touch only the pair's codes.
+        unsafe {
+            let p = *rec;
+            let np = *p as usize;
+            let pos = p.add(1);
+            let ns = p.add(1 + TILE);
+            let mut d = ns.add(np);
+            let zf = _mm512_setzero_ps();
+            let mut xt = [[zf; 4]; NB];
+            for u in 0..NB {
+                for (i, v) in xt[u].iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(xb[u].add(16 * i));
+                }
+            }
+            let (m63, b5) = (_mm512_set1_epi32(63), _mm512_set1_epi32(32));
+            let mut acc = [[zf; 2]; NB];
+            for j in 0..np {
+                let n2 = 2 * *ns.add(j) as usize;
+                let q = _mm256_maskz_loadu_epi8(((1u64 << n2) - 1) as u32, d.add(n2).cast());
+                let qh = [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)];
+                for h in 0..2 {
+                    let c = _mm512_and_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128(d.add(16 * h).cast())), m63);
+                    let hi = _mm512_test_epi32_mask(c, b5);
+                    let qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(qh[h]));
+                    for u in 0..NB {
+                        let lo = _mm512_permutex2var_ps(xt[u][0], c, xt[u][1]);
+                        let up = _mm512_permutex2var_ps(xt[u][2], c, xt[u][3]);
+                        let xv = _mm512_mask_blend_ps(hi, lo, up);
+                        acc[u][h] = _mm512_fmadd_ps(qf, xv, acc[u][h]);
+                    }
+                }
+                d = d.add(2 * n2);
+            }
+            *rec = d;
+            // Row r reads lane 2 (pos mod 8) of half pos / 8 (index bit 4).
+            let pv = _mm512_cvtepu8_epi32(_mm_loadu_si128(pos.cast()));
+            let ix = _mm512_or_si512(
+                _mm512_slli_epi32::<1>(_mm512_and_si512(pv, _mm512_set1_epi32(7))),
+                _mm512_slli_epi32::<1>(_mm512_and_si512(pv, _mm512_set1_epi32(8))),
+            );
+            let mut r = [zf; NB];
+            for u in 0..NB {
+                // Lane 2i + lane 2i + 1: the position's two codes.
+                let s0 = _mm512_add_ps(acc[u][0], _mm512_permute_ps::<0b10_11_00_01>(acc[u][0]));
+                let s1 = _mm512_add_ps(acc[u][1], _mm512_permute_ps::<0b10_11_00_01>(acc[u][1]));
+                r[u] = _mm512_permutex2var_ps(s0, ix, s1);
+            }
+            r
+        }
+    }
+
     /// NB batch rows of the AVX-512 kernel.
     ///
     /// # Safety
@@ -222,48 +283,42 @@ mod x86 {
         let quads = p.quads;
         let ng = l.n_groups;
         let sw = &l.signs[t * quads..(t + 1) * quads];
-        let ex = l.expand();
-        let mw = &ex.masks[t * quads..(t + 1) * quads];
-        let mut vp = ex.values[ex.value_offsets[t]..].as_ptr().cast::<i8>();
+        let sp = l.sparse();
         // Byte 0 of each dword r gets bits 4r..4r+7 of the sign word: the low
         // 4 bits (row r's nibble) index the table (vpermps reads 4 bits).
         let ctrl = _mm512_set_epi8(
             0, 0, 0, 60, 0, 0, 0, 56, 0, 0, 0, 52, 0, 0, 0, 48, 0, 0, 0, 44, 0, 0, 0, 40, 0, 0, 0, 36, 0, 0, 0, 32, 0,
             0, 0, 28, 0, 0, 0, 24, 0, 0, 0, 20, 0, 0, 0, 16, 0, 0, 0, 12, 0, 0, 0, 8, 0, 0, 0, 4, 0, 0, 0, 0,
         );
-        let fill = _mm512_set1_epi8(127);
         let tab: [*const f32; NB] = std::array::from_fn(|u| p.tables[(b0 + u) * quads * 16..].as_ptr());
         let xq: [*const f32; NB] = std::array::from_fn(|u| p.xp[(b0 + u) * quads * 4..].as_ptr());
         let mut y = [_mm512_setzero_ps(); NB];
-        // Residual partial sums: chunk h holds rows 4h..4h+3, lane 4r'+c.
-        let mut racc = [[_mm512_setzero_ps(); 4]; NB];
+        // The residual, block by block from the sparse form.
+        let mut rs = [_mm512_setzero_ps(); NB];
+        let mut rec = sp.bytes[sp.offsets[t]..].as_ptr();
+        for kb in 0..quads / 16 {
+            let mut xb = xq;
+            for u in 0..NB {
+                // SAFETY: block kb of xp row b0 + u (module bounds).
+                xb[u] = unsafe { xq[u].add(kb * BLOCK) };
+            }
+            // SAFETY: rec is at block kb's record (module bounds); 64 floats at each xb[u].
+            let r = unsafe { sparse_block512::<NB>(&mut rec, &xb) };
+            for u in 0..NB {
+                rs[u] = _mm512_add_ps(rs[u], r[u]);
+            }
+        }
         for g in 0..ng {
             let mut pp = [_mm512_setzero_ps(); NB];
             let k1 = ((g + 1) * p.qpg).min(quads);
             for k in g * p.qpg..k1 {
                 // SAFETY: quad k < quads.
-                let (wk, km) = unsafe { (*sw.get_unchecked(k), *mw.get_unchecked(k)) };
+                let wk = unsafe { *sw.get_unchecked(k) };
                 let idx = _mm512_multishift_epi64_epi8(ctrl, _mm512_set1_epi64(wk as i64));
-                // SAFETY: reads popcount(km) bytes at vp, this quad's values (module
-                // bounds); masked-off lanes are not read.
-                let v = unsafe { _mm512_mask_expandloadu_epi8(fill, km, vp) };
-                // SAFETY: stays within (or one past) the tile's values.
-                vp = unsafe { vp.add(km.count_ones() as usize) };
-                let q = _mm512_sub_epi8(v, fill);
-                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(q)));
-                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<1>(q)));
-                let q2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<2>(q)));
-                let q3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32::<3>(q)));
                 for u in 0..NB {
-                    // SAFETY: floats [16k, 16k + 16) of tables row b0 + u and [4k, 4k + 4)
-                    // of xp row b0 + u (module bounds).
-                    let (tv, x4) = unsafe { (_mm512_loadu_ps(tab[u].add(16 * k)), _mm_loadu_ps(xq[u].add(4 * k))) };
+                    // SAFETY: floats [16k, 16k + 16) of tables row b0 + u (module bounds).
+                    let tv = unsafe { _mm512_loadu_ps(tab[u].add(16 * k)) };
                     pp[u] = _mm512_add_ps(pp[u], _mm512_permutexvar_ps(idx, tv));
-                    let x4 = _mm512_broadcast_f32x4(x4);
-                    racc[u][0] = _mm512_fmadd_ps(q0, x4, racc[u][0]);
-                    racc[u][1] = _mm512_fmadd_ps(q1, x4, racc[u][1]);
-                    racc[u][2] = _mm512_fmadd_ps(q2, x4, racc[u][2]);
-                    racc[u][3] = _mm512_fmadd_ps(q3, x4, racc[u][3]);
                 }
             }
             let muv = load16(&l.mu[(t * ng + g) * TILE..]);
@@ -277,20 +332,66 @@ mod x86 {
         }
         let sg = load16(&l.sigma[t * TILE..]);
         for u in 0..NB {
-            // Reduce lanes 4r'+c over c: r = hsum4 of each chunk, 16 rows out.
-            let mut rows = [0f32; TILE];
-            for h in 0..4 {
-                let mut tmp = [0f32; 16];
-                // SAFETY: the 16 floats of tmp.
-                unsafe { _mm512_storeu_ps(tmp.as_mut_ptr(), racc[u][h]) };
-                for r in 0..4 {
-                    rows[4 * h + r] = (tmp[4 * r] + tmp[4 * r + 1]) + (tmp[4 * r + 2] + tmp[4 * r + 3]);
-                }
-            }
-            let v = _mm512_fmadd_ps(sg, load16(&rows), y[u]);
+            let v = _mm512_fmadd_ps(sg, rs[u], y[u]);
             let out = &mut yt[(b0 + u) * TILE..(b0 + u + 1) * TILE];
             // SAFETY: the 16 floats of `out`.
             unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
+        }
+    }
+
+    /// The residual sums Σ q·x (f32) of one block's 16 rows (rows 0-7 and 8-15)
+    /// from its sparse record at `*rec` (advanced past it); `xb` points at the
+    /// block's 64 floats. Each 8 codes of a pair gather their activations by
+    /// column (`vgatherdps`) and meet their codes in one FMA (lanes 2i, 2i + 1: the
+    /// row at sorted position i); at the end adjacent lanes are added and the
+    /// positions put back in row order.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `*rec` is a record of a sparse stream (its `SPARSE_PAD`
+    /// covers the 32-byte loads); 64 readable floats at `xb`.
+    #[inline(always)]
+    unsafe fn sparse_block_avx2(rec: &mut *const u8, xb: *const f32) -> [__m256; 2] {
+        // SAFETY: the contract; column indices are masked to 0..63, inside the block.
+        unsafe {
+            let p = *rec;
+            let np = *p as usize;
+            let pos = p.add(1);
+            let ns = p.add(1 + TILE);
+            let mut d = ns.add(np);
+            let m63 = _mm256_set1_epi32(63);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for j in 0..np {
+                let n2 = 2 * *ns.add(j) as usize;
+                let keep = _mm256_loadu_si256(crate::qmatvec::x86::KEEP.as_ptr().add(32 - n2).cast());
+                let q = _mm256_and_si256(_mm256_loadu_si256(d.add(n2).cast()), keep);
+                let (ql, qh) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
+                let qs = [ql, _mm_srli_si128::<8>(ql), qh, _mm_srli_si128::<8>(qh)];
+                for m in 0..4 {
+                    let c = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64(d.add(8 * m).cast())), m63);
+                    let xv = _mm256_i32gather_ps::<4>(xb, c);
+                    let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qs[m]));
+                    acc[m] = _mm256_fmadd_ps(qf, xv, acc[m]);
+                }
+                d = d.add(2 * n2);
+            }
+            *rec = d;
+            // hadd gives positions (0, 1, 4, 5 | 2, 3, 6, 7) of its two inputs.
+            let perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+            let lo = _mm256_permutevar8x32_ps(_mm256_hadd_ps(acc[0], acc[1]), perm);
+            let hi = _mm256_permutevar8x32_ps(_mm256_hadd_ps(acc[2], acc[3]), perm);
+            let p0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(pos.cast()));
+            let p1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(pos.add(8).cast()));
+            let r0 = _mm256_blendv_ps(
+                _mm256_permutevar8x32_ps(lo, p0),
+                _mm256_permutevar8x32_ps(hi, p0),
+                _mm256_castsi256_ps(_mm256_slli_epi32::<28>(p0)),
+            );
+            let r1 = _mm256_blendv_ps(
+                _mm256_permutevar8x32_ps(lo, p1),
+                _mm256_permutevar8x32_ps(hi, p1),
+                _mm256_castsi256_ps(_mm256_slli_epi32::<28>(p1)),
+            );
+            [r0, r1]
         }
     }
 
@@ -315,22 +416,28 @@ mod x86 {
         let quads = p.quads;
         let ng = l.n_groups;
         let sw = &l.signs[t * quads..(t + 1) * quads];
-        let ex = l.expand();
-        let mw = &ex.masks[t * quads..(t + 1) * quads];
+        let sp = l.sparse();
         let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
         for b in 0..p.batch {
             let tab = p.tables[b * quads * 16..].as_ptr();
             let xq = p.xp[b * quads * 4..].as_ptr();
-            let mut vp = ex.values[ex.value_offsets[t]..].as_ptr();
             let mut y = [_mm256_setzero_ps(); 2];
-            // Residual: chunk c holds rows 2c, 2c+1 (lanes 4r'+c' of 8).
-            let mut racc = [_mm256_setzero_ps(); 8];
+            // The residual, block by block from the sparse form.
+            let mut rs = [_mm256_setzero_ps(); 2];
+            let mut rec = sp.bytes[sp.offsets[t]..].as_ptr();
+            for kb in 0..quads / 16 {
+                // SAFETY: rec is at block kb's record (module bounds); the block's 64
+                // floats of xp row b.
+                let r = unsafe { sparse_block_avx2(&mut rec, xq.add(kb * BLOCK)) };
+                rs[0] = _mm256_add_ps(rs[0], r[0]);
+                rs[1] = _mm256_add_ps(rs[1], r[1]);
+            }
             for g in 0..ng {
                 let mut pp = [_mm256_setzero_ps(); 2];
                 let k1 = ((g + 1) * p.qpg).min(quads);
                 for k in g * p.qpg..k1 {
                     // SAFETY: quad k < quads.
-                    let (w, km) = unsafe { (*sw.get_unchecked(k), *mw.get_unchecked(k)) };
+                    let w = unsafe { *sw.get_unchecked(k) };
                     // SAFETY: floats [16k, 16k + 16) of tables row b (module bounds).
                     let (tlo, thi) =
                         unsafe { (_mm256_loadu_ps(tab.add(16 * k)), _mm256_loadu_ps(tab.add(16 * k + 8))) };
@@ -340,23 +447,6 @@ mod x86 {
                         let hi = _mm256_permutevar8x32_ps(thi, idx);
                         let sel = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(idx));
                         *pph = _mm256_add_ps(*pph, _mm256_blendv_ps(lo, hi, sel));
-                    }
-                    // SAFETY: floats [4k, 4k + 4) of xp row b (module bounds).
-                    let x4l = unsafe { _mm_loadu_ps(xq.add(4 * k)) };
-                    let x4 = _mm256_set_m128(x4l, x4l);
-                    for h in 0..2 {
-                        // SAFETY: vp is at this half-word's values (module bounds).
-                        let q = unsafe { crate::qmatvec::x86::expand32((km >> (32 * h)) as u32, &mut vp) };
-                        for c in 0..4 {
-                            let b8 = match c {
-                                0 => _mm256_castsi256_si128(q),
-                                1 => _mm_srli_si128::<8>(_mm256_castsi256_si128(q)),
-                                2 => _mm256_extracti128_si256::<1>(q),
-                                _ => _mm_srli_si128::<8>(_mm256_extracti128_si256::<1>(q)),
-                            };
-                            let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8));
-                            racc[4 * h + c] = _mm256_fmadd_ps(qf, x4, racc[4 * h + c]);
-                        }
                     }
                 }
                 // SAFETY: b ng + g < batch x n_groups (module bounds).
@@ -368,18 +458,9 @@ mod x86 {
                     y[h] = _mm256_add_ps(y[h], _mm256_fmadd_ps(muv, xg, _mm256_mul_ps(alv, s)));
                 }
             }
-            let mut rows = [0f32; TILE];
-            for (c, acc) in racc.iter().enumerate() {
-                let mut tmp = [0f32; 8];
-                // SAFETY: the 8 floats of tmp.
-                unsafe { _mm256_storeu_ps(tmp.as_mut_ptr(), *acc) };
-                for r in 0..2 {
-                    rows[2 * c + r] = (tmp[4 * r] + tmp[4 * r + 1]) + (tmp[4 * r + 2] + tmp[4 * r + 3]);
-                }
-            }
             for (h, yh) in y.iter().enumerate() {
                 let sg = load8(&l.sigma[t * TILE + 8 * h..]);
-                let rv = load8(&rows[8 * h..]);
+                let rv = rs[h];
                 let out = &mut yt[b * TILE + 8 * h..b * TILE + 8 * h + 8];
                 // SAFETY: the 8 floats of `out`.
                 unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_fmadd_ps(sg, rv, *yh)) };

@@ -12,31 +12,24 @@
 //!   `vpdpbusd` whose 16 dword lanes are the tile's rows and whose 4 bytes per
 //!   lane are the quad's columns;
 //! - mu/alpha per (tile, group, row) and sigma per (tile, row) as f32;
-//! - the residual codes in one of two forms, each built when a kernel first
-//!   needs it (from the other form if that one exists):
-//!   - [`Sparse`] (every int8 kernel, see `encode_sparse_tile`): per (tile,
-//!     block) the codes as (column, value) byte pairs with the rows sorted by
-//!     count, so that 32 byte lanes hold two codes of each of 16 rows with no
-//!     gaps, looked up by column with `pshufb` (AVX2) or `vpermb` (AVX-512).
-//!     ~2 bytes per code + 17 bytes per 1024 weights. It replaced a salient
-//!     mask expanded per quad (the expand form below): on AVX2, whose `pshufb`
-//!     index per 8 mask bits cost ~1 instruction per weight, batch 1 went from
-//!     3.9 to 11 weights/cycle (one Zen 4 core at the AVX2 level); on AVX-512,
-//!     where `vpexpandb` takes ~3 cycles per 64 weights, from 14 to 19 in cache.
-//!   - [`Expand`] (the float32-mode kernels): per (tile, quad) a `u64` salient
-//!     mask in the sign words' bit order, and the nonzero codes of each tile in
-//!     (quad, lane) order, stored as `q + 127` (0..=254): an expand with 127 in
-//!     the empty lanes then gives `q + 127` in every lane. 1 bit/weight + 1 byte
-//!     per code.
+//! - the residual codes per (tile, block) as (column, value) byte pairs with
+//!   the rows sorted by count (`encode_sparse_tile`), so that 32 byte lanes hold
+//!   two codes of each of 16 rows with no gaps, looked up by column with
+//!   `vpermb` (AVX-512), `pshufb` (AVX2), `vpermt2ps`/`vgatherdps` (float32
+//!   mode) or an index (portable). ~2 bytes per code + 17 bytes per 1024 weights.
 //!
-//! Size at 10 % salient, 8-bit codes: 2.9 bits/weight with the sparse form,
-//! 2.8 with the expand form; `Layout::nbytes` reports what is built.
+//! The sparse residual replaced a per-(tile, quad) salient mask plus the codes
+//! in order, expanded per quad (`vpexpandb`, or a `pshufb` index per 8 mask
+//! bits on AVX2): that costs work per *weight* where this costs work per
+//! *code*. Measured on one Zen 4 core, batch 1: AVX2 int8 3.9 -> 11 weights per
+//! cycle, AVX-512 int8 14 -> 19 in cache, AVX-512 float32 5.9 -> 12.
+//!
+//! Size at 10 % salient, 8-bit codes: 2.9 bits/weight (1 of sign words, ~1.8
+//! of residual, the scales); `Layout::nbytes` reports it exactly.
 use rayon::prelude::*;
 
 use crate::error::{corrupt, invalid};
 use crate::pb::{n_groups, PbRef};
-use std::sync::OnceLock;
-
 use crate::{parallel, rle, Result};
 
 /// Rows per tile: the 16 dword lanes of a 512-bit register.
@@ -45,10 +38,6 @@ pub const TILE: usize = 16;
 pub const BLOCK: usize = 64;
 /// Quads (4 columns) per block.
 pub const QUADS_PER_BLOCK: usize = BLOCK / 4;
-/// Zero bytes after the expand form's values: vector kernels may load up to
-/// this many bytes past a tile's last value.
-pub const VALUE_PAD: usize = 64;
-
 /// A PBTensor rearranged for the integer kernels (see the module docs). Only
 /// [`build`] makes one: the kernels rely on its invariants (consistent offsets,
 /// padding after the residual bytes), so the fields are crate-private.
@@ -74,50 +63,17 @@ pub struct Layout {
     pub(crate) alpha: Vec<f32>,
     /// Residual scales, `tiles x 16`.
     pub(crate) sigma: Vec<f32>,
-    /// The residual, expand form (built on first use).
-    expand: OnceLock<Expand>,
-    /// The residual, sparse form (built on first use).
-    sparse: OnceLock<Sparse>,
-}
-
-/// The residual as salient masks plus values (module docs).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Expand {
-    /// `tiles x quads` words in the sign words' bit order: 1 where the code is nonzero.
-    pub(crate) masks: Vec<u64>,
-    /// Nonzero codes as `q + 127`, tile after tile, [`VALUE_PAD`] zeros at the end.
-    pub(crate) values: Vec<u8>,
-    /// `tiles + 1` offsets of each tile's values.
-    pub(crate) value_offsets: Vec<usize>,
+    /// The residual codes.
+    sparse: Sparse,
 }
 
 /// The residual as sorted (column, code) pairs per block (`encode_sparse_tile`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Sparse {
     /// The records of every (tile, block), tile after tile, [`SPARSE_PAD`] zeros at the end.
     pub(crate) bytes: Vec<u8>,
     /// `tiles + 1` offsets of each tile's first record.
     pub(crate) offsets: Vec<usize>,
-}
-
-/// Which residual form a kernel reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Form {
-    /// [`Expand`]: the float32-mode kernels.
-    Expand,
-    /// [`Sparse`]: the int8 kernels.
-    Sparse,
-}
-
-impl Form {
-    /// The form named `name` ("expand" or "sparse").
-    pub fn parse(name: &str) -> Option<Form> {
-        match name {
-            "expand" => Some(Form::Expand),
-            "sparse" => Some(Form::Sparse),
-            _ => None,
-        }
-    }
 }
 
 impl Layout {
@@ -126,63 +82,17 @@ impl Layout {
         self.blocks * QUADS_PER_BLOCK
     }
 
-    /// Resident size in bytes (what `PBTensor.stats()` reports): the sign words,
-    /// the scales and every residual form built so far.
+    /// Resident size in bytes (what `PBTensor.stats()` reports).
     pub fn nbytes(&self) -> usize {
-        let e = self.expand.get().map_or(0, |e| 8 * (e.masks.len() + e.value_offsets.len()) + e.values.len());
-        let s = self.sparse.get().map_or(0, |s| s.bytes.len() + 8 * s.offsets.len());
-        8 * self.signs.len() + 4 * (self.mu.len() + self.alpha.len() + self.sigma.len()) + e + s
+        8 * self.signs.len()
+            + 4 * (self.mu.len() + self.alpha.len() + self.sigma.len())
+            + self.sparse.bytes.len()
+            + 8 * self.sparse.offsets.len()
     }
 
-    /// The residual forms built so far, by name: "expand", "sparse".
-    pub fn forms(&self) -> Vec<&'static str> {
-        let e = self.expand.get().map(|_| "expand");
-        let s = self.sparse.get().map(|_| "sparse");
-        e.into_iter().chain(s).collect()
-    }
-
-    /// The residual's expand form, built now (from the sparse form) if needed.
-    pub fn expand(&self) -> &Expand {
-        self.expand.get_or_init(|| {
-            let sp = self.sparse.get().expect("a layout holds at least one residual form");
-            self.convert(|ti, q| decode_sparse_tile(sp, ti, self.blocks, q), Form::Expand).0.expect("expand form")
-        })
-    }
-
-    /// The residual's sparse form, built now (from the expand form) if needed.
+    /// The residual codes.
     pub fn sparse(&self) -> &Sparse {
-        self.sparse.get_or_init(|| {
-            let ex = self.expand.get().expect("a layout holds at least one residual form");
-            self.convert(|ti, q| decode_expand_tile(ex, ti, self.quads(), q), Form::Sparse).1.expect("sparse form")
-        })
-    }
-
-    /// The form `f`, built if needed.
-    pub fn ensure(&self, f: Form) {
-        match f {
-            Form::Expand => _ = self.expand(),
-            Form::Sparse => _ = self.sparse(),
-        }
-    }
-
-    /// Re-encode the residual in form `to`, decoding each tile with `decode`
-    /// (`TILE x blocks·64` codes, row-major).
-    fn convert(&self, decode: impl Fn(usize, &mut [i8]) + Sync, to: Form) -> (Option<Expand>, Option<Sparse>) {
-        let np = self.blocks * BLOCK;
-        let tiles: Vec<TileCodes> = parallel::pool().install(|| {
-            (0..self.tiles)
-                .into_par_iter()
-                .map_init(
-                    || vec![0i8; TILE * np],
-                    |q, ti| {
-                        q.fill(0);
-                        decode(ti, q);
-                        encode_tile(q, np, self.blocks, to)
-                    },
-                )
-                .collect()
-        });
-        assemble(tiles, to)
+        &self.sparse
     }
 
     /// Tile `t`'s sign words (`quads()`) and its mu and alpha (`n_groups x 16` each).
@@ -301,6 +211,7 @@ pub(crate) fn for_each_code(b: &[u8], at: &mut usize, mut f: impl FnMut(usize, u
 }
 
 /// Tile `ti`'s codes from the sparse form into `q` (`TILE x blocks·64`, zeroed).
+#[cfg(test)]
 fn decode_sparse_tile(sp: &Sparse, ti: usize, blocks: usize, q: &mut [i8]) {
     let np = blocks * BLOCK;
     let mut at = sp.offsets[ti];
@@ -313,99 +224,8 @@ fn decode_sparse_tile(sp: &Sparse, ti: usize, blocks: usize, q: &mut [i8]) {
     }
 }
 
-/// The expand form's mask words and values of one tile from its codes `q`
-/// (`TILE x np`).
-fn encode_expand_tile(q: &[i8], np: usize, masks: &mut Vec<u64>, values: &mut Vec<u8>) {
-    for k in 0..np / 4 {
-        let mut mword = 0u64;
-        for r in 0..TILE {
-            for c in 0..4 {
-                let v = q[r * np + 4 * k + c];
-                if v != 0 {
-                    mword |= 1u64 << (4 * r + c);
-                    values.push((i16::from(v) + 127) as u8);
-                }
-            }
-        }
-        masks.push(mword);
-    }
-}
-
-/// Tile `ti`'s codes from the expand form into `q` (`TILE x quads·4`, zeroed).
-fn decode_expand_tile(ex: &Expand, ti: usize, quads: usize, q: &mut [i8]) {
-    let np = 4 * quads;
-    let mut vi = ex.value_offsets[ti];
-    for (k, &w) in ex.masks[ti * quads..(ti + 1) * quads].iter().enumerate() {
-        let mut bits = w;
-        while bits != 0 {
-            let lane = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            q[(lane / 4) * np + 4 * k + lane % 4] = (i16::from(ex.values[vi]) - 127) as i8;
-            vi += 1;
-        }
-    }
-}
-
-/// One tile's residual, encoded.
-enum TileCodes {
-    Expand(Vec<u64>, Vec<u8>),
-    Sparse(Vec<u8>),
-}
-
-fn encode_tile(q: &[i8], np: usize, blocks: usize, form: Form) -> TileCodes {
-    match form {
-        Form::Expand => {
-            let (mut m, mut v) = (Vec::with_capacity(np / 4), Vec::new());
-            encode_expand_tile(q, np, &mut m, &mut v);
-            TileCodes::Expand(m, v)
-        }
-        Form::Sparse => {
-            let mut b = Vec::new();
-            encode_sparse_tile(q, np, blocks, &mut b);
-            TileCodes::Sparse(b)
-        }
-    }
-}
-
-/// Concatenate the tiles' codes into form `form` (offsets, padding).
-fn assemble(tiles: Vec<TileCodes>, form: Form) -> (Option<Expand>, Option<Sparse>) {
-    let mut offsets = Vec::with_capacity(tiles.len() + 1);
-    offsets.push(0);
-    match form {
-        Form::Expand => {
-            let (mut masks, mut values) = (Vec::new(), Vec::new());
-            for t in tiles {
-                if let TileCodes::Expand(m, v) = t {
-                    masks.extend_from_slice(&m);
-                    values.extend_from_slice(&v);
-                }
-                offsets.push(values.len());
-            }
-            values.resize(values.len() + VALUE_PAD, 0);
-            (Some(Expand { masks, values, value_offsets: offsets }), None)
-        }
-        Form::Sparse => {
-            let mut bytes = Vec::new();
-            for t in tiles {
-                if let TileCodes::Sparse(b) = t {
-                    bytes.extend_from_slice(&b);
-                }
-                offsets.push(bytes.len());
-            }
-            bytes.resize(bytes.len() + SPARSE_PAD, 0);
-            (None, Some(Sparse { bytes, offsets }))
-        }
-    }
-}
-
-/// Build the layout of `t` (validating the residual streams as it decodes
-/// them), with the residual in the form the int8 kernels read (sparse).
+/// Build the layout of `t` (validating the residual streams as it decodes them).
 pub fn build(t: &PbRef) -> Result<Layout> {
-    build_with(t, Form::Sparse)
-}
-
-/// [`build`] with the residual first encoded in `form`.
-pub fn build_with(t: &PbRef, form: Form) -> Result<Layout> {
     t.check_sizes()?;
     let (m, n) = (t.m, t.n);
     rle::check_decodable(&t.res, t.value_offsets, m)?;
@@ -423,8 +243,8 @@ pub fn build_with(t: &PbRef, form: Form) -> Result<Layout> {
     let mut mu = vec![0f32; tiles * ng * TILE];
     let mut alpha = vec![0f32; tiles * ng * TILE];
     let mut sigma = vec![0f32; tiles * TILE];
-    // Per-tile residual codes first (decoded and encoded in parallel), concatenated after.
-    let mut codes: Vec<Option<TileCodes>> = (0..tiles).map(|_| None).collect();
+    // Per-tile residual records first (decoded and encoded in parallel), concatenated after.
+    let mut codes: Vec<Vec<u8>> = vec![Vec::new(); tiles];
     if tiles > 0 && quads > 0 {
         parallel::pool().install(|| {
             signs.par_chunks_mut(quads).zip(codes.par_iter_mut()).enumerate().try_for_each_init(
@@ -448,7 +268,7 @@ pub fn build_with(t: &PbRef, form: Form) -> Result<Layout> {
                             *s |= (nib as u64) << (4 * r);
                         }
                     }
-                    *code = Some(encode_tile(q, np, blocks, form));
+                    encode_sparse_tile(q, np, blocks, code);
                     Ok(())
                 },
             )
@@ -465,17 +285,16 @@ pub fn build_with(t: &PbRef, form: Form) -> Result<Layout> {
             sigma[ti * TILE + r] = t.sigma[i];
         }
     }
-    // Tiles of no columns (n = 0) have empty codes in either form.
-    let codes = codes.into_iter().map(|c| c.unwrap_or_else(|| encode_tile(&[], 0, 0, form))).collect();
-    let (e, s) = assemble(codes, form);
-    let (expand, sparse) = (OnceLock::new(), OnceLock::new());
-    if let Some(e) = e {
-        _ = expand.set(e);
+    let mut bytes = Vec::with_capacity(codes.iter().map(Vec::len).sum::<usize>() + SPARSE_PAD);
+    let mut offsets = Vec::with_capacity(tiles + 1);
+    offsets.push(0);
+    for c in &codes {
+        bytes.extend_from_slice(c);
+        offsets.push(bytes.len());
     }
-    if let Some(s) = s {
-        _ = sparse.set(s);
-    }
-    Ok(Layout { m, n, group_size: t.group_size, n_groups: ng, tiles, blocks, signs, mu, alpha, sigma, expand, sparse })
+    bytes.resize(bytes.len() + SPARSE_PAD, 0);
+    let sparse = Sparse { bytes, offsets };
+    Ok(Layout { m, n, group_size: t.group_size, n_groups: ng, tiles, blocks, signs, mu, alpha, sigma, sparse })
 }
 
 #[cfg(test)]
@@ -484,11 +303,10 @@ mod tests {
     use crate::pb::{compress, Params};
     use crate::testutil::rand_vec;
 
-    /// Both residual forms hold the same codes: each built directly equals the
-    /// one converted from the other, at every shape edge (tail tiles and blocks,
-    /// no codes, every code salient, a row of 64 codes in one block, n = 0).
+    /// The sparse records decode to the source's codes at every shape edge (tail
+    /// tiles and blocks, no codes, every code salient, 4-bit codes, n = 0, m = 0).
     #[test]
-    fn forms_convert_both_ways() {
+    fn sparse_form_holds_the_codes() {
         let mut seed = 3;
         let cases = [
             (37, 200, 0.1, 8),
@@ -503,25 +321,21 @@ mod tests {
             let w = rand_vec(m * n, &mut seed);
             let p = Params { salient, salient_bits: vb, ..Params::default() };
             let t = compress(&w, m, n, None, &p).unwrap();
-            let e = build_with(&t.view(), Form::Expand).unwrap();
-            let s = build_with(&t.view(), Form::Sparse).unwrap();
-            assert!(e.sparse.get().is_none() && s.expand.get().is_none());
-            assert_eq!(e.sparse(), s.sparse.get().unwrap(), "{m}x{n} salient={salient}");
-            assert_eq!(s.expand(), e.expand.get().unwrap(), "{m}x{n} salient={salient}");
-            assert_eq!(e.nbytes(), s.nbytes(), "both forms built on both");
-            // The sparse records decode to the source's codes.
+            let v = t.view();
+            let s = build(&v).unwrap();
+            assert_eq!(s.sparse.offsets.len(), s.tiles + 1);
+            assert_eq!(s.sparse.bytes.len(), s.sparse.offsets[s.tiles] + SPARSE_PAD);
             let np = s.blocks * BLOCK;
             let mut q = vec![0i8; TILE * np];
             let mut row = vec![0i8; n];
             for ti in 0..s.tiles {
                 q.fill(0);
-                decode_sparse_tile(s.sparse(), ti, s.blocks, &mut q);
+                decode_sparse_tile(&s.sparse, ti, s.blocks, &mut q);
                 for r in 0..TILE {
                     let i = ti * TILE + r;
                     if i < m {
-                        let v = t.view();
                         rle::decode_row(&v.res, v.value_offsets, i, &mut row).unwrap();
-                        assert_eq!(&q[r * np..r * np + n], &row[..], "row {i}");
+                        assert_eq!(&q[r * np..r * np + n], &row[..], "{m}x{n} salient={salient} row {i}");
                     }
                     assert!(q[r * np + n.min(np)..(r + 1) * np].iter().all(|&v| v == 0));
                 }

@@ -387,11 +387,6 @@ impl PyLayout {
     fn nbytes(&self) -> usize {
         self.inner.nbytes()
     }
-    /// The residual forms built so far (docs/format.md §6.5): "expand", "sparse".
-    #[getter]
-    fn forms(&self) -> Vec<&'static str> {
-        self.inner.forms()
-    }
     /// Whether the int8 activation mode can run on it.
     #[getter]
     fn int8_supported(&self) -> bool {
@@ -404,19 +399,10 @@ impl PyLayout {
     }
 }
 
-/// Build the execution layout with its residual first in `form` ("sparse", what
-/// the int8 kernels read, or "expand", the float32-mode kernels'); the other
-/// form is added when a kernel needs it.
 #[pyfunction]
-#[pyo3(signature = (meta, arrays, form="sparse"))]
-fn pb_layout(py: Python<'_>, meta: PbMeta, arrays: PbArrays<'_>, form: &str) -> PyResult<PyLayout> {
-    let Some(form) = crate::layout::Form::parse(form) else {
-        return Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "form must be 'sparse' or 'expand', got {form:?}"
-        )));
-    };
+fn pb_layout(py: Python<'_>, meta: PbMeta, arrays: PbArrays<'_>) -> PyResult<PyLayout> {
     let v = pb_view(meta, &arrays)?;
-    let inner = py.detach(|| crate::layout::build_with(&v, form)).py(py)?;
+    let inner = py.detach(|| crate::layout::build(&v)).py(py)?;
     Ok(PyLayout { inner })
 }
 

@@ -21,7 +21,7 @@
 //! sorted by count, looked up with `vpermb` (AVX-512) or `pshufb` (AVX2), is
 //! this project's own.
 use crate::error::invalid;
-use crate::layout::{self, Form, Layout, BLOCK, QUADS_PER_BLOCK, TILE};
+use crate::layout::{self, Layout, BLOCK, QUADS_PER_BLOCK, TILE};
 use crate::simd::{self, Level};
 use crate::{parallel, Result};
 
@@ -203,7 +203,6 @@ fn matvec_int8_at(
         return Ok(());
     }
     let qx = quantize_at(level, x, batch, n, l);
-    l.ensure(Form::Sparse); // before the workers start (they would wait for it)
     let kernel = table(level);
     run_tiles(l, batch, bias, out, |t, y| {
         // SAFETY: `kernel` comes from `table`; `l` is a layout (built by layout::build,
@@ -285,22 +284,26 @@ fn group_ends(kb: usize, bpg: usize, blocks: usize) -> bool {
 
 // ------------------------------------------------------------------ scalar
 
-/// The residual sums R of one block's 16 rows from its sparse record at `*at`
-/// (advanced past it); `xb` is the block's 64 int8 activations. A pair's two
-/// codes of a row are summed before the one addition to that row's sum.
+/// The residual sums Σ q·x of one block's 16 rows from its sparse record at
+/// `*at` (advanced past it); `xb` is the block's 64 activations (int8 codes for
+/// exact i32 sums, or f32). A pair's two codes of a row are summed before the
+/// one addition to that row's sum.
 #[inline(always)]
-fn sparse_rows(b: &[u8], at: &mut usize, xb: &[i8]) -> [i32; TILE] {
+pub(crate) fn sparse_rows<X: Copy, T>(b: &[u8], at: &mut usize, xb: &[X]) -> [T; TILE]
+where
+    T: Copy + Default + From<X> + From<i8> + std::ops::Add<Output = T> + std::ops::Mul<Output = T>,
+{
     let pairs = b[*at] as usize;
     let head = &b[*at..*at + 1 + TILE + pairs];
-    let mut acc = [0i32; TILE]; // by sorted position
+    let mut acc = [T::default(); TILE]; // by sorted position
     let mut p = *at + head.len();
     for &nj in &head[1 + TILE..] {
         let n2 = 2 * nj as usize;
         let (cols, codes) = b[p..p + 2 * n2].split_at(n2);
         for (a, (c, q)) in acc.iter_mut().zip(cols.chunks_exact(2).zip(codes.chunks_exact(2))) {
-            let x0 = i32::from(xb[layout::col_of(c[0])]);
-            let x1 = i32::from(xb[layout::col_of(c[1])]);
-            *a += i32::from(q[0] as i8) * x0 + i32::from(q[1] as i8) * x1;
+            let x0 = T::from(xb[layout::col_of(c[0])]);
+            let x1 = T::from(xb[layout::col_of(c[1])]);
+            *a = *a + (T::from(q[0] as i8) * x0 + T::from(q[1] as i8) * x1);
         }
         p += 2 * n2;
     }
@@ -332,7 +335,7 @@ fn tile_scalar(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
         let mut sr = [0f32; TILE];
         for kb in 0..l.blocks {
             let mut p = [0i32; TILE];
-            let r = sparse_rows(&sp.bytes, &mut at, &xq[kb * BLOCK..(kb + 1) * BLOCK]);
+            let r: [i32; TILE] = sparse_rows(&sp.bytes, &mut at, &xq[kb * BLOCK..(kb + 1) * BLOCK]);
             for k in kb * QUADS_PER_BLOCK..(kb + 1) * QUADS_PER_BLOCK {
                 let lut: &[i16; 16] = luts[16 * k..16 * k + 16].try_into().expect("16 entries");
                 let w = sw[k];
@@ -887,29 +890,6 @@ pub(crate) mod x86 {
         }
     }
 
-    /// For each 8-lane mask byte: a `pshufb` index that moves the k-th value
-    /// byte to the lane of the k-th set bit, and 0x80 (zero) to the others.
-    static EXPAND8: [u64; 256] = {
-        let mut t = [0u64; 256];
-        let mut m = 0;
-        while m < 256 {
-            let (mut w, mut c, mut l) = (0u64, 0u64, 0);
-            while l < 8 {
-                let b = if (m >> l) & 1 == 1 {
-                    c += 1;
-                    c - 1
-                } else {
-                    0x80
-                };
-                w |= b << (8 * l);
-                l += 1;
-            }
-            t[m] = w;
-            m += 1;
-        }
-        t
-    };
-
     /// AVX2 tile kernel (also used on AVX-512 CPUs without VNNI), batch rows in
     /// passes of up to 2: the tile as two halves of 8 rows. Sign bits become bytes
     /// 0/1 with `pshufb`+`pand`+`pminub` and meet the activations in `pmaddubsw`
@@ -939,45 +919,8 @@ pub(crate) mod x86 {
         }
     }
 
-    /// The 32 residual codes (8 rows x 4 columns, lane 4r + c) whose mask is `m`,
-    /// as signed bytes (0 in empty lanes), read from `*vp` (advanced past them).
-    ///
-    /// `#[inline(always)]` rather than `#[target_feature]`, like `quad512`.
-    ///
-    /// # Safety
-    /// The CPU has AVX2 (every caller is such a `#[target_feature]` function);
-    /// `*vp` points into a layout's values with at least `popcount(m)` values
-    /// before the tile's end, followed by `VALUE_PAD` readable bytes.
-    #[inline(always)]
-    pub(crate) unsafe fn expand32(m: u32, vp: &mut *const u8) -> __m256i {
-        let (m0, m1, m2, m3) = (m & 0xFF, (m >> 8) & 0xFF, (m >> 16) & 0xFF, m >> 24);
-        let (c0, c1, c2) = (m0.count_ones(), m1.count_ones(), m2.count_ones());
-        let rep = 0x0101_0101_0101_0101u64;
-        // Index bytes of the upper 8 lanes of each 16 count from that half's start.
-        let (i1, i0) = (EXPAND8[m1 as usize] + c0 as u64 * rep, EXPAND8[m0 as usize]);
-        let (i3, i2) = (EXPAND8[m3 as usize] + c2 as u64 * rep, EXPAND8[m2 as usize]);
-        let c01 = (c0 + c1) as usize;
-        // SAFETY: AVX2 (contract). The two 16-byte loads at *vp and *vp + c01
-        // (c01 <= popcount(m)) stay inside the tile's values plus VALUE_PAD (contract).
-        let (v, idx) = unsafe {
-            let idx = _mm256_set_m128i(_mm_set_epi64x(i3 as i64, i2 as i64), _mm_set_epi64x(i1 as i64, i0 as i64));
-            (_mm256_loadu2_m128i((*vp).add(c01).cast(), (*vp).cast()), idx)
-        };
-        // SAFETY: advances past this word's popcount(m) values (contract).
-        *vp = unsafe { vp.add(m.count_ones() as usize) };
-        // Stored bytes are q + 127; lanes without a value (index 0x80) become 0.
-        // SAFETY: AVX2 (contract); registers only.
-        unsafe {
-            _mm256_blendv_epi8(
-                _mm256_sub_epi8(_mm256_shuffle_epi8(v, idx), _mm256_set1_epi8(127)),
-                _mm256_setzero_si256(),
-                idx,
-            )
-        }
-    }
-
     /// Bytes `[0xFF; 32]` then `[0; 32]`: a load at `32 - k` keeps the first `k` bytes.
-    static KEEP: [u8; 64] = {
+    pub(crate) static KEEP: [u8; 64] = {
         let mut a = [0u8; 64];
         let mut i = 0;
         while i < 32 {

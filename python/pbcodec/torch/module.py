@@ -575,7 +575,7 @@ class PBLinear(nn.Module):
         if n == 0:
             return None
         ptr = None if b is None else b.data_ptr()
-        lay = t._exec_layout("sparse" if int8 else "expand")
+        lay = t._exec_layout()
         if int8:
             return (m, n, bn, b, _core.pb_matvec_int8, lay, sys.maxsize, ptr)
         if lay.f32_supported:  # below DENSE_ROWS rows, as linear_forward decides
