@@ -570,10 +570,27 @@ pub(crate) mod x86 {
     /// Batch rows per pass of [`tile512_rows`] (its per-row state lives on the stack).
     const ROWS_CHUNK: usize = 32;
 
-    /// Two pairs of a sparse record for the AVX-512 kernels (pair j in the low
-    /// 256 bits, pair j + 1 in the high): column bytes, codes (0 past each pair's
-    /// lanes), their absolute values, and the mask of negative codes.
-    type Pairs512 = (__m512i, __m512i, __m512i, __mmask64);
+    /// Two pairs of a sparse record for the AVX-512 kernels, interleaved so that
+    /// one dword lane holds the four codes of one sorted position (pair j's two,
+    /// then pair j + 1's; lane order in [`unsort512_index`]): column bytes, |codes|
+    /// (0 past each pair's lanes), and the mask of negative codes.
+    type Pairs512 = (__m512i, __m512i, __mmask64);
+
+    /// Interleave two 32-byte pairs by 16-bit units (one position's two codes):
+    /// positions 0-3 and 8-11 from the low unpack, 4-7 and 12-15 from the high one
+    /// (`vpunpck*` works per 128 bits).
+    ///
+    /// # Safety
+    /// AVX-512 F.
+    #[inline(always)]
+    unsafe fn interleave_pairs(a: __m256i, b: __m256i) -> __m512i {
+        // SAFETY: the contract; registers only.
+        unsafe {
+            let lo = _mm256_unpacklo_epi16(a, b);
+            let hi = _mm256_unpackhi_epi16(a, b);
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        }
+    }
 
     /// Decode pairs with `n_j = n0` and `n_{j+1} = n1` (0: none) at `*d`
     /// (advanced past them). Codes are read with masked loads, so the lanes past a
@@ -594,35 +611,30 @@ pub(crate) mod x86 {
             let c1 = _mm256_loadu_si256(d1.cast());
             let q1 = _mm256_maskz_loadu_epi8(k1, d1.add(b).cast());
             *d = d1.add(2 * b);
-            let cols = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(c0), c1);
-            let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q0), q1);
-            (cols, q, _mm512_abs_epi8(q), _mm512_movepi8_mask(q))
+            let q = interleave_pairs(q0, q1);
+            (interleave_pairs(c0, c1), _mm512_abs_epi8(q), _mm512_movepi8_mask(q))
         }
     }
 
-    /// Add two pairs' products to the even- and odd-position sums: the block's
-    /// activations `xz` at the lanes' columns by one `vpermb`, negated where the
-    /// code is negative, times |q| with `pmaddubsw` (a row's two codes summed, one
-    /// int16 per sorted position and pair), and two `pmaddwd` that split the even
-    /// and odd positions into i32 (low 8 lanes: pair j, high 8: pair j + 1).
+    /// Add two pairs' products to the per-position sums: the block's activations
+    /// `xz` at the lanes' columns by one `vpermb`, negated where the code is
+    /// negative, then one `vpdpbusd` with |q| (a position's four codes per dword).
     ///
     /// # Safety
-    /// AVX-512 F/BW/VBMI.
+    /// AVX-512 F/BW/VBMI/VNNI.
     #[inline(always)]
-    unsafe fn pairs512_dot(xz: __m512i, p: &Pairs512, ae: &mut __m512i, ao: &mut __m512i) {
+    unsafe fn pairs512_dot(xz: __m512i, p: &Pairs512, acc: &mut __m512i) {
         // SAFETY: the contract; registers only.
         unsafe {
             let xv = _mm512_permutexvar_epi8(p.0, xz);
-            let sx = _mm512_mask_sub_epi8(xv, p.3, _mm512_setzero_si512(), xv);
-            let pr = _mm512_maddubs_epi16(p.2, sx);
-            *ae = _mm512_add_epi32(*ae, _mm512_madd_epi16(pr, _mm512_set1_epi32(1)));
-            *ao = _mm512_add_epi32(*ao, _mm512_madd_epi16(pr, _mm512_set1_epi32(1 << 16)));
+            let sx = _mm512_mask_sub_epi8(xv, p.2, _mm512_setzero_si512(), xv);
+            *acc = _mm512_dpbusd_epi32(*acc, p.1, sx);
         }
     }
 
-    /// `vpermt2d` indices that put a record's sorted positions back in row order:
-    /// row r reads lane `pos[r] / 2` of the even sums, or of the odd sums (index
-    /// bit 4) when `pos[r]` is odd.
+    /// `vpermd` indices that put a record's sorted positions back in row order:
+    /// row r reads the lane where [`interleave_pairs`] put position `pos[r]`
+    /// (its bits 2 and 3 swapped).
     ///
     /// # Safety
     /// AVX-512 F; 16 readable bytes at `pos`.
@@ -631,23 +643,9 @@ pub(crate) mod x86 {
         // SAFETY: the contract.
         unsafe {
             let p = _mm512_cvtepu8_epi32(_mm_loadu_si128(pos.cast()));
-            let odd = _mm512_slli_epi32::<4>(_mm512_and_si512(p, _mm512_set1_epi32(1)));
-            _mm512_or_si512(_mm512_srli_epi32::<1>(p), odd)
-        }
-    }
-
-    /// The residual sums R of the tile's 16 rows from the even and odd sums of
-    /// [`pairs512_dot`] (the two pairs' halves added first).
-    ///
-    /// # Safety
-    /// AVX-512 F.
-    #[inline(always)]
-    unsafe fn unsort512(ix: __m512i, ae: __m512i, ao: __m512i) -> __m512i {
-        // SAFETY: the contract; registers only.
-        unsafe {
-            let e = _mm512_add_epi32(ae, _mm512_shuffle_i64x2::<0x4E>(ae, ae));
-            let o = _mm512_add_epi32(ao, _mm512_shuffle_i64x2::<0x4E>(ao, ao));
-            _mm512_permutex2var_epi32(e, ix, o)
+            let b2 = _mm512_slli_epi32::<1>(_mm512_and_si512(p, _mm512_set1_epi32(4)));
+            let b3 = _mm512_srli_epi32::<1>(_mm512_and_si512(p, _mm512_set1_epi32(8)));
+            _mm512_or_si512(_mm512_and_si512(p, _mm512_set1_epi32(3)), _mm512_or_si512(b2, b3))
         }
     }
 
@@ -673,20 +671,20 @@ pub(crate) mod x86 {
             for u in 0..NB {
                 xz[u] = _mm512_loadu_si512(xb[u].cast());
             }
-            let (mut ae, mut ao) = ([z; NB], [z; NB]);
+            let mut acc = [z; NB];
             let mut j = 0;
             while j < np {
                 let n1 = if j + 1 < np { *ns.add(j + 1) } else { 0 };
                 let pr = load_pairs512(*ns.add(j), n1, &mut d);
                 for u in 0..NB {
-                    pairs512_dot(xz[u], &pr, &mut ae[u], &mut ao[u]);
+                    pairs512_dot(xz[u], &pr, &mut acc[u]);
                 }
                 j += 2;
             }
             *rec = d;
             let mut r = [z; NB];
             for u in 0..NB {
-                r[u] = unsort512(ix, ae[u], ao[u]);
+                r[u] = _mm512_permutexvar_epi32(ix, acc[u]);
             }
             r
         }
@@ -710,7 +708,7 @@ pub(crate) mod x86 {
         let z = _mm512_setzero_si512();
         let zf = _mm512_setzero_ps();
         let mut wb = [z; QUADS_PER_BLOCK];
-        let mut pb: [Pairs512; BLOCK / 4] = [(z, z, z, 0); BLOCK / 4];
+        let mut pb: [Pairs512; BLOCK / 4] = [(z, z, 0); BLOCK / 4];
         let mut ss = [zf; ROWS_CHUNK];
         let mut sr = [zf; ROWS_CHUNK];
         let mut y = [zf; ROWS_CHUNK];
@@ -770,11 +768,11 @@ pub(crate) mod x86 {
                     // SAFETY: AVX-512 (contract); xr holds the block's 64 codes.
                     let rv = unsafe {
                         let xz = _mm512_loadu_si512(xr.as_ptr().cast());
-                        let (mut ae, mut ao) = (z, z);
+                        let mut acc = z;
                         for p in &pb[..npp] {
-                            pairs512_dot(xz, p, &mut ae, &mut ao);
+                            pairs512_dot(xz, p, &mut acc);
                         }
-                        unsort512(ix, ae, ao)
+                        _mm512_permutexvar_epi32(ix, acc)
                     };
                     let bi = b * blocks + kb;
                     let (xs, d) = (qx.xsum[bi], _mm512_set1_ps(qx.d[bi]));
