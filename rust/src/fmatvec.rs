@@ -9,8 +9,9 @@
 //! The sign part uses one 16-entry table per 4-column quad (the sums of x over
 //! every subset of the quad's columns, built once per call, as T-MAC does with
 //! its lookup tables): the 16 rows of a tile look up their 4 sign bits with one
-//! permute per quad. The residual expands each quad's codes to 64 lanes, as the
-//! int8 kernel does, and multiplies them in float.
+//! permute per quad. The residual comes from the layout's sparse records, block
+//! by block: each code's activation is looked up by column (`vpermt2ps` on
+//! AVX-512, `vgatherdps` on AVX2) and multiplied in float.
 //!
 //! Summation order is fixed per level and independent of the thread count;
 //! different levels agree to float rounding (~1e-6 relative).
@@ -69,7 +70,7 @@ fn prepare(l: &Layout, x: &[f32], batch: usize) -> Prep {
 ///
 /// Call only a kernel returned by [`table`]: it belongs to a level the CPU runs
 /// (`simd::runnable`). `l` must be built by `layout::build` (sizes and offsets
-/// consistent, values padded by `layout::VALUE_PAD`) with `supported(l)`, `p`
+/// consistent, records padded by `layout::SPARSE_PAD`) with `supported(l)`, `p`
 /// made by `prepare` for `l`, `t < l.tiles` and `yt.len() == p.batch * TILE`.
 type TileFn = unsafe fn(&Layout, usize, &Prep, &mut [f32]);
 
@@ -171,10 +172,10 @@ mod x86 {
 
     // Bounds used by the SAFETY comments, for tile t < tiles of a layout from
     // `layout::build` and a Prep from `prepare` (see `TileFn`):
-    // - sign and mask words [t quads, (t + 1) quads) exist, and a quad index k < quads;
-    // - the tile's values start at value_offsets[t], and vp advances by the popcount
-    //   of each mask word read, so it never passes value_offsets[t + 1]; after that
-    //   come VALUE_PAD (64) readable zero bytes;
+    // - sign words [t quads, (t + 1) quads) exist, and a quad index k < quads;
+    // - the tile's sparse records start at sparse().offsets[t], one per block;
+    //   walking a record by its own header ends at the next one, and SPARSE_PAD (64)
+    //   readable bytes follow the last, so a 32-byte load at a pair stays inside;
     // - tables row b < batch holds quads x 16 floats, xp row b quads x 4 floats;
     // - xg holds batch x n_groups sums; mu, alpha tiles x n_groups x 16, sigma tiles x 16;
     // - yt holds batch x 16 floats.

@@ -156,8 +156,8 @@ fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
 ///
 /// Call only a kernel returned by [`table`]: it belongs to a level the CPU runs
 /// (`simd::runnable`, and VNNI for the AVX-512 kernel). `l` must be built by
-/// `layout::build` (sizes and offsets consistent, values padded by
-/// `layout::VALUE_PAD`) with `l.int8_supported()`, `qx` made by `quantize` for
+/// `layout::build` (sizes and offsets consistent, records padded by
+/// `layout::SPARSE_PAD`) with `l.int8_supported()`, `qx` made by `quantize` for
 /// `l`, `t < l.tiles` and `yt.len() == qx.batch * TILE`.
 type TileFn = unsafe fn(&Layout, usize, &QuantX, &mut [f32]);
 
@@ -453,11 +453,13 @@ pub(crate) mod x86 {
 
     // Bounds used by the SAFETY comments of both kernels, for tile t < tiles of a
     // layout from `layout::build` and a QuantX from `quantize` (see `TileFn`):
-    // - sign and mask words [t quads, (t + 1) quads) exist, and a quad index k < quads;
-    // - the tile's values start at value_offsets[t], and vp advances by the popcount
-    //   of each mask word read, so it never passes value_offsets[t + 1]; after the
-    //   last tile's values come VALUE_PAD (64) readable zero bytes, so a 64-byte load
-    //   at any vp stays inside `values` (only `layout::build` makes a Layout);
+    // - sign words [t quads, (t + 1) quads) exist, and a quad index k < quads;
+    // - the tile's sparse records start at sparse().offsets[t], one per block, each
+    //   as `layout::encode_sparse_tile` wrote it (header P, pos[16], n_j[P], then the
+    //   pairs): walking a record by its own header ends at the next one, and after
+    //   the last tile come SPARSE_PAD (64) readable zero bytes, so a 32-byte load at
+    //   a pair's columns or codes stays inside the stream (only `layout::build`
+    //   makes a Layout);
     // - xq row b < batch has stride = quads * 4 bytes: bytes [4k, 4k + 4) exist;
     // - d, xsum hold batch x blocks entries, tsum batch x n_groups;
     // - mu, alpha hold tiles x n_groups x 16 floats, sigma tiles x 16;
