@@ -243,7 +243,8 @@ mod x86 {
                 let n2 = 2 * *ns.add(j) as usize;
                 let q = _mm256_maskz_loadu_epi8(((1u64 << n2) - 1) as u32, d.add(n2).cast());
                 let qh = [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)];
-                for h in 0..2 {
+                // Lanes past 2 n_j hold code 0: skip the second half when it is all such.
+                for h in 0..n2.div_ceil(16) {
                     let c = _mm512_and_si512(_mm512_cvtepu8_epi32(_mm_loadu_si128(d.add(16 * h).cast())), m63);
                     let hi = _mm512_test_epi32_mask(c, b5);
                     let qf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(qh[h]));
@@ -367,7 +368,8 @@ mod x86 {
                 let q = _mm256_and_si256(_mm256_loadu_si256(d.add(n2).cast()), keep);
                 let (ql, qh) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
                 let qs = [ql, _mm_srli_si128::<8>(ql), qh, _mm_srli_si128::<8>(qh)];
-                for m in 0..4 {
+                // Lanes past 2 n_j hold code 0: skip their gathers.
+                for m in 0..n2.div_ceil(8) {
                     let c = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64(d.add(8 * m).cast())), m63);
                     let xv = _mm256_i32gather_ps::<4>(xb, c);
                     let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qs[m]));
@@ -406,8 +408,8 @@ mod x86 {
     }
 
     /// AVX2 tile kernel: two halves of 8 rows; the 16-entry tables as two 8-entry
-    /// `vpermps` and a blend on the index's bit 3; the residual expanded with the
-    /// int8 kernel's `pshufb` tables and converted to float per 2 rows.
+    /// `vpermps` and a blend on the index's bit 3; the residual from the sparse
+    /// records with `vgatherdps` ([`sparse_block_avx2`]).
     ///
     /// # Safety
     /// The AVX2 entry of [`super::TileFn`]: the CPU has AVX2, FMA, BMI2 and POPCNT,
@@ -482,11 +484,23 @@ mod tests {
     #[test]
     fn every_level_matches_the_decompressed_product() {
         let mut seed = 17;
-        for (m, n, gs, vb) in [(37, 203, None, 8), (16, 128, Some(4), 4), (5, 64, Some(32), 8), (40, 384, Some(12), 8)]
-        {
-            let w = rand_vec(m * n, &mut seed);
-            let p =
-                Params { salient: 0.12, salient_bits: vb, group_size: gs, scale: ScaleType::F32, ..Params::default() };
+        let cases = [
+            (37, 203, None, 8, 0.12),
+            (16, 128, Some(4), 4, 0.12),
+            (5, 64, Some(32), 8, 0.12),
+            (40, 384, Some(12), 8, 0.12),
+            (18, 130, None, 8, 1.0), // 32 pairs per block
+            (17, 70, None, 8, 0.0),  // no pairs
+            (32, 256, None, 8, 0.1), // heavy_block below
+            (20, 0, None, 8, 0.1),
+        ];
+        for (m, n, gs, vb, salient) in cases {
+            let mut w = rand_vec(m * n, &mut seed);
+            if n == 256 {
+                // The heavy case: codes only in block 1, empty records around it.
+                crate::testutil::heavy_block(&mut w, n);
+            }
+            let p = Params { salient, salient_bits: vb, group_size: gs, scale: ScaleType::F32, ..Params::default() };
             let t = compress(&w, m, n, None, &p).unwrap();
             let mut wh = vec![0f32; m * n];
             t.view().decompress(&mut wh).unwrap();

@@ -16,7 +16,7 @@
 //!   the rows sorted by count (`encode_sparse_tile`), so that 32 byte lanes hold
 //!   two codes of each of 16 rows with no gaps, looked up by column with
 //!   `vpermb` (AVX-512), `pshufb` (AVX2), `vpermt2ps`/`vgatherdps` (float32
-//!   mode) or an index (portable). ~2 bytes per code + 17 bytes per 1024 weights.
+//!   mode) or an index (portable). ~2 bytes per code + 17 + P bytes per block (P: pairs).
 //!
 //! The sparse residual replaced a per-(tile, quad) salient mask plus the codes
 //! in order, expanded per quad (`vpexpandb`, or a `pshufb` index per 8 mask
@@ -117,9 +117,12 @@ impl Layout {
     }
 }
 
-/// Zero bytes after the sparse records: the AVX2 kernel loads 32 bytes at a
-/// pair's column bytes and at its codes, up to 32 bytes past the record.
+/// Zero bytes after the sparse records: kernels load 32 bytes at a pair's
+/// columns and codes whatever its length; the farthest read is the AVX-512
+/// kernel's load of a second pair's columns when there is none, exactly 32 bytes
+/// past the last record (AddressSanitizer flags a pad of 31).
 pub const SPARSE_PAD: usize = 64;
+const _: () = assert!(SPARSE_PAD >= 32);
 
 /// The column byte of the sparse form for column `c` (0..64) of a block: `c`
 /// itself in bits 0-5 (what `vpermb` reads) plus a copy of bit 4 in bit 7, so
@@ -256,8 +259,9 @@ pub fn build(t: &PbRef) -> Result<Layout> {
                         rle::decode_row(&t.res, t.value_offsets, ti * TILE + r, &mut q[r * np..r * np + n])?;
                     }
                     if let Some(i) = q.iter().position(|&v| v == i8::MIN) {
-                        // The compressor never emits -128 and validation rejects it; the
-                        // kernels rely on |q| <= 127 (no overflow in byte arithmetic).
+                        // A format rule (codes lie in -Q..Q, §7): the compressor never emits
+                        // -128 and validation rejects it; check it here too, as the kernels'
+                        // bounds (|q|·|x| <= 127², pairs below i16 saturation) assume it.
                         return corrupt(format!("row {}: residual code -128 is outside -127..127", ti * TILE + i / np));
                     }
                     for r in 0..rows {
@@ -341,6 +345,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Weights whose salient codes all fall in block 1 give records of no pairs
+    /// around records with pairs in the same tile (what the kernel tests'
+    /// `heavy_block` case relies on).
+    #[test]
+    fn heavy_block_gives_empty_records() {
+        let (m, n) = (32, 256);
+        let mut w = rand_vec(m * n, &mut 9);
+        crate::testutil::heavy_block(&mut w, n);
+        let t = compress(&w, m, n, None, &Params::default()).unwrap();
+        let l = build(&t.view()).unwrap();
+        let mut at = l.sparse.offsets[0];
+        let mut pairs = vec![];
+        for _ in 0..l.blocks {
+            pairs.push(l.sparse.bytes[at]);
+            for_each_code(&l.sparse.bytes, &mut at, |_, c, _| assert!(c < BLOCK));
+        }
+        assert_eq!(at, l.sparse.offsets[1]);
+        assert!(pairs[0] == 0 && pairs[1] > 0 && pairs[2] == 0 && pairs[3] == 0, "{pairs:?}");
     }
 
     /// A block where one row has all 64 codes and the others none: 32 pairs of

@@ -45,4 +45,15 @@ pub(crate) mod testutil {
             })
             .collect()
     }
+
+    /// Scale columns 64..128 of each `n`-column row by 100, so that row-wise
+    /// salient selection puts every code of a row in that block (other blocks of
+    /// the layout get empty records).
+    pub(crate) fn heavy_block(w: &mut [f32], n: usize) {
+        for row in w.chunks_exact_mut(n.max(1)) {
+            for v in row.iter_mut().skip(64).take(64) {
+                *v *= 100.0;
+            }
+        }
+    }
 }

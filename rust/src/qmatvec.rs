@@ -540,10 +540,10 @@ pub(crate) mod x86 {
         super::quantize_generic(x, batch, n, l, super::quantize_block)
     }
 
-    /// AVX-512 (F/BW/VNNI/VBMI2) tile kernel, batch rows in passes of up to 4.
+    /// AVX-512 (F/BW/VBMI/VNNI) tile kernel, batch rows in passes of up to 4.
     ///
     /// # Safety
-    /// The AVX-512 entry of [`super::TileFn`]: the CPU has AVX-512 F/BW/VL/VNNI/VBMI2
+    /// The AVX-512 entry of [`super::TileFn`]: the CPU has AVX-512 F/BW/VL/VBMI/VNNI/VBMI2
     /// and POPCNT, and the arguments meet the contract there.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,avx512vbmi2,popcnt")]
     pub(super) unsafe fn tile_avx512(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
@@ -1022,12 +1022,14 @@ pub(crate) mod x86 {
     unsafe fn unsort(ix: &[(__m256i, __m256); 2], ae: __m256i, ao: __m256i) -> [__m256i; 2] {
         // SAFETY: AVX2 (contract); registers only.
         unsafe {
-            let pick = |(i, s): (__m256i, __m256)| {
+            // No closure: it would lose the caller's target features if not inlined.
+            let mut r = [_mm256_setzero_si256(); 2];
+            for (rh, &(i, s)) in r.iter_mut().zip(ix) {
                 let e = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(ae, i));
                 let o = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(ao, i));
-                _mm256_castps_si256(_mm256_blendv_ps(e, o, s))
-            };
-            [pick(ix[0]), pick(ix[1])]
+                *rh = _mm256_castps_si256(_mm256_blendv_ps(e, o, s));
+            }
+            r
         }
     }
 
@@ -1340,9 +1342,15 @@ mod tests {
             (18, 130, None, 8, 1.0), // every code salient: 32 pairs per block
             (17, 70, None, 8, 0.0),  // none
             (21, 300, None, 8, 0.5),
+            (32, 256, None, 8, 0.1), // heavy_block below
+            (20, 0, None, 8, 0.1),
         ];
         for (m, n, gs, vb, salient) in cases {
-            let w = rand_vec(m * n, &mut seed);
+            let mut w = rand_vec(m * n, &mut seed);
+            if n == 256 {
+                // The heavy case: codes only in block 1, empty records around it.
+                crate::testutil::heavy_block(&mut w, n);
+            }
             let t = compress(&w, m, n, None, &params(salient, vb, gs)).unwrap();
             let l = layout::build(&t.view()).unwrap();
             let bias = rand_vec(m, &mut seed);

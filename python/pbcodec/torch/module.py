@@ -200,7 +200,7 @@ class PBLinear(nn.Module):
 
     activations: ``"int8"`` (default) or ``"float32"``. int8: the input is quantized per
     block of 64 columns and multiplied with exact integer dot products on an execution
-    layout built on the first call (docs/format.md §6.4-6.5; ~2.8 bits/weight resident
+    layout built on the first call (docs/format.md §6.4-6.5; ~2.9 bits/weight resident
     at 10 % salient, never saved); on all-MiniLM-L6-v2 the embeddings move by a cosine of
     < 0.002 against float32. It needs whole-row groups or groups of a multiple of 64
     columns: other layers run in float32 (a loaded layer falls back silently; setting
