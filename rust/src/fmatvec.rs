@@ -32,6 +32,9 @@ pub(crate) struct Prep {
     xg: Vec<f32>,
     /// Quads per group (all quads for one group).
     qpg: usize,
+    /// AVX2 level only (else empty): `batch x blocks x 4 x 64` bytes, byte k of
+    /// each float of `xp`, block by block (the AVX2 residual's lookup tables).
+    planes: Vec<u8>,
 }
 
 /// Whether the float kernels on the layout can run this tensor: group
@@ -40,7 +43,7 @@ pub fn supported(l: &Layout) -> bool {
     l.n_groups <= 1 || l.group_size.is_multiple_of(4)
 }
 
-fn prepare(l: &Layout, x: &[f32], batch: usize) -> Prep {
+fn prepare(l: &Layout, x: &[f32], batch: usize, planes: bool) -> Prep {
     let n = l.n;
     let quads = l.quads();
     let qpg = if l.n_groups <= 1 { quads.max(1) } else { l.group_size / 4 };
@@ -60,7 +63,20 @@ fn prepare(l: &Layout, x: &[f32], batch: usize) -> Prep {
             }
         }
     }
-    Prep { batch, quads, tables, xp, xg, qpg }
+    let planes = if planes {
+        let mut pl = vec![0u8; xp.len() * 4];
+        for (dst, blk) in pl.chunks_exact_mut(4 * BLOCK).zip(xp.chunks_exact(BLOCK)) {
+            for (c, v) in blk.iter().enumerate() {
+                for (k, byte) in v.to_le_bytes().into_iter().enumerate() {
+                    dst[k * BLOCK + c] = byte;
+                }
+            }
+        }
+        pl
+    } else {
+        Vec::new()
+    };
+    Prep { batch, quads, tables, xp, xg, qpg, planes }
 }
 
 /// The float tile kernel of one SIMD level: all batch rows of tile `t` into `yt`
@@ -108,7 +124,7 @@ fn matvec_f32_at(
     if !crate::qmatvec::has_work(l, x, batch, bias, out)? {
         return Ok(());
     }
-    let p = prepare(l, x, batch);
+    let p = prepare(l, x, batch, simd::runnable(level) == Level::Avx2);
     let kernel = table(level);
     crate::qmatvec::run_tiles(l, batch, bias, out, |t, y| {
         // SAFETY: `kernel` comes from `table`; `l` is a layout (supported, checked
@@ -342,59 +358,86 @@ mod x86 {
     }
 
     /// The residual sums Σ q·x (f32) of one block's 16 rows (rows 0-7 and 8-15)
-    /// from its sparse record at `*rec` (advanced past it); `xb` points at the
-    /// block's 64 floats. Each 8 codes of a pair gather their activations by
-    /// column (`vgatherdps`) and meet their codes in one FMA (lanes 2i, 2i + 1: the
-    /// row at sorted position i); at the end adjacent lanes are added and the
-    /// positions put back in row order.
+    /// from its sparse record at `*rec` (advanced past it); `pl` points at the
+    /// block's activations as four byte planes of 64 bytes (byte k of each float).
+    /// Each pair's 32 codes look up the four bytes of their activations with the
+    /// int8 kernel's `pshufb` tables (a gather-free lookup: `vgatherdps` measured
+    /// 1.5× slower per code), reassemble the floats with byte and word unpacks,
+    /// and meet their codes (sign-extended the same way) in four FMAs. Lanes hold
+    /// codes (0-3 | 16-19), (4-7 | 20-23), (8-11 | 24-27), (12-15 | 28-31); code c
+    /// belongs to sorted position c / 2.
     ///
     /// # Safety
     /// AVX2 and FMA; `*rec` is a record of a sparse stream (its `SPARSE_PAD`
-    /// covers the 32-byte loads); 64 readable floats at `xb`.
+    /// covers the 32-byte loads); 256 readable bytes at `pl`.
     #[inline(always)]
-    unsafe fn sparse_block_avx2(rec: &mut *const u8, xb: *const f32) -> [__m256; 2] {
-        // SAFETY: the contract; column indices are masked to 0..63, inside the block.
+    unsafe fn sparse_block_avx2(rec: &mut *const u8, pl: *const u8) -> [__m256; 2] {
+        // SAFETY: the contract; pshufb only indexes inside its 16-byte tables.
         unsafe {
             let p = *rec;
             let np = *p as usize;
             let pos = p.add(1);
             let ns = p.add(1 + TILE);
             let mut d = ns.add(np);
-            let m63 = _mm256_set1_epi32(63);
+            let x80 = _mm256_set1_epi8(0x80u8 as i8);
+            let zi = _mm256_setzero_si256();
             let mut acc = [_mm256_setzero_ps(); 4];
             for j in 0..np {
                 let n2 = 2 * *ns.add(j) as usize;
                 let keep = _mm256_loadu_si256(crate::qmatvec::x86::KEEP.as_ptr().add(32 - n2).cast());
+                let cols = _mm256_loadu_si256(d.cast());
                 let q = _mm256_and_si256(_mm256_loadu_si256(d.add(n2).cast()), keep);
-                let (ql, qh) = (_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q));
-                let qs = [ql, _mm_srli_si128::<8>(ql), qh, _mm_srli_si128::<8>(qh)];
-                // Lanes past 2 n_j hold code 0: skip their gathers.
-                for m in 0..n2.div_ceil(8) {
-                    let c = _mm256_and_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64(d.add(8 * m).cast())), m63);
-                    let xv = _mm256_i32gather_ps::<4>(xb, c);
-                    let qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(qs[m]));
-                    acc[m] = _mm256_fmadd_ps(qf, xv, acc[m]);
-                }
                 d = d.add(2 * n2);
+                let ix = _mm256_xor_si256(cols, x80);
+                let sel = _mm256_slli_epi16::<2>(cols);
+                let mut b = [zi; 4];
+                for (k, bk) in b.iter_mut().enumerate() {
+                    let t = pl.add(64 * k);
+                    let t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.cast()));
+                    let t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.add(16).cast()));
+                    let t2 = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.add(32).cast()));
+                    let t3 = _mm256_broadcastsi128_si256(_mm_loadu_si128(t.add(48).cast()));
+                    let lo = _mm256_or_si256(_mm256_shuffle_epi8(t0, cols), _mm256_shuffle_epi8(t1, ix));
+                    let hi = _mm256_or_si256(_mm256_shuffle_epi8(t2, cols), _mm256_shuffle_epi8(t3, ix));
+                    *bk = _mm256_blendv_epi8(lo, hi, sel);
+                }
+                let (w01l, w01h) = (_mm256_unpacklo_epi8(b[0], b[1]), _mm256_unpackhi_epi8(b[0], b[1]));
+                let (w23l, w23h) = (_mm256_unpacklo_epi8(b[2], b[3]), _mm256_unpackhi_epi8(b[2], b[3]));
+                let f = [
+                    _mm256_unpacklo_epi16(w01l, w23l),
+                    _mm256_unpackhi_epi16(w01l, w23l),
+                    _mm256_unpacklo_epi16(w01h, w23h),
+                    _mm256_unpackhi_epi16(w01h, w23h),
+                ];
+                let s8 = _mm256_cmpgt_epi8(zi, q);
+                let (ql, qh) = (_mm256_unpacklo_epi8(q, s8), _mm256_unpackhi_epi8(q, s8));
+                let (sl, sh) = (_mm256_srai_epi16::<15>(ql), _mm256_srai_epi16::<15>(qh));
+                let qi = [
+                    _mm256_unpacklo_epi16(ql, sl),
+                    _mm256_unpackhi_epi16(ql, sl),
+                    _mm256_unpacklo_epi16(qh, sh),
+                    _mm256_unpackhi_epi16(qh, sh),
+                ];
+                for m in 0..4 {
+                    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qi[m]), _mm256_castsi256_ps(f[m]), acc[m]);
+                }
             }
             *rec = d;
-            // hadd gives positions (0, 1, 4, 5 | 2, 3, 6, 7) of its two inputs.
-            let perm = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-            let lo = _mm256_permutevar8x32_ps(_mm256_hadd_ps(acc[0], acc[1]), perm);
-            let hi = _mm256_permutevar8x32_ps(_mm256_hadd_ps(acc[2], acc[3]), perm);
-            let p0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(pos.cast()));
-            let p1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(pos.add(8).cast()));
-            let r0 = _mm256_blendv_ps(
-                _mm256_permutevar8x32_ps(lo, p0),
-                _mm256_permutevar8x32_ps(hi, p0),
-                _mm256_castsi256_ps(_mm256_slli_epi32::<28>(p0)),
-            );
-            let r1 = _mm256_blendv_ps(
-                _mm256_permutevar8x32_ps(lo, p1),
-                _mm256_permutevar8x32_ps(hi, p1),
-                _mm256_castsi256_ps(_mm256_slli_epi32::<28>(p1)),
-            );
-            [r0, r1]
+            // Adjacent lanes are one position's two codes: positions (0-3 | 8-11)
+            // and (4-7 | 12-15).
+            let lo = _mm256_hadd_ps(acc[0], acc[1]);
+            let hi = _mm256_hadd_ps(acc[2], acc[3]);
+            let mut r = [_mm256_setzero_ps(); 2];
+            for (h, rh) in r.iter_mut().enumerate() {
+                let pv = _mm256_cvtepu8_epi32(_mm_loadl_epi64(pos.add(8 * h).cast()));
+                let lane = _mm256_or_si256(
+                    _mm256_and_si256(pv, _mm256_set1_epi32(3)),
+                    _mm256_srli_epi32::<1>(_mm256_and_si256(pv, _mm256_set1_epi32(8))),
+                );
+                let (a, c) = (_mm256_permutevar8x32_ps(lo, lane), _mm256_permutevar8x32_ps(hi, lane));
+                *rh = _mm256_blendv_ps(a, c, _mm256_castsi256_ps(_mm256_slli_epi32::<29>(pv)));
+            }
+            r
         }
     }
 
@@ -423,7 +466,7 @@ mod x86 {
         let shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
         for b in 0..p.batch {
             let tab = p.tables[b * quads * 16..].as_ptr();
-            let xq = p.xp[b * quads * 4..].as_ptr();
+            let planes = p.planes[b * quads * 16..].as_ptr();
             let mut y = [_mm256_setzero_ps(); 2];
             // The residual, block by block from the sparse form.
             let mut rs = [_mm256_setzero_ps(); 2];
@@ -431,7 +474,7 @@ mod x86 {
             for kb in 0..quads / 16 {
                 // SAFETY: rec is at block kb's record (module bounds); the block's 64
                 // floats of xp row b.
-                let r = unsafe { sparse_block_avx2(&mut rec, xq.add(kb * BLOCK)) };
+                let r = unsafe { sparse_block_avx2(&mut rec, planes.add(kb * 4 * BLOCK)) };
                 rs[0] = _mm256_add_ps(rs[0], r[0]);
                 rs[1] = _mm256_add_ps(rs[1], r[1]);
             }
