@@ -11,7 +11,7 @@
 //! its lookup tables): the 16 rows of a tile look up their 4 sign bits with one
 //! permute per quad. The residual comes from the layout's sparse records, block
 //! by block: each code's activation is looked up by column (`vpermt2ps` on
-//! AVX-512, `vgatherdps` on AVX2) and multiplied in float.
+//! AVX-512, `pshufb` on the activations' four byte planes on AVX2) and multiplied in float.
 //!
 //! Summation order is fixed per level and independent of the thread count;
 //! different levels agree to float rounding (~1e-6 relative).
@@ -361,8 +361,8 @@ mod x86 {
     /// from its sparse record at `*rec` (advanced past it); `pl` points at the
     /// block's activations as four byte planes of 64 bytes (byte k of each float).
     /// Each pair's 32 codes look up the four bytes of their activations with the
-    /// int8 kernel's `pshufb` tables (a gather-free lookup: `vgatherdps` measured
-    /// 1.5× slower per code), reassemble the floats with byte and word unpacks,
+    /// int8 kernel's `pshufb` tables (gather-free: with `vgatherdps` the whole
+    /// kernel was 1.3× slower on Zen 4), reassemble the floats with byte and word unpacks,
     /// and meet their codes (sign-extended the same way) in four FMAs. Lanes hold
     /// codes (0-3 | 16-19), (4-7 | 20-23), (8-11 | 24-27), (12-15 | 28-31); code c
     /// belongs to sorted position c / 2.
@@ -452,7 +452,7 @@ mod x86 {
 
     /// AVX2 tile kernel: two halves of 8 rows; the 16-entry tables as two 8-entry
     /// `vpermps` and a blend on the index's bit 3; the residual from the sparse
-    /// records with `vgatherdps` ([`sparse_block_avx2`]).
+    /// records, looked up in byte planes ([`sparse_block_avx2`]).
     ///
     /// # Safety
     /// The AVX2 entry of [`super::TileFn`]: the CPU has AVX2, FMA, BMI2 and POPCNT,

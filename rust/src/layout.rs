@@ -15,7 +15,7 @@
 //! - the residual codes per (tile, block) as (column, value) byte pairs with
 //!   the rows sorted by count (`encode_sparse_tile`), so that 32 byte lanes hold
 //!   two codes of each of 16 rows with no gaps, looked up by column with
-//!   `vpermb` (AVX-512), `pshufb` (AVX2), `vpermt2ps`/`vgatherdps` (float32
+//!   `vpermb` (AVX-512), `pshufb` (AVX2), `vpermt2ps` or `pshufb` on byte planes (float32
 //!   mode) or an index (portable). ~2 bytes per code + 17 + P bytes per block (P: pairs).
 //!
 //! The sparse residual replaced a per-(tile, quad) salient mask plus the codes
