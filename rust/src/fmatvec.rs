@@ -241,11 +241,7 @@ mod x86 {
     unsafe fn sparse_block512<const NB: usize>(rec: &mut *const u8, xb: &[*const f32; NB]) -> [__m512; NB] {
         // SAFETY: the contract; masked loads touch only the pair's codes.
         unsafe {
-            let p = *rec;
-            let np = *p as usize;
-            let pos = p.add(1);
-            let ns = p.add(1 + TILE);
-            let mut d = ns.add(np);
+            let (np, pos, ns, mut d) = crate::layout::record_head(*rec);
             let zf = _mm512_setzero_ps();
             let mut xt = [[zf; 4]; NB];
             for u in 0..NB {
@@ -374,11 +370,7 @@ mod x86 {
     unsafe fn sparse_block_avx2(rec: &mut *const u8, pl: *const u8) -> [__m256; 2] {
         // SAFETY: the contract; pshufb only indexes inside its 16-byte tables.
         unsafe {
-            let p = *rec;
-            let np = *p as usize;
-            let pos = p.add(1);
-            let ns = p.add(1 + TILE);
-            let mut d = ns.add(np);
+            let (np, pos, ns, mut d) = crate::layout::record_head(*rec);
             let x80 = _mm256_set1_epi8(0x80u8 as i8);
             let zi = _mm256_setzero_si256();
             let mut acc = [_mm256_setzero_ps(); 4];
@@ -534,15 +526,11 @@ mod tests {
             (40, 384, Some(12), 8, 0.12),
             (18, 130, None, 8, 1.0), // 32 pairs per block
             (17, 70, None, 8, 0.0),  // no pairs
-            (32, 256, None, 8, 0.1), // heavy_block below
+            (32, 256, None, 8, 0.1), // testutil::HEAVY_N: codes only in block 1
             (20, 0, None, 8, 0.1),
         ];
         for (m, n, gs, vb, salient) in cases {
-            let mut w = rand_vec(m * n, &mut seed);
-            if n == 256 {
-                // The heavy case: codes only in block 1, empty records around it.
-                crate::testutil::heavy_block(&mut w, n);
-            }
+            let w = crate::testutil::case_weights(m, n, &mut seed);
             let p = Params { salient, salient_bits: vb, group_size: gs, scale: ScaleType::F32, ..Params::default() };
             let t = compress(&w, m, n, None, &p).unwrap();
             let mut wh = vec![0f32; m * n];

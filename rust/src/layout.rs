@@ -192,6 +192,21 @@ fn encode_sparse_tile(q: &[i8], np: usize, blocks: usize, out: &mut Vec<u8>) {
     }
 }
 
+/// The header of the sparse record at `rec`: the number of pairs `P`, the
+/// 16 `pos` bytes, the `P` bytes `n_j`, and the start of the first pair.
+///
+/// # Safety
+/// `rec` points at a record of a layout's sparse stream.
+#[inline(always)]
+pub(crate) unsafe fn record_head(rec: *const u8) -> (usize, *const u8, *const u8, *const u8) {
+    // SAFETY: the contract (a record's header is 1 + 16 + P bytes).
+    unsafe {
+        let np = *rec as usize;
+        let ns = rec.add(1 + TILE);
+        (np, rec.add(1), ns, ns.add(np))
+    }
+}
+
 /// Walk the sparse record at `*at` (advanced past it): `f(row, column, code)`
 /// for each of its codes (in pair order; padding codes 0 included).
 #[inline(always)]

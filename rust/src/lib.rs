@@ -46,6 +46,20 @@ pub(crate) mod testutil {
             .collect()
     }
 
+    /// Weights for the kernel tests' shape cases: `rand_vec`, and for n =
+    /// [`HEAVY_N`] with [`heavy_block`] applied (records of no pairs around
+    /// records with pairs).
+    pub(crate) fn case_weights(m: usize, n: usize, seed: &mut u64) -> Vec<f32> {
+        let mut w = rand_vec(m * n, seed);
+        if n == HEAVY_N {
+            heavy_block(&mut w, n);
+        }
+        w
+    }
+
+    /// The column count of the heavy-block case of [`case_weights`].
+    pub(crate) const HEAVY_N: usize = 256;
+
     /// Scale columns 64..128 of each `n`-column row by 100, so that row-wise
     /// salient selection puts every code of a row in that block (other blocks of
     /// the layout get empty records).

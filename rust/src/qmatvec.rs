@@ -449,7 +449,7 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::QuantX;
-    use crate::layout::{Layout, BLOCK, QUADS_PER_BLOCK, TILE};
+    use crate::layout::{self, Layout, BLOCK, QUADS_PER_BLOCK, TILE};
 
     // Bounds used by the SAFETY comments of both kernels, for tile t < tiles of a
     // layout from `layout::build` and a QuantX from `quantize` (see `TileFn`):
@@ -663,11 +663,8 @@ pub(crate) mod x86 {
         // SAFETY: the contract (record layout; load_pairs512 advances d past each
         // pair, so it ends at the next record).
         unsafe {
-            let p = *rec;
-            let np = *p as usize;
-            let ix = unsort512_index(p.add(1));
-            let ns = p.add(1 + TILE);
-            let mut d = ns.add(np);
+            let (np, pos, ns, mut d) = layout::record_head(*rec);
+            let ix = unsort512_index(pos);
             let z = _mm512_setzero_si512();
             let mut xz = [z; NB];
             for u in 0..NB {
@@ -730,10 +727,8 @@ pub(crate) mod x86 {
                 // SAFETY: rec is at block kb's record (module bounds); load_pairs512
                 // advances d past each pair, so it ends at the next record.
                 let (npp, ix) = unsafe {
-                    let np = *rec as usize;
-                    let ix = unsort512_index(rec.add(1));
-                    let ns = rec.add(1 + TILE);
-                    let mut d = ns.add(np);
+                    let (np, pos, ns, mut d) = layout::record_head(rec);
+                    let ix = unsort512_index(pos);
                     let npp = np.div_ceil(2);
                     for (i, p) in pb[..npp].iter_mut().enumerate() {
                         let n1 = if 2 * i + 1 < np { *ns.add(2 * i + 1) } else { 0 };
@@ -1096,10 +1091,8 @@ pub(crate) mod x86 {
                 // SAFETY: rec is at block kb's record (module bounds); load_pair
                 // advances it past each pair, so it ends at the next record.
                 let (np, ix) = unsafe {
-                    let np = *rec as usize;
-                    let ix = unsort_index(rec.add(1));
-                    let ns = rec.add(1 + TILE);
-                    let mut d = ns.add(np);
+                    let (np, pos, ns, mut d) = layout::record_head(rec);
+                    let ix = unsort_index(pos);
                     for (j, pb) in pbuf[..np].iter_mut().enumerate() {
                         *pb = load_pair(*ns.add(j), &mut d);
                     }
@@ -1205,10 +1198,8 @@ pub(crate) mod x86 {
             // past each pair, so it ends at the next record); 64 bytes of each xq row
             // at the block.
             let r32 = unsafe {
-                let np = *rec as usize;
-                let ix = unsort_index(rec.add(1));
-                let ns = rec.add(1 + TILE);
-                let mut d = ns.add(np);
+                let (np, pos, ns, mut d) = layout::record_head(rec);
+                let ix = unsort_index(pos);
                 let mut tab = [[z; 4]; NB];
                 for u in 0..NB {
                     tab[u] = block_tables(xp[u].add(kb * BLOCK));
@@ -1342,15 +1333,11 @@ mod tests {
             (18, 130, None, 8, 1.0), // every code salient: 32 pairs per block
             (17, 70, None, 8, 0.0),  // none
             (21, 300, None, 8, 0.5),
-            (32, 256, None, 8, 0.1), // heavy_block below
+            (32, 256, None, 8, 0.1), // testutil::HEAVY_N: codes only in block 1
             (20, 0, None, 8, 0.1),
         ];
         for (m, n, gs, vb, salient) in cases {
-            let mut w = rand_vec(m * n, &mut seed);
-            if n == 256 {
-                // The heavy case: codes only in block 1, empty records around it.
-                crate::testutil::heavy_block(&mut w, n);
-            }
+            let w = crate::testutil::case_weights(m, n, &mut seed);
             let t = compress(&w, m, n, None, &params(salient, vb, gs)).unwrap();
             let l = layout::build(&t.view()).unwrap();
             let bias = rand_vec(m, &mut seed);
