@@ -41,9 +41,10 @@ pub struct QuantX {
     pub xsum: Vec<i32>,
     /// `batch x n_groups`: T_g = Σ_{b∈g} d_b·X_b, in block order.
     pub tsum: Vec<f32>,
-    /// Scalar level only (else empty): `batch x quads x 16` sums of xq over every
-    /// subset of each quad's 4 columns (T-MAC's tables), built once per call
-    /// instead of once per tile.
+    /// Scalar level, batch below `ROWS_MIN_SCALAR` only (else empty):
+    /// `batch x (stride / 8) x 256` sums of xq over every subset of each 8
+    /// columns (T-MAC's tables, 8 bits wide), built once per call: 512 bytes per
+    /// 8 columns, L2-resident at model widths.
     pub luts: Vec<i16>,
 }
 
@@ -64,10 +65,13 @@ fn quantize_at(level: Level, x: &[f32], batch: usize, n: usize, l: &Layout) -> Q
         Level::Avx2 => unsafe { x86::quantize_avx2(x, batch, n, l) },
         _ => {
             let mut q = quantize_generic(x, batch, n, l, quantize_block);
-            q.luts = vec![0; 4 * q.xq.len()];
-            for (lut, x4) in q.luts.chunks_exact_mut(16).zip(q.xq.chunks_exact(4)) {
-                for i in 1..16usize {
-                    lut[i] = lut[i & (i - 1)] + i16::from(x4[i.trailing_zeros() as usize]);
+            if batch < ROWS_MIN_SCALAR {
+                // |a sum of 8 codes| <= 1016: i16.
+                q.luts = vec![0; 32 * q.xq.len()];
+                for (lut, x8) in q.luts.chunks_exact_mut(256).zip(q.xq.chunks_exact(8)) {
+                    for i in 1..256usize {
+                        lut[i] = lut[i & (i - 1)] + i16::from(x8[i.trailing_zeros() as usize]);
+                    }
                 }
             }
             q
@@ -311,9 +315,10 @@ where
     std::array::from_fn(|r| acc[usize::from(head[1 + r]) % TILE])
 }
 
-/// Portable kernel: the sign part by a 16-entry table per quad (the sums of
-/// xq over each subset of the quad's 4 columns, T-MAC style, built once per
-/// call in `QuantX::luts`), the residual from the sparse form ([`sparse_rows`]). Integer sums are exact, so the result equals
+/// Portable kernel: the sign part by a 256-entry table per 8 columns (the sums
+/// of xq over each subset of them, T-MAC style, built once per call in
+/// `QuantX::luts`; a row's 8 sign bits are one byte of two quads' words
+/// regrouped, so one lookup serves 8 weights), the residual from the sparse form ([`sparse_rows`]). Integer sums are exact, so the result equals
 /// the SIMD kernels' bit for bit. Safe (bounds-checked); coerced to [`TileFn`].
 fn tile_scalar(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
     if qx.batch >= ROWS_MIN_SCALAR {
@@ -328,7 +333,7 @@ fn tile_scalar(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
     let sigma = &l.sigma[t * TILE..(t + 1) * TILE];
     for b in 0..qx.batch {
         let xq = &qx.xq[b * qx.stride..(b + 1) * qx.stride];
-        let luts = &qx.luts[b * 4 * qx.stride..(b + 1) * 4 * qx.stride];
+        let luts = &qx.luts[b * 32 * qx.stride..(b + 1) * 32 * qx.stride];
         let mut at = sp.offsets[t];
         let mut y = [0f32; TILE];
         let mut ss = [0f32; TILE];
@@ -336,11 +341,17 @@ fn tile_scalar(l: &Layout, t: usize, qx: &QuantX, yt: &mut [f32]) {
         for kb in 0..l.blocks {
             let mut p = [0i32; TILE];
             let r: [i32; TILE] = sparse_rows(&sp.bytes, &mut at, &xq[kb * BLOCK..(kb + 1) * BLOCK]);
-            for k in kb * QUADS_PER_BLOCK..(kb + 1) * QUADS_PER_BLOCK {
-                let lut: &[i16; 16] = luts[16 * k..16 * k + 16].try_into().expect("16 entries");
-                let w = sw[k];
-                for (rr, pv) in p.iter_mut().enumerate() {
-                    *pv += i32::from(lut[((w >> (4 * rr)) & 15) as usize]);
+            const LO: u64 = 0x0F0F_0F0F_0F0F_0F0F;
+            for k in (kb * QUADS_PER_BLOCK..(kb + 1) * QUADS_PER_BLOCK).step_by(2) {
+                let lut: &[i16; 256] = luts[128 * k..128 * k + 256].try_into().expect("256 entries");
+                // Byte i of `even` is row 2i's bits of quads k, k + 1 (columns 4k..4k + 8),
+                // of `odd` row 2i + 1's.
+                let (w0, w1) = (sw[k], sw[k + 1]);
+                let even = (w0 & LO) | ((w1 & LO) << 4);
+                let odd = ((w0 >> 4) & LO) | (w1 & !LO);
+                for i in 0..TILE / 2 {
+                    p[2 * i] += i32::from(lut[((even >> (8 * i)) & 255) as usize]);
+                    p[2 * i + 1] += i32::from(lut[((odd >> (8 * i)) & 255) as usize]);
                 }
             }
             let (d, xs) = (qx.d[b * qx.blocks + kb], qx.xsum[b * qx.blocks + kb]);
